@@ -21,7 +21,9 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int],
         return np.zeros((0, height, width), dtype=bool)
     probs = torch.as_tensor(np.asarray(masks))
     probs = probs.float() / 255.0 if probs.dtype == torch.uint8 else probs.float()
-    pasted = paste_masks_in_image(probs[:, None], torch.as_tensor(np.asarray(boxes), dtype=torch.float32), (height, width))
+    pasted = paste_masks_in_image(
+        probs[:, None], torch.as_tensor(np.asarray(boxes), dtype=torch.float32), (height, width)
+    )
     return (pasted[:, 0] >= threshold).numpy()
 
 

@@ -1,0 +1,57 @@
+"""What every stage shares: params loading, one-line errors, timing and the final summary line."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params, load_params
+from pipeline.errors import PipelineError
+
+PREPARED = Path("data/prepared")
+MANIFEST = PREPARED / "dataset.json"
+PROPOSER_CHECKPOINT = Path("models/proposer.pt")
+
+
+def split_dir(split: str) -> Path:
+    return Path("data") / split
+
+
+def params(path: str = "params.yaml") -> Params:
+    return load_params(path)
+
+
+def clean_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a PipelineError into one line on stderr and exit status 1 (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        try:
+            return func(*args, **kwargs)
+        except PipelineError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    return wrapper
+
+
+class Timer:
+    """Wall time of a stage, for its summary line."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def summary(stage: str, text: str, timer: Timer) -> None:
+    """The one-line summary a stage prints when it ends."""
+    print(f"[{stage}] {text} in {timer.seconds:.1f}s", flush=True)

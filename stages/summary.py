@@ -1,0 +1,42 @@
+"""summary: what each stage produced, read back from the stores and metrics (run by `make repro`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import zarr
+
+from stages.common import MANIFEST, PROPOSER_CHECKPOINT
+
+STORES = ("proposals", "samples", "embeddings", "clusters")
+
+
+def _line(name: str, text: str) -> None:
+    print(f"  {name:<16} {text}")
+
+
+def main() -> None:
+    print("pipeline summary")
+    if MANIFEST.is_file():
+        m = json.loads(MANIFEST.read_text())
+        _line("prepare", f"{m['source']} dataset, {len(m['base_category_ids'])} base categories ({MANIFEST})")
+    if PROPOSER_CHECKPOINT.is_file():
+        live = Path("dvclive/train_proposer/metrics.json")
+        extra = json.loads(live.read_text()) if live.is_file() else {}
+        _line("train_proposer", f"{PROPOSER_CHECKPOINT} ({PROPOSER_CHECKPOINT.stat().st_size / 1e6:.1f} MB) {extra}")
+    for split in ("train", "val"):
+        for kind in STORES:
+            path = Path("data") / split / f"{kind}.zarr"
+            if (path / "zarr.json").is_file():
+                attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+                _line(kind, f"{split}: {attrs.get('counts', {})} ({path})")
+        metrics = Path("metrics") / f"propose_{split}.json"
+        if metrics.is_file():
+            values = json.loads(metrics.read_text())
+            shown = {k: round(v, 3) for k, v in values.items() if isinstance(v, float)}
+            _line("proposal quality", f"{split}: {shown}")
+
+
+if __name__ == "__main__":
+    main()
