@@ -13,12 +13,11 @@ import typer
 import zarr
 
 from pipeline.data.dataset import read_manifest
-from pipeline.data.lvis_format import image_path, load_json
+from pipeline.data.lvis_format import image_path, load_image, load_json
 from pipeline.errors import PipelineError
 from pipeline.inspect import describe
 from pipeline.masks import paste_masks
 from pipeline.plots import proposal_overlay
-from pipeline.data.lvis_format import load_image
 from stages.common import MANIFEST, clean_errors
 
 

@@ -13,8 +13,8 @@ import typer
 from pipeline.config import Params
 from pipeline.data.dataset import Manifest, base_categories_by_name, write_manifest
 from pipeline.data.lvis_format import check_images_exist, validate_coco, validate_lvis
-from pipeline.errors import PipelineError
 from pipeline.data.synthetic import WorldSpec, generate_world
+from pipeline.errors import PipelineError
 from pipeline.plots import dataset_preview
 from pipeline.store import atomic_path
 from stages.common import MANIFEST, PREPARED, Timer, clean_errors, params, summary

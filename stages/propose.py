@@ -75,11 +75,13 @@ def main(
     )
     write_json(Path("metrics") / f"propose_{split}.json", metrics)
     rate = len(images) / max(timer.seconds, 1e-9)
+    k = cfg.max_proposals
+    recall = {group: metrics.get(f"recall@{k}/{group}", float("nan")) for group in ("base", "novel")}
     summary(
         "propose",
         f"{split}: {n_props} proposals on {len(images)} images ({n_empty} with none, {len(result.skipped)} skipped), "
-        f"{rate:.1f} img/s on {device}; recall@{cfg.max_proposals} base {metrics.get(f'recall@{cfg.max_proposals}/base', float('nan')):.3f} "
-        f"novel {metrics.get(f'recall@{cfg.max_proposals}/novel', float('nan')):.3f}; wrote {out}",
+        f"{rate:.1f} img/s on {device}; mask recall@{k} base {recall['base']:.3f} novel {recall['novel']:.3f}; "
+        f"wrote {out}",
         timer,
     )
 

@@ -1,0 +1,124 @@
+"""End to end: `dvc repro` on a tiny configuration in a temporary copy of the repository.
+
+Proves the DAG runs, that a second `dvc repro` runs nothing, and that a param change re-runs only
+the stages downstream of the stage that reads it.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "data.synthetic.n_train": 24,
+    "data.synthetic.n_val": 8,
+    "data.synthetic.image_size": 64,
+    "data.synthetic.n_categories": 16,
+    "data.synthetic.max_objects": 4,
+    "proposer.image_size": 64,
+    "proposer.epochs": 1,
+    "proposer.batch_size": 4,
+    "propose.score_thresh": 0.05,
+    "device": "cpu",
+}
+
+
+def set_key(params: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        params = params[key]
+    assert leaf in params, dotted
+    params[leaf] = value
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-4000:]}"
+    return output
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        src = ROOT / name
+        if src.is_file() and not name.startswith(("data/", "models/", "metrics/", "plots/", "dvclive/")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for key, value in TINY.items():
+        set_key(params, key, value)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], dest)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny"], dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def first_run(repo) -> str:
+    return run([str(BIN / "dvc"), "repro"], repo)
+
+
+@pytest.mark.e2e
+def test_repro_runs_every_stage(repo, first_run):
+    assert {"prepare", "train_proposer", "propose@train", "propose@val"} <= ran_stages(first_run)
+    import zarr
+
+    for split in ("train", "val"):
+        group = zarr.open_group(str(repo / "data" / split / "proposals.zarr"), mode="r")
+        offsets = np.asarray(group["image_offsets"][...])
+        assert offsets[0] == 0 and offsets[-1] == group["boxes"].shape[0] == group["masks"].shape[0]
+        assert len(offsets) == group["image_ids"].shape[0] + 1
+        assert group.attrs["kind"] == "proposals" and group.attrs["split"] == split
+    assert (repo / "plots" / "prepare" / "preview.png").stat().st_size > 1000
+    assert (repo / "metrics" / "propose_val.json").is_file()
+
+
+@pytest.mark.e2e
+def test_second_repro_runs_nothing(repo, first_run):
+    output = run([str(BIN / "dvc"), "repro"], repo)
+    assert ran_stages(output) == set(), output
+    assert "up to date" in run([str(BIN / "dvc"), "status"], repo)
+
+
+@pytest.mark.e2e
+def test_param_change_reruns_only_downstream(repo, first_run):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["propose"]["batch_size"] = 3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    output = run([str(BIN / "dvc"), "repro"], repo)
+    assert ran_stages(output) == {"propose@train", "propose@val"}, output
+
+
+@pytest.mark.e2e
+def test_inspect_prints_and_renders(repo, first_run):
+    store = repo / "data" / "val" / "proposals.zarr"
+    import zarr
+
+    image_id = int(zarr.open_group(str(store), mode="r")["image_ids"][0])
+    output = run([str(BIN / "python"), "-m", "stages.inspect", str(store), "--render", str(image_id)], repo)
+    assert "image_offsets" in output and "masks" in output and "chunks" in output
+    assert (repo / "plots" / "inspect" / f"{image_id}.png").stat().st_size > 1000
