@@ -62,12 +62,63 @@ class Propose:
 
 
 @dataclass(frozen=True)
+class Sample:
+    crop_size: int = 64
+    backbone: Literal["resnet18", "resnet50"] = "resnet18"
+    backbone_init: str = "proposer"  # random | proposer | a local weights file
+    object_iou: float = 0.4
+    hier_containment: float = 0.95
+    relation_max_side: int | None = None
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class Embed:
+    geometry: Literal["poincare", "euclidean"] = "poincare"
+    curvature: float = 1.0
+    hidden: int = 256
+    dim: int = 32
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+
+
+@dataclass(frozen=True)
+class Loss:
+    mask: float = 1.0
+    object: float = 1.0
+    hier: float = 1.0
+    margin: float = 0.2
+
+
+@dataclass(frozen=True)
+class Cluster:
+    k: int | Literal["auto"] = "auto"
+    k_range: list[int] = field(default_factory=lambda: [10, 120, 10])
+    centroid: Literal["einstein", "frechet"] = "einstein"
+    max_iter: int = 100
+    tol: float = 1e-6
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    match_iou: float = 0.5
+    max_dets: int = 300
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: Data = field(default_factory=Data)
     proposer: Proposer = field(default_factory=Proposer)
     propose: Propose = field(default_factory=Propose)
+    sample: Sample = field(default_factory=Sample)
+    embed: Embed = field(default_factory=Embed)
+    loss: Loss = field(default_factory=Loss)
+    cluster: Cluster = field(default_factory=Cluster)
+    evaluate: Evaluate = field(default_factory=Evaluate)
 
 
 def _type_name(tp: Any) -> str:
@@ -83,6 +134,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise PipelineError(f"{source}: {key}: expected a mapping of {tp.__name__} keys, got {value!r}")
         return _build(tp, value, key, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise PipelineError(f"{source}: {key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise PipelineError(f"{source}: {key}: expected one of {_type_name(tp)}, got {value!r}")
