@@ -1,0 +1,180 @@
+"""Readers and validators for LVIS v1 / COCO instances files and their images, with one-line errors.
+
+Every failure is a PipelineError whose message names the file (and the offending id or the JSON
+line/column), so a stage can show it as a single line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.errors import PipelineError
+
+LVIS_FREQUENCIES = ("r", "c", "f")
+_IMAGE_KEYS = ("id", "width", "height")
+_ANN_KEYS = ("id", "image_id", "category_id", "bbox")
+
+
+def load_json(path: Path, what: str) -> dict:
+    """Parse a JSON object file; `what` says what the file is for ("LVIS annotations") in the error."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{what}: {path}: file not found")
+    try:
+        with path.open("r", encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise PipelineError(
+            f"{what}: {path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise PipelineError(f"{what}: {path}: not valid JSON (not UTF-8 text: {err.reason})") from None
+    except OSError as err:
+        raise PipelineError(f"{what}: {path}: cannot read ({err.strerror or err})") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{what}: {path}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
+
+
+def _require_list(data: dict, key: str, path: Path, what: str) -> list:
+    if key not in data:
+        raise PipelineError(f"{what}: {path}: missing top-level key {key!r}")
+    if not isinstance(data[key], list):
+        raise PipelineError(f"{what}: {path}: {key!r} must be a list, got {type(data[key]).__name__}")
+    return data[key]
+
+
+def _require_keys(records: Iterable[dict], keys: Sequence[str], kind: str, path: Path, what: str) -> None:
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise PipelineError(f"{what}: {path}: {kind} #{i} is not an object")
+        missing = [k for k in keys if k not in rec]
+        if missing:
+            ident = f"id {rec['id']}" if "id" in rec else f"#{i}"
+            raise PipelineError(f"{what}: {path}: {kind} {ident} lacks {', '.join(repr(k) for k in missing)}")
+
+
+def _unique_ids(records: list[dict], kind: str, path: Path, what: str) -> set:
+    ids: set = set()
+    for rec in records:
+        if rec["id"] in ids:
+            raise PipelineError(f"{what}: {path}: duplicate {kind} id {rec['id']}")
+        ids.add(rec["id"])
+    return ids
+
+
+def _check_common(data: dict, path: Path, what: str, image_keys: Sequence[str], cat_keys: Sequence[str]) -> None:
+    images = _require_list(data, "images", path, what)
+    anns = _require_list(data, "annotations", path, what)
+    cats = _require_list(data, "categories", path, what)
+    _require_keys(images, image_keys, "image", path, what)
+    _require_keys(cats, cat_keys, "category", path, what)
+    _require_keys(anns, _ANN_KEYS, "annotation", path, what)
+    for im in images:
+        if "file_name" not in im and "coco_url" not in im:
+            raise PipelineError(f"{what}: {path}: image id {im['id']} has neither 'file_name' nor 'coco_url'")
+    image_ids = _unique_ids(images, "image", path, what)
+    cat_ids = _unique_ids(cats, "category", path, what)
+    _unique_ids(anns, "annotation", path, what)
+    for ann in anns:
+        if ann["category_id"] not in cat_ids:
+            raise PipelineError(
+                f"{what}: {path}: annotation id {ann['id']} has unknown category_id {ann['category_id']}"
+            )
+        if ann["image_id"] not in image_ids:
+            raise PipelineError(f"{what}: {path}: annotation id {ann['id']} has unknown image_id {ann['image_id']}")
+        if "segmentation" in ann and not isinstance(ann["segmentation"], list | dict):
+            raise PipelineError(f"{what}: {path}: annotation id {ann['id']} has a malformed 'segmentation'")
+
+
+def validate_lvis(path: Path, what: str = "LVIS annotations") -> dict:
+    """Load an LVIS v1 file and check its structure; returns the parsed dict.
+
+    Checks: images/annotations/categories lists; image width/height and LVIS's neg_category_ids and
+    not_exhaustive_category_ids (lists of known category ids); category name and frequency ('r'/'c'/'f');
+    annotation segmentation/area/bbox; every annotation's category_id and image_id exist; ids unique.
+    """
+    path = Path(path)
+    data = load_json(path, what)
+    _check_common(
+        data,
+        path,
+        what,
+        image_keys=(*_IMAGE_KEYS, "neg_category_ids", "not_exhaustive_category_ids"),
+        cat_keys=("id", "name", "frequency"),
+    )
+    _require_keys(data["annotations"], ("segmentation", "area"), "annotation", path, what)
+    cat_ids = {c["id"] for c in data["categories"]}
+    for cat in data["categories"]:
+        if cat["frequency"] not in LVIS_FREQUENCIES:
+            raise PipelineError(
+                f"{what}: {path}: category id {cat['id']} has frequency {cat['frequency']!r} (expected r, c or f)"
+            )
+    for im in data["images"]:
+        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            if not isinstance(im[key], list):
+                raise PipelineError(f"{what}: {path}: image id {im['id']}: {key!r} must be a list")
+            unknown = [c for c in im[key] if c not in cat_ids]
+            if unknown:
+                raise PipelineError(f"{what}: {path}: image id {im['id']}: {key} has unknown category id {unknown[0]}")
+    return data
+
+
+def validate_coco(path: Path, what: str = "COCO annotations") -> dict:
+    """Load a COCO instances file and check its structure (ids unique, references resolve); returns the dict."""
+    path = Path(path)
+    data = load_json(path, what)
+    _check_common(data, path, what, image_keys=_IMAGE_KEYS, cat_keys=("id", "name"))
+    return data
+
+
+def image_path(image: dict, image_root: Path) -> Path:
+    """Where an image record's file lives under image_root.
+
+    root/file_name when the record has a file_name (the synthetic world: "train/000001.png"), else
+    root/<last two components of coco_url> (real LVIS v1:
+    "http://images.cocodataset.org/train2017/000000391895.jpg" -> root/train2017/000000391895.jpg).
+    """
+    root = Path(image_root)
+    if image.get("file_name"):
+        return root / image["file_name"]
+    url = image.get("coco_url")
+    if not url:
+        raise PipelineError(f"image id {image.get('id')}: record has neither 'file_name' nor 'coco_url'")
+    parts = [p for p in str(url).split("/") if p]
+    return root.joinpath(*parts[-2:])
+
+
+def check_images_exist(images: Sequence[dict], image_root: Path, sample: int = 50, seed: int = 0) -> int:
+    """Check that a seeded sample of `sample` image files exist under image_root; returns how many were checked."""
+    root = Path(image_root)
+    if not root.is_dir():
+        raise PipelineError(f"image root {root}: folder not found")
+    n = len(images)
+    if n == 0:
+        return 0
+    k = min(sample, n)
+    idx = np.sort(np.random.Generator(np.random.PCG64(seed)).choice(n, size=k, replace=False))
+    missing = [image_path(images[i], root) for i in idx if not image_path(images[i], root).is_file()]
+    if missing:
+        raise PipelineError(
+            f"image file not found: {missing[0]} ({len(missing)} of {k} sampled images missing under {root})"
+        )
+    return k
+
+
+def load_image(path: Path) -> np.ndarray:
+    """An image file as a uint8 (H, W, 3) RGB array."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise PipelineError(f"cannot read image {path}: {err}") from None

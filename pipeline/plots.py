@@ -1,0 +1,167 @@
+"""The pictures. Figures are drawn on matplotlib's Agg canvas (no display, no pyplot global state)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+import matplotlib.patches
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pycocotools.mask as mask_utils  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from pipeline.data.lvis_format import image_path, load_image, load_json  # noqa: E402
+
+_BUCKETS = "f = frequent (> 100 train images), c = common (11-100), r = rare (1-10)"
+
+
+def _ann_mask(ann: dict, height: int, width: int) -> np.ndarray:
+    segm = ann["segmentation"]
+    if isinstance(segm, list):  # polygons
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+    elif isinstance(segm.get("counts"), list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segm, height, width)
+    else:
+        rle = segm
+    return mask_utils.decode(rle).astype(bool)
+
+
+def _category_colour(cat_id: int) -> np.ndarray:
+    """A stable, well separated colour per category id (golden-angle hues)."""
+    hue = (cat_id * 0.618033988749895) % 1.0
+    sat = 0.75 + 0.2 * ((cat_id * 7) % 3) / 2
+    val = 0.95 - 0.25 * ((cat_id * 5) % 2)
+    return np.asarray(matplotlib.colors.hsv_to_rgb((hue, sat, val)))
+
+
+def _label_point(mask: np.ndarray) -> tuple[float, float]:
+    """A point inside the mask near its centroid (the centroid itself may fall outside a ring or crescent)."""
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    k = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
+    return float(xs[k]), float(ys[k])
+
+
+def dataset_preview(lvis_json: Path, image_root: Path, out_png: Path, n: int = 12, seed: int = 0) -> None:
+    """A grid of `n` seeded-random annotated images: masks as translucent colours with outlines, category names."""
+    data = load_json(Path(lvis_json), "LVIS annotations")
+    cats = {c["id"]: c for c in data.get("categories", [])}
+    by_image: dict[int, list[dict]] = {}
+    for ann in data.get("annotations", []):
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    images = sorted((im for im in data.get("images", []) if im["id"] in by_image), key=lambda im: im["id"])
+    if not images:
+        images = sorted(data.get("images", []), key=lambda im: im["id"])
+    k = min(n, len(images))
+    rng = np.random.Generator(np.random.PCG64(seed))
+    chosen = [images[i] for i in np.sort(rng.choice(len(images), size=k, replace=False))] if k else []
+
+    cols = min(4, max(1, k))
+    rows = max(1, int(np.ceil(k / cols)))
+    fig = Figure(figsize=(3.3 * cols, 3.55 * rows + 0.5), dpi=110)
+    FigureCanvasAgg(fig)
+    fig.patch.set_facecolor("white")
+    n_total = len(data.get("images", []))
+    fig.suptitle(
+        f"{Path(lvis_json).name}: {k} of {n_total} images, {len(cats)} categories",
+        fontsize=12,
+        fontweight="bold",
+    )
+    for slot in range(rows * cols):
+        ax = fig.add_subplot(rows, cols, slot + 1)
+        ax.set_axis_off()
+        if slot >= k:
+            continue
+        im = chosen[slot]
+        pixels = load_image(image_path(im, Path(image_root)))
+        height, width = pixels.shape[:2]
+        anns = sorted(by_image.get(im["id"], []), key=lambda a: -float(a.get("area", 0)))
+        overlay = pixels.astype(np.float32) / 255.0
+        drawn = []
+        for ann in anns:
+            mask = _ann_mask(ann, int(im.get("height", height)), int(im.get("width", width)))
+            if mask.shape != (height, width) or not mask.any():
+                continue
+            colour = _category_colour(int(ann["category_id"]))
+            overlay[mask] = overlay[mask] * 0.6 + colour * 0.4
+            drawn.append((ann, mask, colour))
+        ax.imshow(overlay, interpolation="nearest", extent=(0, width, height, 0))
+        xs, ys = np.arange(width + 2) - 0.5, np.arange(height + 2) - 0.5  # pixel centres of the padded mask
+        for _, mask, colour in drawn:
+            ax.contour(xs, ys, np.pad(mask, 1).astype(np.float32), levels=[0.5], colors=[colour * 0.55], linewidths=1.0)
+        for ann, mask, colour in drawn[:14]:  # label the largest instances
+            x, y = _label_point(mask)
+            cat = cats.get(ann["category_id"], {})
+            name = str(cat.get("name", ann["category_id"])).replace("_", " ")
+            ax.text(
+                x,
+                y,
+                textwrap.fill(name, 14),
+                fontsize=5.2,
+                ha="center",
+                va="center",
+                color="black",
+                linespacing=0.9,
+                bbox={"boxstyle": "round,pad=0.15", "fc": (*colour, 0.75), "ec": "none"},
+                clip_on=True,
+            )
+        counts: dict[str, int] = {}
+        for ann, _, _ in drawn:
+            f = cats.get(ann["category_id"], {}).get("frequency", "?")
+            counts[f] = counts.get(f, 0) + 1
+        detail = " ".join(f"{counts[f]}{f}" for f in ("f", "c", "r") if f in counts)
+        ax.set_title(f"image {im['id']} · {len(drawn)} instances ({detail})", fontsize=8)
+        ax.set_xlim(0, width)
+        ax.set_ylim(height, 0)
+    fig.text(
+        0.5,
+        0.005,
+        f"instances per LVIS bucket in each title: {_BUCKETS}; masks tinted and outlined in a colour per category",
+        ha="center",
+        va="bottom",
+        fontsize=8,
+    )
+    fig.tight_layout(rect=(0, 0.02, 1, 0.97))
+    _save(fig, out_png)
+
+
+def _save(fig: Figure, out_png: Path) -> None:
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, format="png", facecolor="white")
+
+
+def proposal_overlay(
+    pixels: np.ndarray, boxes: np.ndarray, scores: np.ndarray, masks: np.ndarray, out_png: Path, title: str = ""
+) -> None:
+    """One image with its proposals: tinted masks, outlines, boxes and scores (rank 1 = highest score)."""
+    height, width = pixels.shape[:2]
+    fig = Figure(figsize=(6.5, 6.5 * height / max(width, 1) + 0.4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_axis_off()
+    overlay = pixels.astype(np.float32) / 255.0
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    colours = [_category_colour(rank + 1) for rank in range(len(order))]
+    for rank in order[::-1]:  # highest score painted last, on top
+        overlay[masks[rank]] = overlay[masks[rank]] * 0.55 + colours[rank] * 0.45
+    ax.imshow(overlay, interpolation="nearest", extent=(0, width, height, 0))
+    xs, ys = np.arange(width + 2) - 0.5, np.arange(height + 2) - 0.5
+    for pos, rank in enumerate(order):
+        colour = colours[rank] * 0.6
+        if masks[rank].any():
+            ax.contour(xs, ys, np.pad(masks[rank], 1).astype(np.float32), levels=[0.5], colors=[colour], linewidths=1)
+        x1, y1, x2, y2 = (float(v) for v in boxes[rank])
+        ax.add_patch(matplotlib.patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=colour, lw=0.8, ls="--"))
+        label = {"boxstyle": "round,pad=0.1", "fc": (*colours[rank], 0.8), "ec": "none"}
+        ax.text(x1, y1, f"{pos + 1}:{float(scores[rank]):.2f}", fontsize=6, va="bottom", bbox=label, clip_on=True)
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_title(title or f"{len(scores)} proposals", fontsize=9)
+    fig.tight_layout()
+    _save(fig, out_png)

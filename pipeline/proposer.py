@@ -1,0 +1,689 @@
+"""Class-agnostic mask proposals: a torchvision Mask R-CNN, built, trained, loaded and run here.
+
+The proposer is Mask R-CNN with an FPN backbone (ResNet-18/50 or MobileNetV3-Large), randomly
+initialised (nothing is ever downloaded) and trained on the base categories only, with every
+category merged into one "object" class (num_classes=2: object vs background).
+
+Choices worth knowing:
+- images are resized so that their longer side equals `image_size` (min_size = max_size); boxes come
+  back in the original image's pixels;
+- anchors: one size per FPN level, 4 x the level's stride for images of 128 px (16, 32, ..., 256),
+  scaled with `image_size` but never larger than torchvision's COCO anchors (32, ..., 512);
+- RPN and box-head budgets are torchvision's for images of 512 px or more, and smaller below (a 128 px
+  image with a handful of objects needs neither 2000 RPN proposals nor 512 sampled RoIs, and the box
+  head's cost on the CPU is proportional to them);
+- inference is class-agnostic whatever the number of classes: per RoI the best foreground class gives
+  the score, the box and the mask, then one NMS over all classes (the paper's protocol: score >= 0.5,
+  NMS 0.6, at most 20 detections);
+- training: SGD (momentum 0.9, weight decay 1e-4), gradients clipped to norm 10, linear warm-up from lr/1000 over
+  min(200, 10 % of the steps), then cosine decay to 0; random horizontal flips (p = 0.5); the seed
+  fixes the initial RNG state, the DataLoader order and the flips, so a CPU run is reproducible;
+- `propose` returns the mask head's own 28 x 28 box-relative probabilities (uint8, round(255 p)),
+  not pasted masks; `pipeline.masks.paste_masks` turns them into full-resolution masks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import mobilenet_v3_large, resnet18, resnet50
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import boxes as box_ops
+from torchvision.ops import misc as misc_nn_ops
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError
+from pipeline.masks import paste_masks
+
+BACKBONES = ("resnet18", "resnet50", "mobilenet_v3")
+GRAD_CLIP_NORM = 10.0  # a randomly initialised detector's first steps can blow up without it
+MASK_SIZE = 28  # the mask head's native output resolution (14 x 14 RoIAlign, upsampled x2)
+_COCO_ANCHORS = ((32,), (64,), (128,), (256,), (512,))  # torchvision's maskrcnn_resnet50_fpn anchors
+_MOBILENET_LEVELS = [2, 3, 4]  # strides 8, 16, 32 (+ max-pool level at 64): small objects need stride 8
+
+
+# --------------------------------------------------------------------------------------------------
+# model
+
+
+class _ClassAgnosticRoIHeads(RoIHeads):
+    """RoIHeads whose inference merges classes: best foreground class per RoI, one NMS over all.
+
+    With num_classes=2 this is exactly torchvision's post-processing; with more classes (a COCO-trained
+    checkpoint) each RoI yields at most one detection, whose mask is the winning class's mask.
+    """
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        boxes_per_image = [len(p) for p in proposals]
+        pred_boxes = self.box_coder.decode(box_regression, proposals)  # (N, C, 4)
+        pred_scores = F.softmax(class_logits, -1)
+        all_boxes, all_scores, all_labels = [], [], []
+        for boxes, scores, image_shape in zip(
+            pred_boxes.split(boxes_per_image, 0), pred_scores.split(boxes_per_image, 0), image_shapes
+        ):
+            boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+            best_scores, best = scores[:, 1:].max(dim=1)
+            labels = best + 1
+            boxes = boxes[torch.arange(len(boxes), device=boxes.device), labels]
+            keep = torch.where(best_scores > self.score_thresh)[0]
+            boxes, scores_kept, labels = boxes[keep], best_scores[keep], labels[keep]
+            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores_kept, labels = boxes[keep], scores_kept[keep], labels[keep]
+            keep = box_ops.nms(boxes, scores_kept, self.nms_thresh)[: self.detections_per_img]
+            all_boxes.append(boxes[keep])
+            all_scores.append(scores_kept[keep])
+            all_labels.append(labels[keep])
+        return all_boxes, all_scores, all_labels
+
+
+def _anchor_base(image_size: int) -> int:
+    """Anchor size at stride 4: 16 px for 128 px images, proportional to image_size, at most 32 (COCO)."""
+    return int(min(32, max(4, round(16 * image_size / 128))))
+
+
+def _backbone(backbone: str, trainable_layers: int, norm_layer) -> tuple[nn.Module, tuple[tuple[int, ...], ...]]:
+    """FPN backbone and the strides (relative to 4) of its feature levels, in order."""
+    if backbone in ("resnet18", "resnet50"):
+        trunk = (resnet18 if backbone == "resnet18" else resnet50)(weights=None, norm_layer=norm_layer)
+        return _resnet_fpn_extractor(trunk, min(trainable_layers, 5)), (1, 2, 4, 8, 16)
+    if backbone == "mobilenet_v3":
+        trunk = mobilenet_v3_large(weights=None, norm_layer=norm_layer)
+        n_stages = 6  # conv1 + 4 strided blocks + last layer
+        fpn = _mobilenet_extractor(trunk, True, min(trainable_layers, n_stages), _MOBILENET_LEVELS)
+        return fpn, (2, 4, 8, 16)
+    raise PipelineError(f"unknown proposer backbone {backbone!r} (expected one of {', '.join(BACKBONES)})")
+
+
+def build_model(
+    backbone: str = "resnet18",
+    image_size: int = 128,
+    *,
+    num_classes: int = 2,
+    score_thresh: float = 0.5,
+    nms_thresh: float = 0.6,
+    max_proposals: int = 20,
+    trainable_layers: int = 5,
+    rpn_nms_thresh: float = 0.7,
+    anchor_sizes: tuple[tuple[int, ...], ...] | None = None,
+    frozen_batchnorm: bool = False,
+) -> MaskRCNN:
+    """A randomly initialised, class-agnostic Mask R-CNN for images resized to `image_size` (longer side).
+
+    `score_thresh`, `nms_thresh` and `max_proposals` are the final detections' (paper: 0.5, 0.6, 20);
+    `rpn_nms_thresh` is the RPN's. Batch norm is trainable (torchvision's choice without pretrained
+    weights) unless `frozen_batchnorm` (the layout of torchvision's COCO-trained checkpoints).
+    `anchor_sizes`: one tuple per FPN level; default from `image_size` (see the module docstring).
+    """
+    if image_size < 64:
+        raise PipelineError(f"proposer image_size must be at least 64 pixels, got {image_size}")
+    if num_classes < 2:
+        raise PipelineError(f"num_classes must be at least 2 (background + object), got {num_classes}")
+    norm_layer = misc_nn_ops.FrozenBatchNorm2d if frozen_batchnorm else nn.BatchNorm2d
+    body, level_strides = _backbone(backbone, trainable_layers, norm_layer)
+    if anchor_sizes is None:
+        base = _anchor_base(image_size)
+        anchor_sizes = tuple((base * s,) for s in level_strides)
+    if len(anchor_sizes) != len(level_strides):
+        raise PipelineError(f"{backbone} has {len(level_strides)} FPN levels, got {len(anchor_sizes)} anchor sizes")
+    anchors = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+    small = image_size < 512
+    model = MaskRCNN(
+        body,
+        num_classes=num_classes,
+        min_size=image_size,
+        max_size=image_size,
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=1000 if small else 2000,
+        rpn_post_nms_top_n_train=1000 if small else 2000,
+        rpn_pre_nms_top_n_test=500 if small else 1000,
+        rpn_post_nms_top_n_test=300 if small else 1000,
+        rpn_nms_thresh=rpn_nms_thresh,
+        rpn_batch_size_per_image=256,
+        box_batch_size_per_image=128 if small else 512,
+        box_score_thresh=score_thresh,
+        box_nms_thresh=nms_thresh,
+        box_detections_per_img=max_proposals,
+    )
+    model.roi_heads.__class__ = _ClassAgnosticRoIHeads
+    return model
+
+
+def _num_classes(model: MaskRCNN) -> int:
+    return int(model.roi_heads.box_predictor.cls_score.out_features)
+
+
+def pick_device(device: str) -> str:
+    """'auto' -> 'cuda' when CUDA is available, else 'cpu'; 'cuda[:n]' without CUDA is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise PipelineError(f"device {device!r} asked for, but CUDA is not available here (use auto or cpu)")
+        return device
+    raise PipelineError(f"unknown device {device!r} (expected auto, cpu or cuda)")
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        from pipeline.data.lvis_format import load_json
+    except ImportError:  # the shared reader is not there yet: a minimal one
+        path = Path(path)
+        if not path.is_file():
+            raise PipelineError(f"{path}: {what} not found") from None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PipelineError(f"{path}: {what} is not valid JSON ({err})") from None
+    return load_json(Path(path), what)
+
+
+def _image_file(image: dict, image_root: Path) -> Path:
+    try:
+        from pipeline.data.lvis_format import image_path
+    except ImportError:  # fallback: COCO's file_name, else the last two parts of LVIS's coco_url
+        if "file_name" in image:
+            return Path(image_root) / image["file_name"]
+        return Path(image_root).joinpath(*str(image["coco_url"]).split("/")[-2:])
+    return Path(image_path(image, image_root))
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        from pipeline.data.lvis_format import load_image
+    except ImportError:  # fallback reader
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except (OSError, ValueError) as err:
+            raise PipelineError(f"{path}: cannot read image ({err})") from None
+    return load_image(Path(path))
+
+
+def _decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
+    """(H, W) uint8 mask of a COCO segmentation: polygons, uncompressed or compressed RLE."""
+    return mask_utils.decode(_segmentation_rle(segmentation, height, width)).astype(np.uint8)
+
+
+def _segmentation_rle(segmentation, height: int, width: int) -> dict:
+    """Compressed RLE (bytes counts) of a COCO segmentation: polygons, uncompressed or compressed RLE."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation.get("counts"), list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    rle = dict(segmentation)
+    if isinstance(rle["counts"], str):
+        rle["counts"] = rle["counts"].encode("ascii")
+    return rle
+
+
+class CocoInstances(torch.utils.data.Dataset):
+    """Class-agnostic instances of a COCO-format file: (image float CxHxW in [0, 1], target dict).
+
+    target: `boxes` (n, 4) float32 xyxy, `labels` (n,) int64 all 1, `masks` (n, H, W) uint8,
+    `image_id` int. Crowd annotations and boxes narrower or lower than one pixel (after clipping to
+    the image) are dropped; with `skip_empty`, images left without annotations are dropped.
+    """
+
+    def __init__(self, coco_json: Path, image_root: Path, *, skip_empty: bool = True):
+        self.coco_json = Path(coco_json)
+        self.image_root = Path(image_root)
+        data = _read_json(self.coco_json, "COCO annotation file")
+        try:
+            images = {int(img["id"]): img for img in data["images"]}
+            by_image: dict[int, list[dict]] = {i: [] for i in images}
+            for ann in data["annotations"]:
+                if ann.get("iscrowd", 0) or int(ann["image_id"]) not in by_image:
+                    continue
+                img = images[int(ann["image_id"])]
+                x, y, w, h = (float(v) for v in ann["bbox"])
+                x1, y1 = max(0.0, x), max(0.0, y)
+                x2, y2 = min(float(img["width"]), x + w), min(float(img["height"]), y + h)
+                if x2 - x1 < 1.0 or y2 - y1 < 1.0:
+                    continue
+                by_image[int(ann["image_id"])].append({"box": (x1, y1, x2, y2), "segmentation": ann["segmentation"]})
+        except (KeyError, TypeError, ValueError) as err:
+            raise PipelineError(f"{self.coco_json}: not a COCO instances file (bad or missing field {err})") from None
+        ids = sorted(images)
+        if skip_empty:
+            ids = [i for i in ids if by_image[i]]
+        self.image_ids = ids
+        self._images = images
+        self._anns = by_image
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        image_id = self.image_ids[index]
+        info = self._images[image_id]
+        height, width = int(info["height"]), int(info["width"])
+        path = _image_file(info, self.image_root)
+        pixels = _read_image(path)
+        if pixels.shape[:2] != (height, width):
+            raise PipelineError(
+                f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]} but {self.coco_json} says {width}x{height}"
+            )
+        anns = self._anns[image_id]
+        masks = np.zeros((len(anns), height, width), dtype=np.uint8)
+        for j, ann in enumerate(anns):
+            masks[j] = _decode_segmentation(ann["segmentation"], height, width)
+        target = {
+            "boxes": torch.tensor([a["box"] for a in anns], dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.ones(len(anns), dtype=torch.int64),
+            "masks": torch.from_numpy(masks),
+            "image_id": image_id,
+        }
+        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
+        return image, target
+
+
+def _collate(batch):
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def _hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+    width = image.shape[-1]
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+    return image.flip(-1), {**target, "boxes": boxes, "masks": target["masks"].flip(-1)}
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+def _lr_at(step: int, total: int, peak: float) -> float:
+    """Linear warm-up from peak/1000 over min(200, 10 % of the steps), then cosine decay to 0."""
+    warmup = max(1, min(200, total // 10))
+    if step < warmup:
+        return peak * (0.001 + (1 - 0.001) * step / warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_proposer(
+    model: MaskRCNN,
+    coco_json: Path,
+    image_root: Path,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: str,
+    log_step: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train `model` in place on the instances of `coco_json`; returns one dict of floats per step.
+
+    Each dict holds torchvision's losses (loss_classifier, loss_box_reg, loss_mask, loss_objectness,
+    loss_rpn_box_reg), their sum `loss` and the step's `lr`. `log_step(step, that dict)` is called
+    after every step. Seeds torch's global RNG with `seed` (the RoI samplers draw from it).
+    """
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise PipelineError(f"proposer training needs epochs >= 1, batch_size >= 1, lr > 0 (got {epochs}, {batch_size}, {lr})")
+    device = pick_device(device)
+    dataset = CocoInstances(coco_json, image_root, skip_empty=True)
+    if len(dataset) == 0:
+        raise PipelineError(f"{coco_json}: no image with a usable annotation to train the proposer on")
+    torch.manual_seed(seed)
+    shuffle_gen = torch.Generator().manual_seed(seed)
+    flip_gen = torch.Generator().manual_seed(seed + 1)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, generator=shuffle_gen, num_workers=0, collate_fn=_collate
+    )
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+    total = epochs * len(loader)
+    history: list[dict] = []
+    step = 0
+    bar = tqdm(total=total, desc="train proposer", unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        for epoch in range(epochs):
+            for images, targets in loader:
+                flips = torch.rand(len(images), generator=flip_gen) < 0.5
+                pairs = [_hflip(im, t) if f else (im, t) for im, t, f in zip(images, targets, flips.tolist())]
+                images = [im.to(device) for im, _ in pairs]
+                targets = [
+                    {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for _, t in pairs
+                ]
+                step_lr = _lr_at(step, total, lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = step_lr
+                losses = model(images, targets)
+                loss = sum(losses.values())
+                record = {k: float(v.detach()) for k, v in losses.items()}
+                record["loss"] = float(loss.detach())
+                if not math.isfinite(record["loss"]):
+                    parts = ", ".join(f"{k}={v:.4g}" for k, v in record.items())
+                    raise PipelineError(
+                        f"proposer training diverged at step {step} (epoch {epoch}): {parts}; try a lower lr"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
+                optimizer.step()
+                record["lr"] = step_lr
+                history.append(record)
+                if log_step is not None:
+                    log_step(step, record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{step_lr:.2g}", refresh=False)
+                bar.update(1)
+                step += 1
+    finally:
+        bar.close()
+    model.eval()
+    return history
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(model: MaskRCNN, path: Path, backbone: str, image_size: int) -> None:
+    """Write {state_dict, backbone, image_size, num_classes} atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "backbone": backbone,
+        "image_size": int(image_size),
+        "num_classes": _num_classes(model),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _key_mismatch(path: Path, missing: list[str], unexpected: list[str], hint: str) -> PipelineError:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    return PipelineError(f"{path}: incompatible Mask R-CNN weights: {', '.join(parts)}{hint}")
+
+
+def _load_state(model: MaskRCNN, state: dict, path: Path, hint: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise _key_mismatch(path, missing, unexpected, hint)
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or value.shape != own[key].shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise PipelineError(
+                f"{path}: incompatible Mask R-CNN weights: {key} has shape {got}, the model expects "
+                f"{tuple(own[key].shape)}{hint}"
+            )
+    model.load_state_dict(state)
+
+
+def load_checkpoint(
+    path: Path, backbone: str | None = None, image_size: int | None = None, **infer_kw
+) -> MaskRCNN:
+    """A Mask R-CNN in eval mode from `path`, which holds either our own checkpoint (`save_checkpoint`)
+    or a plain torchvision state dict (e.g. COCO-trained `maskrcnn_resnet50_fpn`, 91 classes: then
+    frozen batch norm and COCO anchors, inference class-agnostic). `infer_kw`: score_thresh,
+    nms_thresh, max_proposals (and other `build_model` keywords).
+
+    `backbone` and `image_size` are checked against our own checkpoint (None: take its own) and are
+    required for a plain state dict, which does not record them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: proposer checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle/zip/torch errors all mean "not a torch checkpoint"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PipelineError(f"{path}: not a readable torch checkpoint ({reason[:200]})") from None
+    if not isinstance(payload, dict):
+        raise PipelineError(f"{path}: not a Mask R-CNN checkpoint (holds a {type(payload).__name__}, not a dict)")
+    if "state_dict" in payload:  # our own format
+        for key in ("backbone", "image_size", "num_classes"):
+            if key not in payload:
+                raise PipelineError(f"{path}: proposer checkpoint lacks {key!r}")
+        backbone = payload["backbone"] if backbone is None else backbone
+        image_size = int(payload["image_size"]) if image_size is None else image_size
+        if payload["backbone"] != backbone:
+            raise PipelineError(
+                f"{path}: checkpoint was trained with backbone {payload['backbone']!r}, the params ask for {backbone!r}"
+            )
+        if int(payload["image_size"]) != int(image_size):
+            raise PipelineError(
+                f"{path}: checkpoint was trained at image_size {payload['image_size']}, the params ask for {image_size}"
+            )
+        model = build_model(backbone, image_size, num_classes=int(payload["num_classes"]), **infer_kw)
+        if not isinstance(payload["state_dict"], dict):
+            raise PipelineError(f"{path}: proposer checkpoint's state_dict is not a dict")
+        _load_state(model, payload["state_dict"], path, "")
+    else:  # a plain torchvision state dict
+        weight = payload.get("roi_heads.box_predictor.cls_score.weight")
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            some = next(iter(payload), None)
+            raise PipelineError(
+                f"{path}: not a Mask R-CNN state dict (no roi_heads.box_predictor.cls_score.weight; "
+                f"first key {some!r})"
+            )
+        if backbone is None or image_size is None:
+            raise PipelineError(f"{path}: a plain state dict needs proposer.backbone and proposer.image_size")
+        # torchvision's released weights use frozen batch norm (no num_batches_tracked) and COCO anchors
+        frozen = not any(str(k).endswith("num_batches_tracked") for k in payload)
+        kw = {"anchor_sizes": _COCO_ANCHORS if backbone != "mobilenet_v3" else None, **infer_kw}
+        model = build_model(backbone, image_size, num_classes=int(weight.shape[0]), frozen_batchnorm=frozen, **kw)
+        _load_state(
+            model, payload, path, f" (a torchvision state dict must match maskrcnn_{backbone}_fpn; backbone={backbone})"
+        )
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# inference
+
+
+def _empty(mask_size: int) -> dict:
+    return {
+        "boxes": np.zeros((0, 4), dtype=np.float32),
+        "scores": np.zeros((0,), dtype=np.float32),
+        "masks": np.zeros((0, mask_size, mask_size), dtype=np.uint8),
+    }
+
+
+def propose(
+    model: MaskRCNN, images: list[np.ndarray], *, device: str, batch_size: int | None = None
+) -> list[dict]:
+    """Run the proposer on uint8 (H, W, 3) images, `batch_size` at a time (all at once by default).
+
+    Per image: `boxes` (n, 4) float32 xyxy in the image's pixels, `scores` (n,) float32, descending,
+    `masks` (n, 28, 28) uint8 = round(255 * p), the mask head's box-relative output (not pasted).
+    The model is left in eval mode on `device`.
+    """
+    device = pick_device(device)
+    for i, img in enumerate(images):
+        if not (isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3):
+            desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+            raise PipelineError(f"propose: image {i} must be a uint8 (H, W, 3) array, got {desc}")
+    model.to(device).eval()
+    step = len(images) if not batch_size else int(batch_size)
+    results: list[dict] = []
+    with torch.inference_mode():
+        for start in range(0, len(images), max(1, step)):
+            results.extend(_propose_batch(model, images[start : start + step], device))
+    return results
+
+
+def _propose_batch(model: MaskRCNN, images: list[np.ndarray], device: str) -> list[dict]:
+    tensors = [torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1).float().div_(255.0) for img in images]
+    original_sizes = [(int(img.shape[0]), int(img.shape[1])) for img in images]
+    image_list, _ = model.transform(tensors)
+    features = model.backbone(image_list.tensors)
+    proposals, _ = model.rpn(image_list, features)
+    detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+    out = []
+    for det, resized, original in zip(detections, image_list.image_sizes, original_sizes):
+        masks = det["masks"]  # (n, 1, M, M) probabilities of the winning class
+        mask_size = int(masks.shape[-1]) if masks.ndim == 4 else MASK_SIZE
+        if len(det["boxes"]) == 0:
+            out.append(_empty(mask_size))
+            continue
+        order = torch.argsort(det["scores"], descending=True, stable=True)
+        boxes = resize_boxes(det["boxes"][order], resized, original)
+        out.append(
+            {
+                "boxes": boxes.float().cpu().numpy().astype(np.float32),
+                "scores": det["scores"][order].float().cpu().numpy().astype(np.float32),
+                "masks": torch.round(masks[order, 0].float() * 255.0).clamp_(0, 255).to(torch.uint8).cpu().numpy(),
+            }
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _ap_101(tp: np.ndarray, n_pos: int) -> float:
+    """COCO-style AP: 101-point interpolated precision over recall, from TP flags sorted by score."""
+    if n_pos == 0:
+        return float("nan")
+    if len(tp) == 0:
+        return 0.0
+    tp_cum = np.cumsum(tp)
+    fp_cum = np.cumsum(1 - tp)
+    recall = tp_cum / n_pos
+    precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
+    precision = np.maximum.accumulate(precision[::-1])[::-1]  # envelope: best precision at recall >= r
+    thresholds = np.linspace(0.0, 1.0, 101)
+    idx = np.searchsorted(recall, thresholds, side="left")
+    sampled = np.where(idx < len(precision), precision[np.minimum(idx, len(precision) - 1)], 0.0)
+    return float(sampled.mean())
+
+
+def evaluate_proposals(
+    proposals: list[dict],
+    gt_json: Path,
+    image_ids: list[int],
+    base_category_ids: set[int],
+    *,
+    k: int = 20,
+    iou: float = 0.5,
+) -> dict:
+    """Class-agnostic mask recall@k and AP at `iou` of proposals, for base, novel and all GT instances.
+
+    `proposals[i]` (boxes, scores, masks as from `propose`) belongs to `image_ids[i]`; only the top `k`
+    proposals (by score) of an image count. Masks are pasted at full resolution
+    (`pipeline.masks.paste_masks`) and compared with pycocotools' mask IoU.
+    - recall@k/S: fraction of GT instances of subset S covered by some proposal with IoU >= iou;
+    - apXX/S: proposals sorted by score over all images, each greedily matched (COCO-style) to the
+      unmatched GT instance of highest IoU >= iou among all categories; for subset S a match to S is a
+      true positive, a match to another subset is ignored, no match is a false positive; 101-point AP.
+    Crowd GT (COCO `iscrowd`) are not instances: a proposal whose intersection over its own area with
+    a crowd region is >= iou is ignored instead of counted as a false positive.
+    Undefined values (a subset with no GT) are NaN.
+    """
+    if len(proposals) != len(image_ids):
+        raise PipelineError(f"evaluate_proposals: {len(proposals)} proposal sets for {len(image_ids)} images")
+    gt_json = Path(gt_json)
+    data = _read_json(gt_json, "ground-truth annotation file")
+    try:
+        images = {int(img["id"]): img for img in data["images"]}
+        anns_by_image: dict[int, list[dict]] = {int(i): [] for i in image_ids}
+        for ann in data["annotations"]:
+            if int(ann["image_id"]) in anns_by_image and ann.get("segmentation"):  # no outline: not an instance
+                anns_by_image[int(ann["image_id"])].append(ann)
+    except (KeyError, TypeError, ValueError) as err:
+        raise PipelineError(f"{gt_json}: not a COCO/LVIS annotation file (bad or missing field {err})") from None
+    base = {int(c) for c in base_category_ids}
+    subsets = ("base", "novel", "all")
+    n_gt = dict.fromkeys(subsets, 0)
+    covered = dict.fromkeys(subsets, 0)
+    det_scores: list[np.ndarray] = []
+    det_match: list[np.ndarray] = []  # per detection: -1 false positive, -2 ignored, 0 base TP, 1 novel TP
+    for props, image_id in zip(proposals, image_ids):
+        image_id = int(image_id)
+        if image_id not in images:
+            raise PipelineError(f"{gt_json}: image id {image_id} not found")
+        height, width = int(images[image_id]["height"]), int(images[image_id]["width"])
+        anns = anns_by_image[image_id]
+        crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
+        is_base = np.array([int(a["category_id"]) in base for a in anns], dtype=bool)
+        gt_rles = [_segmentation_rle(a["segmentation"], height, width) for a in anns]
+        n_inst = int((~crowd).sum())
+        n_base = int((~crowd & is_base).sum())
+        n_gt["all"] += n_inst
+        n_gt["base"] += n_base
+        n_gt["novel"] += n_inst - n_base
+        scores = np.asarray(props["scores"], dtype=np.float64).reshape(-1)
+        order = np.argsort(-scores, kind="stable")[:k]
+        scores = scores[order]
+        if len(order) == 0:
+            continue
+        pasted = paste_masks(np.asarray(props["masks"])[order], np.asarray(props["boxes"])[order], (height, width))
+        dt_rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in pasted]
+        if anns:
+            ious = np.asarray(mask_utils.iou(dt_rles, gt_rles, crowd.astype(np.uint8).tolist()), dtype=np.float64)
+            ious = ious.reshape(len(dt_rles), len(gt_rles))
+        else:
+            ious = np.zeros((len(dt_rles), 0))
+        hit = (ious[:, ~crowd] >= iou).any(axis=0)
+        covered["all"] += int(hit.sum())
+        covered["base"] += int((hit & is_base[~crowd]).sum())
+        covered["novel"] += int((hit & ~is_base[~crowd]).sum())
+        taken = np.zeros(len(anns), dtype=bool)
+        match = np.full(len(order), -1, dtype=np.int64)
+        for d in range(len(order)):  # already in descending score order
+            candidates = np.where(~crowd & ~taken & (ious[d] >= iou))[0]
+            if len(candidates):
+                g = candidates[np.argmax(ious[d, candidates])]
+                taken[g] = True
+                match[d] = 0 if is_base[g] else 1
+            elif (crowd & (ious[d] >= iou)).any():
+                match[d] = -2
+        det_scores.append(scores)
+        det_match.append(match)
+    scores_all = np.concatenate(det_scores) if det_scores else np.zeros(0)
+    match_all = np.concatenate(det_match) if det_match else np.zeros(0, dtype=np.int64)
+    order = np.argsort(-scores_all, kind="stable")
+    match_all = match_all[order]
+    ap_key = f"ap{int(round(iou * 100))}"
+    result: dict[str, float | int] = {}
+    for subset in subsets:
+        wanted = {"base": (0,), "novel": (1,), "all": (0, 1)}[subset]
+        is_tp = np.isin(match_all, wanted)
+        counted = is_tp | (match_all == -1)
+        result[f"recall@{k}/{subset}"] = covered[subset] / n_gt[subset] if n_gt[subset] else float("nan")
+        result[f"{ap_key}/{subset}"] = _ap_101(is_tp[counted].astype(np.float64), n_gt[subset])
+        result[f"n_gt/{subset}"] = n_gt[subset]
+    result["n_images"] = len(image_ids)
+    result["n_proposals"] = len(match_all)
+    return result
