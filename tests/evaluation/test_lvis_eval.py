@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.evaluation.detections import build_detections, proposal_rles
+from pipeline.evaluation.lvis_eval import METRIC_KEYS, cap_per_image, load_lvis, run_lvis_eval
+
+
+def _truth_detections(world):
+    rles = proposal_rles(world.image_offsets, world.boxes, world.masks, world.image_hw)
+    return build_detections(world.image_ids, world.image_offsets, world.scores, rles, world.category)
+
+
+def test_ground_truth_as_detections_scores_one(tiny_world):
+    dets = _truth_detections(tiny_world)
+    assert all("bbox" not in d and isinstance(d["segmentation"]["counts"], str) for d in dets)
+    before = json.dumps(dets)
+    metrics = run_lvis_eval(tiny_world.gt_json, dets)
+    assert set(metrics) == set(METRIC_KEYS)
+    for key in METRIC_KEYS:
+        assert metrics[key] == pytest.approx(1.0), key
+    assert json.dumps(dets) == before  # LVIS adds area/bbox/id to copies, not to ours
+    assert np.float is float  # the compatibility alias lvis 0.5.3 needs
+
+
+def test_no_detections_scores_zero(tiny_world):
+    metrics = run_lvis_eval(tiny_world.gt_json, [])
+    assert all(metrics[key] == 0.0 for key in METRIC_KEYS)
+
+
+def test_undefined_bucket_is_none(tiny_world):
+    gt = load_lvis(tiny_world.gt_json)
+    dets = _truth_detections(tiny_world)
+    # image 12 alone: no common ('c') category there, and it is in that image's negative list
+    metrics = run_lvis_eval(gt, [d for d in dets if d["image_id"] == 12], image_ids=[12])
+    assert metrics["APc"] is None and metrics["APr"] == pytest.approx(1.0) and metrics["AP"] == pytest.approx(1.0)
+
+
+def test_wrong_labels_score_lower(tiny_world):
+    dets = _truth_detections(tiny_world)
+    swapped = [{**d, "category_id": {1: 2, 2: 3, 3: 1}[d["category_id"]]} for d in dets]
+    assert run_lvis_eval(tiny_world.gt_json, swapped)["AP"] < 0.5
+
+
+def test_cap_per_image_keeps_highest_scores():
+    dets = [{"image_id": i % 2, "score": float(s)} for i, s in enumerate(np.random.default_rng(0).random(700))]
+    capped = cap_per_image(dets, 300)
+    for image in (0, 1):
+        kept = [d["score"] for d in capped if d["image_id"] == image]
+        all_scores = sorted((d["score"] for d in dets if d["image_id"] == image), reverse=True)
+        assert len(kept) == 300 and sorted(kept, reverse=True) == all_scores[:300]
+
+
+def test_bad_inputs_are_pipeline_errors(tiny_world, tmp_path):
+    with pytest.raises(PipelineError):
+        run_lvis_eval(tmp_path / "missing.json", [])
+    with pytest.raises(PipelineError):
+        run_lvis_eval(tiny_world.gt_json, [{"image_id": 999, "category_id": 1, "segmentation": {}, "score": 1.0}])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"images": [{"id": 1, "height": 2, "width": 2}], "annotations": [], "categories": []}))
+    with pytest.raises(PipelineError):
+        load_lvis(bad)
