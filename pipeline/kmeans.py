@@ -140,6 +140,12 @@ def _assign_exact(
     return assignment, arg
 
 
+def faiss_backend() -> str:
+    """Which faiss runs here: "gpu" when faiss sees a GPU (faiss-gpu with CUDA), else "cpu"; with its version."""
+    n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    return f"faiss {faiss.__version__} on {'gpu' if n_gpus > 0 else 'cpu'}"
+
+
 class _Faiss:
     """Builds flat inner-product indexes on the CPU or one GPU; says which at creation."""
 
@@ -436,3 +442,34 @@ def knee(ks: Any, inertias: Any) -> int:
     dx, dy = xs[-1] - xs[0], ys[-1] - ys[0]
     dist = np.abs(dy * (xs - xs[0]) - dx * (ys - ys[0])) / max(math.hypot(dx, dy), np.finfo(float).tiny)
     return int(ks[int(np.argmax(dist))])
+
+
+def kmeans(
+    x: np.ndarray,
+    k: int,
+    *,
+    geometry: str,
+    c: float = 1.0,
+    seed: int = 0,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    centroid: str = "einstein",
+) -> KMeansResult:
+    """`hyperbolic_kmeans` for points of the Poincaré ball, `euclidean_kmeans` (faiss) for Euclidean ones."""
+    if geometry == "poincare":
+        return hyperbolic_kmeans(x, k, c=c, seed=seed, max_iter=max_iter, tol=tol, centroid=centroid)
+    if geometry == "euclidean":
+        return euclidean_kmeans(x, k, seed=seed, max_iter=max_iter, tol=tol)
+    raise PipelineError(f"geometry must be 'poincare' or 'euclidean', got {geometry!r}")
+
+
+def k_sweep(k_range: list[int], n_points: int) -> list[int]:
+    """The k of `k_range` = [start, stop (inclusive), step] that do not exceed the number of points."""
+    if len(k_range) != 3 or k_range[0] < 1 or k_range[2] < 1 or k_range[1] < k_range[0]:
+        raise PipelineError(f"cluster.k_range must be [start >= 1, stop >= start, step >= 1], got {k_range}")
+    ks = [k for k in range(k_range[0], k_range[1] + 1, k_range[2]) if k <= n_points]
+    if len(ks) < 3:
+        raise PipelineError(
+            f"cluster.k_range {k_range} leaves {len(ks)} values of k <= the {n_points} points; the elbow needs 3"
+        )
+    return ks

@@ -165,3 +165,116 @@ def proposal_overlay(
     ax.set_title(title or f"{len(scores)} proposals", fontsize=9)
     fig.tight_layout()
     _save(fig, out_png)
+
+
+def elbow_plot(curve: list[tuple[int, float]], elbow: int, chosen: int, out_png: Path, title: str = "") -> None:
+    """Inertia against k, the elbow (knee) and the k that was used marked."""
+    fig = Figure(figsize=(6, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ks, inertia = [k for k, _ in curve], [v for _, v in curve]
+    ax.plot(ks, inertia, "o-", color="#1f5fa8", lw=1.5, ms=4)
+    ax.axvline(elbow, color="#c0392b", ls="--", lw=1, label=f"elbow k = {elbow}")
+    if chosen != elbow:
+        ax.axvline(chosen, color="#27ae60", ls=":", lw=1.5, label=f"used k = {chosen}")
+    ax.set_xlabel("k (clusters)")
+    ax.set_ylabel("inertia (sum of squared distances)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, out_png)
+
+
+def disk_coordinates(x: np.ndarray, c: float = 1.0, seed: int = 0) -> np.ndarray:
+    """2-D points of the unit disk for (N, d) points of the ball of curvature c.
+
+    d == 2: the points themselves, scaled to the unit disk. d > 2: each point keeps its distance to the
+    origin (its norm) and gets the direction of its first two principal components (directions normalised),
+    so how deep a point sits in the hierarchy is read off exactly.
+    """
+    x = np.asarray(x, dtype=np.float64) * np.sqrt(c)
+    if x.shape[1] == 2:
+        return x
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    centred = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred[np.random.default_rng(seed).permutation(len(x))[:20000]], full_matrices=False)
+    direction = centred @ vt[:2].T
+    direction /= np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-12)
+    return direction * norm
+
+
+def poincare_disk(
+    points: np.ndarray,
+    labels: np.ndarray,
+    bucket: np.ndarray,
+    category_names: dict[int, str],
+    hier_pairs: np.ndarray,
+    out_png: Path,
+    title: str = "",
+    top: int = 8,
+) -> None:
+    """Two panels of the disk: coloured by LVIS bucket of the matched category, and by the `top` categories;
+    parent -> child pairs drawn as thin grey segments (a parent should sit nearer the centre).
+
+    `labels`: matched category id per point (-1 unmatched); `bucket`: 'r'/'c'/'f' or '' per point."""
+    fig = Figure(figsize=(12, 6.3), dpi=110)
+    FigureCanvasAgg(fig)
+    colours = {"f": "#1f77b4", "c": "#ff7f0e", "r": "#d62728", "": "#bbbbbb"}
+    names = {"f": "frequent", "c": "common", "r": "rare", "": "unmatched"}
+    for panel in range(2):
+        ax = fig.add_subplot(1, 2, panel + 1)
+        ax.add_patch(matplotlib.patches.Circle((0, 0), 1.0, fill=False, ec="black", lw=1))
+        for parent, child in hier_pairs[:400]:
+            ax.plot(*points[[parent, child]].T, color="0.55", lw=0.4, alpha=0.6, zorder=1)
+        if len(hier_pairs):
+            ax.scatter(*points[hier_pairs[:400, 0]].T, marker="^", s=14, facecolors="none", edgecolors="black",
+                       lw=0.5, zorder=3, label="parent of a pair")  # fmt: skip
+        if panel == 0:
+            for key in ("", "f", "c", "r"):
+                sel = bucket == key
+                ax.scatter(*points[sel].T, s=5, c=colours[key], label=f"{names[key]} ({sel.sum()})", zorder=2)
+            ax.set_title("by LVIS frequency bucket of the matched category", fontsize=9)
+        else:
+            ids, counts = np.unique(labels[labels >= 0], return_counts=True)
+            best = ids[np.argsort(-counts, kind="stable")[:top]]
+            other = ~np.isin(labels, best)
+            ax.scatter(*points[other].T, s=4, c="#dddddd", label="other / unmatched", zorder=2)
+            for i, cat in enumerate(best):
+                sel = labels == cat
+                ax.scatter(*points[sel].T, s=6, color=matplotlib.colormaps["tab10"](i % 10), zorder=2,
+                           label=f"{category_names.get(int(cat), cat)} ({sel.sum()})")  # fmt: skip
+            ax.set_title(f"the {len(best)} most matched categories", fontsize=9)
+        ax.set_xlim(-1.05, 1.05)
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_aspect("equal")
+        ax.set_axis_off()
+        ax.legend(fontsize=6, loc="lower left", bbox_to_anchor=(0.0, -0.12), ncol=2, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, out_png)
+
+
+def bucket_ap_bars(metrics: dict[str, dict], out_png: Path, title: str = "") -> None:
+    """AP, APr, APc, APf bars for each protocol row (majority, hungarian, oracle); missing values left out."""
+    keys = ("AP", "APr", "APc", "APf")
+    rows = [row for row in ("majority", "hungarian", "oracle") if row in metrics]
+    fig = Figure(figsize=(7, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(rows))
+    for i, row in enumerate(rows):
+        values = [metrics[row].get(k) for k in keys]
+        xs = np.arange(len(keys)) + (i - (len(rows) - 1) / 2) * width
+        heights = [v if v is not None else 0.0 for v in values]
+        bars = ax.bar(xs, heights, width, label=row)
+        for bar, value in zip(bars, values, strict=True):
+            text = "n/a" if value is None else f"{value:.3f}"
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), text, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(np.arange(len(keys)), keys)
+    ax.set_ylabel("LVIS mask AP")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, out_png)

@@ -73,7 +73,7 @@ class _ClassAgnosticRoIHeads(RoIHeads):
         pred_scores = F.softmax(class_logits, -1)
         all_boxes, all_scores, all_labels = [], [], []
         for boxes, scores, image_shape in zip(
-            pred_boxes.split(boxes_per_image, 0), pred_scores.split(boxes_per_image, 0), image_shapes
+            pred_boxes.split(boxes_per_image, 0), pred_scores.split(boxes_per_image, 0), image_shapes, strict=False
         ):
             boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
             best_scores, best = scores[:, 1:].max(dim=1)
@@ -343,7 +343,9 @@ def train_proposer(
     after every step. Seeds torch's global RNG with `seed` (the RoI samplers draw from it).
     """
     if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise PipelineError(f"proposer training needs epochs >= 1, batch_size >= 1, lr > 0 (got {epochs}, {batch_size}, {lr})")
+        raise PipelineError(
+            f"proposer training needs epochs >= 1, batch_size >= 1, lr > 0 (got {epochs}, {batch_size}, {lr})"
+        )
     device = pick_device(device)
     dataset = CocoInstances(coco_json, image_root, skip_empty=True)
     if len(dataset) == 0:
@@ -365,7 +367,8 @@ def train_proposer(
         for epoch in range(epochs):
             for images, targets in loader:
                 flips = torch.rand(len(images), generator=flip_gen) < 0.5
-                pairs = [_hflip(im, t) if f else (im, t) for im, t, f in zip(images, targets, flips.tolist())]
+                flipped = zip(images, targets, flips.tolist(), strict=True)
+                pairs = [_hflip(im, t) if f else (im, t) for im, t, f in flipped]
                 images = [im.to(device) for im, _ in pairs]
                 targets = [
                     {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for _, t in pairs
@@ -448,9 +451,7 @@ def _load_state(model: MaskRCNN, state: dict, path: Path, hint: str) -> None:
     model.load_state_dict(state)
 
 
-def load_checkpoint(
-    path: Path, backbone: str | None = None, image_size: int | None = None, **infer_kw
-) -> MaskRCNN:
+def load_checkpoint(path: Path, backbone: str | None = None, image_size: int | None = None, **infer_kw) -> MaskRCNN:
     """A Mask R-CNN in eval mode from `path`, which holds either our own checkpoint (`save_checkpoint`)
     or a plain torchvision state dict (e.g. COCO-trained `maskrcnn_resnet50_fpn`, 91 classes: then
     frozen batch norm and COCO anchors, inference class-agnostic). `infer_kw`: score_thresh,
@@ -492,8 +493,7 @@ def load_checkpoint(
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             some = next(iter(payload), None)
             raise PipelineError(
-                f"{path}: not a Mask R-CNN state dict (no roi_heads.box_predictor.cls_score.weight; "
-                f"first key {some!r})"
+                f"{path}: not a Mask R-CNN state dict (no roi_heads.box_predictor.cls_score.weight; first key {some!r})"
             )
         if backbone is None or image_size is None:
             raise PipelineError(f"{path}: a plain state dict needs proposer.backbone and proposer.image_size")
@@ -519,9 +519,7 @@ def _empty(mask_size: int) -> dict:
     }
 
 
-def propose(
-    model: MaskRCNN, images: list[np.ndarray], *, device: str, batch_size: int | None = None
-) -> list[dict]:
+def propose(model: MaskRCNN, images: list[np.ndarray], *, device: str, batch_size: int | None = None) -> list[dict]:
     """Run the proposer on uint8 (H, W, 3) images, `batch_size` at a time (all at once by default).
 
     Per image: `boxes` (n, 4) float32 xyxy in the image's pixels, `scores` (n,) float32, descending,
@@ -543,14 +541,16 @@ def propose(
 
 
 def _propose_batch(model: MaskRCNN, images: list[np.ndarray], device: str) -> list[dict]:
-    tensors = [torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1).float().div_(255.0) for img in images]
+    tensors = [
+        torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1).float().div_(255.0) for img in images
+    ]
     original_sizes = [(int(img.shape[0]), int(img.shape[1])) for img in images]
     image_list, _ = model.transform(tensors)
     features = model.backbone(image_list.tensors)
     proposals, _ = model.rpn(image_list, features)
     detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
     out = []
-    for det, resized, original in zip(detections, image_list.image_sizes, original_sizes):
+    for det, resized, original in zip(detections, image_list.image_sizes, original_sizes, strict=True):
         masks = det["masks"]  # (n, 1, M, M) probabilities of the winning class
         mask_size = int(masks.shape[-1]) if masks.ndim == 4 else MASK_SIZE
         if len(det["boxes"]) == 0:
@@ -629,7 +629,7 @@ def evaluate_proposals(
     covered = dict.fromkeys(subsets, 0)
     det_scores: list[np.ndarray] = []
     det_match: list[np.ndarray] = []  # per detection: -1 false positive, -2 ignored, 0 base TP, 1 novel TP
-    for props, image_id in zip(proposals, image_ids):
+    for props, image_id in zip(proposals, image_ids, strict=True):
         image_id = int(image_id)
         if image_id not in images:
             raise PipelineError(f"{gt_json}: image id {image_id} not found")

@@ -10,12 +10,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import Params, load_params
+from pipeline.data.dataset import Manifest
+from pipeline.data.lvis_format import image_path, load_image, load_json
 from pipeline.errors import PipelineError
 
 PREPARED = Path("data/prepared")
 MANIFEST = PREPARED / "dataset.json"
 PROPOSER_CHECKPOINT = Path("models/proposer.pt")
+EMBEDDER_CHECKPOINT = Path("models/embedder.pt")
 
 
 def split_dir(split: str) -> Path:
@@ -55,3 +60,18 @@ class Timer:
 def summary(stage: str, text: str, timer: Timer) -> None:
     """The one-line summary a stage prints when it ends."""
     print(f"[{stage}] {text} in {timer.seconds:.1f}s", flush=True)
+
+
+def image_loader(manifest: Manifest, split: str, image_ids: np.ndarray) -> Callable[[int], np.ndarray]:
+    """`load(i)`: the pixels of image `image_ids[i]` of `split`, read through the manifest's annotations."""
+    gt_path = manifest.split_json(split)
+    records = {int(r["id"]): r for r in load_json(gt_path, "LVIS annotations")["images"]}
+    missing = [int(i) for i in image_ids if int(i) not in records]
+    if missing:
+        raise PipelineError(f"{gt_path}: image id {missing[0]} of the proposals store is not in this file")
+    root = Path(manifest.image_root)
+
+    def load(i: int) -> np.ndarray:
+        return load_image(image_path(records[int(image_ids[i])], root))
+
+    return load

@@ -679,7 +679,7 @@ def _check_spec(spec: WorldSpec) -> None:
 
 
 def generate_world(spec: WorldSpec, out_dir: Path, progress: bool = True) -> dict:
-    """Writes the world into out_dir, returns a summary dict (counts per split, per bucket, hierarchy fraction, base ids)."""
+    """Write the world into out_dir; return a summary (counts per split and bucket, hierarchy fraction, base ids)."""
     _check_spec(spec)
     out_dir = Path(out_dir)
     cats, layouts = design_world(spec)

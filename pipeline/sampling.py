@@ -1,0 +1,119 @@
+"""The `sample` step over a whole split: per image, paste the proposals' masks once, find the mask relations
+and cut the three crops; pool every crop with the frozen backbone in batches that span images.
+
+Pair indices come back global (rows of the proposals store), so `pairs/object` and `pairs/hier` index the
+feature arrays directly. Images are independent, so a split can be processed as disjoint image ranges
+(`start`, `stop`) whose outputs concatenate (the shard layout DESIGN.md asks for).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.features import crop_views, pool_features
+from pipeline.masks import paste_masks
+from pipeline.relations import relations
+
+VIEWS = ("box", "fg", "bg")
+
+
+@dataclass
+class SplitSamples:
+    """Pooled features of the three views of every proposal, and the two kinds of pairs (global indices)."""
+
+    features: dict[str, np.ndarray]  # view -> (N, D) float32
+    object_pairs: np.ndarray  # (P, 2) int64, i < j
+    hier_pairs: np.ndarray  # (Q, 2) int64, (parent, child)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            **{f"features/{view}": self.features[view] for view in VIEWS},
+            "pairs/object": self.object_pairs,
+            "pairs/hier": self.hier_pairs,
+        }
+
+
+class _BatchedPool:
+    """Accumulates (n, 3, S, S) views across images and pools them `batch_size` at a time."""
+
+    def __init__(self, backbone: nn.Module, batch_size: int, device: str, dim: int) -> None:
+        self.backbone, self.batch_size, self.device, self.dim = backbone, max(1, batch_size), device, dim
+        self.pending: list[torch.Tensor] = []
+        self.n_pending = 0
+        self.out: list[np.ndarray] = []
+
+    def add(self, views: torch.Tensor) -> None:
+        self.pending.append(views)
+        self.n_pending += len(views)
+        if self.n_pending >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            views = torch.cat(self.pending)
+            self.out.append(pool_features(self.backbone, views, self.batch_size, self.device))
+            self.pending, self.n_pending = [], 0
+
+    def result(self) -> np.ndarray:
+        self.flush()
+        return np.concatenate(self.out) if self.out else np.zeros((0, self.dim), np.float32)
+
+
+def sample_split(
+    load_image: Callable[[int], np.ndarray],
+    image_hw: np.ndarray,
+    image_offsets: np.ndarray,
+    boxes: np.ndarray,
+    masks: np.ndarray,
+    backbone: nn.Module,
+    *,
+    crop_size: int,
+    object_iou: float,
+    hier_containment: float,
+    relation_max_side: int | None,
+    batch_size: int,
+    device: str = "cpu",
+    progress: bool = True,
+) -> SplitSamples:
+    """Features and pairs of every proposal of a split.
+
+    `load_image(i)` returns image i (row i of the store) as uint8 (H, W, 3); `boxes`, `masks` are the
+    proposals store's flat arrays (masks: the mask head's M x M maps). Images without proposals are
+    not read. Views of consecutive proposals are pooled `batch_size` at a time (box, fg and bg
+    views interleaved per image and separated again at the end).
+    """
+    dim = int(getattr(backbone, "dim", 0))
+    pools = {view: _BatchedPool(backbone, batch_size, device, dim) for view in VIEWS}
+    obj_parts, hier_parts = [], []
+    n_images = len(image_offsets) - 1
+    bar = tqdm(total=int(image_offsets[-1]), desc="sample", unit="proposal", disable=not progress, dynamic_ncols=True)
+    for i in range(n_images):
+        start, stop = int(image_offsets[i]), int(image_offsets[i + 1])
+        if stop == start:
+            continue
+        hw = (int(image_hw[i][0]), int(image_hw[i][1]))
+        image_boxes = np.asarray(boxes[start:stop])
+        full = paste_masks(np.asarray(masks[start:stop]), image_boxes, hw)
+        obj, hier = relations(
+            full, object_iou=object_iou, hier_containment=hier_containment, max_side=relation_max_side
+        )
+        obj_parts.append(obj + start)
+        hier_parts.append(hier + start)
+        views = crop_views(load_image(i), image_boxes, full, crop_size, device=device)
+        for view, tensor in zip(VIEWS, views, strict=True):
+            pools[view].add(tensor)
+        bar.update(stop - start)
+    bar.close()
+    features = {view: pool.result() for view, pool in pools.items()}
+    empty = np.zeros((0, 2), np.int64)
+    return SplitSamples(
+        features=features,
+        object_pairs=np.concatenate(obj_parts).astype(np.int64) if obj_parts else empty,
+        hier_pairs=np.concatenate(hier_parts).astype(np.int64) if hier_parts else empty,
+    )

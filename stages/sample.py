@@ -1,0 +1,77 @@
+"""sample: three crops of every proposal pooled by a frozen backbone, and the mask relations of each image.
+
+Reads data/<split>/proposals.zarr, writes data/<split>/samples.zarr (features/{box,fg,bg}, pairs/object,
+pairs/hier, image_offsets), stamped with the fingerprint of the proposals store it came from.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from pipeline.config import as_dict
+from pipeline.data.dataset import read_manifest
+from pipeline.features import build_backbone
+from pipeline.proposer import pick_device
+from pipeline.sampling import sample_split
+from pipeline.store import open_store, read_array, write_store
+from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, image_loader, params, split_dir, summary
+
+
+@clean_errors
+def main(
+    split: str = typer.Option(..., help="train or val"),
+    params_file: str = typer.Option("params.yaml", help="params file"),
+) -> None:
+    timer = Timer()
+    p = params(params_file)
+    cfg = p.sample
+    manifest = read_manifest(MANIFEST)
+    source = split_dir(split) / "proposals.zarr"
+    proposals = open_store(source, "proposals")
+    image_ids = read_array(proposals, "image_ids")
+    offsets = read_array(proposals, "image_offsets")
+    device = pick_device(p.device)
+    backbone = build_backbone(cfg.backbone, cfg.backbone_init, seed=p.seed, proposer_checkpoint=PROPOSER_CHECKPOINT)
+    result = sample_split(
+        image_loader(manifest, split, image_ids),
+        read_array(proposals, "image_hw"),
+        offsets,
+        read_array(proposals, "boxes"),
+        read_array(proposals, "masks"),
+        backbone,
+        crop_size=cfg.crop_size,
+        object_iou=cfg.object_iou,
+        hier_containment=cfg.hier_containment,
+        relation_max_side=cfg.relation_max_side,
+        batch_size=cfg.batch_size,
+        device=device,
+    )
+    n = int(offsets[-1])
+    counts = {
+        "images": len(image_ids),
+        "proposals": n,
+        "object_pairs": len(result.object_pairs),
+        "hier_pairs": len(result.hier_pairs),
+    }
+    attrs = {
+        "split": split,
+        "params": {"sample": as_dict(cfg), "seed": p.seed, "device": device},
+        "backbone": backbone.init,
+        "feature_dim": int(result.features["box"].shape[1]),
+        "source": str(source),
+        "source_fingerprint": proposals.attrs["fingerprint"],
+        "counts": counts,
+    }
+    out = split_dir(split) / "samples.zarr"
+    write_store(out, {"image_offsets": offsets, **result.arrays()}, attrs, kind="samples")
+    summary(
+        "sample",
+        f"{split}: {n} proposals x 3 views ({cfg.backbone}, {attrs['backbone']}), {counts['object_pairs']} object "
+        f"and {counts['hier_pairs']} hier pairs, {n / max(timer.seconds, 1e-9):.1f} proposals/s on {device}; "
+        f"wrote {out}",
+        timer,
+    )
+
+
+if __name__ == "__main__":
+    typer.run(main)
