@@ -248,7 +248,9 @@ def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(PipelineError, match="wrong.pt.*not a Mask R-CNN"):
         load_checkpoint(wrong, "resnet18", SIZE)
     ours = tmp_path / "ours.pt"
-    torch.save({"state_dict": {"foo": torch.zeros(2)}, "backbone": "resnet18", "image_size": SIZE, "num_classes": 2}, ours)
+    torch.save(
+        {"state_dict": {"foo": torch.zeros(2)}, "backbone": "resnet18", "image_size": SIZE, "num_classes": 2}, ours
+    )
     with pytest.raises(PipelineError, match="ours.pt.*incompatible.*missing keys"):
         load_checkpoint(ours, "resnet18", SIZE)
     listed = tmp_path / "list.pt"
@@ -262,7 +264,11 @@ def _gt_as_proposals(gt_path: Path, image_ids: list[int]) -> list[dict]:
     out = []
     for image_id in image_ids:
         info = next(i for i in data["images"] if i["id"] == image_id)
-        anns = [a for a in data["annotations"] if a["image_id"] == image_id and not a.get("iscrowd", 0) and a["segmentation"]]
+        anns = [
+            a
+            for a in data["annotations"]
+            if a["image_id"] == image_id and not a.get("iscrowd", 0) and a["segmentation"]
+        ]
         boxes, masks = [], []
         for a in anns:
             mask = _decode_segmentation(a["segmentation"], info["height"], info["width"])

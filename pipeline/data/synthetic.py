@@ -755,6 +755,13 @@ def generate_world(spec: WorldSpec, out_dir: Path, progress: bool = True) -> dic
         if (a["image_id"], a["category_id"]) not in seen:
             seen.add((a["image_id"], a["category_id"]))
             image_count[a["category_id"]] += 1
+    empty = sorted(cid for cid, n in image_count.items() if n == 0)
+    if empty:
+        raise PipelineError(
+            f"synthetic world: {len(empty)} of {len(cats)} categories got no train image (the {spec.n_train} images "
+            f"of at most {spec.max_objects} objects cannot hold the long-tail plan); raise data.synthetic.n_train or "
+            "max_objects, or lower n_categories"
+        )
     freq = {cid: ("r" if n <= RARE_MAX else "c" if n <= COMMON_MAX else "f") for cid, n in image_count.items()}
     base = _base_ids(cats, freq, image_count)
 

@@ -364,3 +364,10 @@ def test_bad_spec_raises_a_one_line_pipeline_error(tmp_path: Path, bad: dict) ->
     assert message and "\n" not in message
     assert next(iter(bad)) in message
     assert not out.exists(), "a rejected spec still wrote files"
+
+
+def test_a_spec_too_small_for_the_long_tail_is_refused(tmp_path: Path) -> None:
+    """60 images of at most 6 objects cannot hold 40 categories' plan: an error, not silently empty categories."""
+    with pytest.raises(PipelineError, match="no train image") as err:
+        generate_world(WorldSpec(n_train=60, n_val=20), tmp_path / "world", progress=False)
+    assert "\n" not in str(err.value)
