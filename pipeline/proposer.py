@@ -43,9 +43,9 @@ from torch import nn
 from torchvision.models import mobilenet_v3_large, resnet18, resnet50
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops

@@ -115,7 +115,7 @@ def test_propose_contract_batched_and_empty():
     torch.manual_seed(0)
     model = build_model("resnet18", SIZE, score_thresh=0.0, max_proposals=7)
     images = [_image(1), _image(2, 40, 96), _image(3, 100, 70)]
-    for img, res in zip(images, propose(model, images, device="cpu")):
+    for img, res in zip(images, propose(model, images, device="cpu"), strict=True):
         _check_contract(res, 7)
         assert len(res["scores"]) == 7
         h, w = img.shape[:2]
@@ -124,7 +124,7 @@ def test_propose_contract_batched_and_empty():
     same = [_image(4), _image(5), _image(6)]
     batched = propose(model, same, device="cpu")
     single = [propose(model, [img], device="cpu")[0] for img in same]
-    for res, one in zip(batched, single):
+    for res, one in zip(batched, single, strict=True):
         np.testing.assert_allclose(res["scores"], one["scores"], atol=1e-4)
         np.testing.assert_allclose(res["boxes"], one["boxes"], atol=1e-2)
     none = build_model("resnet18", SIZE, score_thresh=1.0)
@@ -162,7 +162,7 @@ def test_dataset(world):
     assert target["boxes"].shape == (2, 4)  # degenerate and crowd annotations are dropped
     assert target["labels"].tolist() == [1, 1]
     assert target["masks"].shape == (2, SIZE, SIZE) and target["masks"].dtype == torch.uint8
-    for box, mask in zip(target["boxes"], target["masks"]):
+    for box, mask in zip(target["boxes"], target["masks"], strict=True):
         x1, y1, x2, y2 = box.int().tolist()
         assert mask.sum() == pytest.approx((x2 - x1) * (y2 - y1), rel=0.15)
 
@@ -210,7 +210,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["proposer.pt"]
     loaded = load_checkpoint(path, "resnet18", SIZE, score_thresh=0.0)
     after = propose(loaded, images, device="cpu")
-    for a, b in zip(before, after):
+    for a, b in zip(before, after, strict=True):
         for key in ("boxes", "scores", "masks"):
             np.testing.assert_array_equal(a[key], b[key])
     with pytest.raises(PipelineError, match="backbone"):
