@@ -95,8 +95,13 @@ project = _numpy_compatible(_project)
 def expmap0(v: Array, c: float = 1.0, project: bool = True) -> Array:
     """Exponential map at the origin: ``tanh(sqrt(c)|v|) v / (sqrt(c)|v|)``, then `project` unless
     ``project=False`` (so huge tangent vectors still land strictly inside the ball)."""
-    s = c**0.5 * _norm(v).clamp_min(_MIN_NORM)
+    n = _norm(v)
+    s = c**0.5 * n.clamp_min(_MIN_NORM)
     x = v * (torch.tanh(s) / s)
+    overflow = torch.isinf(n)
+    if overflow.any():  # |v|^2 overflowed: tanh(s) = 1, the direction comes from a rescaled v
+        u = v / v.abs().amax(dim=-1, keepdim=True)
+        x = torch.where(overflow, u / _norm(u) / c**0.5, x)
     return _project(x, c) if project else x
 
 

@@ -384,9 +384,9 @@ def euclidean_kmeans(
     tol: float = 1e-6,
     use_gpu: bool | None = None,
 ) -> KMeansResult:
-    """Euclidean k-means with ``faiss.Kmeans`` (seeded, all points used, float32 inside); centroids, distances and
-    inertia are returned in float64. faiss runs all ``max_iter`` iterations; ``converged`` says whether its
-    objective changed by less than ``tol`` (relative) in the last one."""
+    """Euclidean k-means with ``faiss.Kmeans`` (k-means++ seeding as the hyperbolic one, seeded, all points used,
+    float32 inside); centroids, distances and inertia are returned in float64. faiss runs at most ``max_iter``
+    iterations; ``converged`` says whether its objective changed by less than ``tol`` (relative) in the last one."""
     x = _check_points(x, None)
     _check_k(k, len(x))
     engine = _Faiss(use_gpu)
@@ -400,6 +400,7 @@ def euclidean_kmeans(
         min_points_per_centroid=1,
         max_points_per_centroid=max(1, -(-len(x) // k)),
     )
+    km.cp.init_method = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS  # faiss' default random init misses clusters
     x32 = x.astype(np.float32)
     km.train(x32)
     cent = km.centroids.astype(np.float64)

@@ -15,8 +15,8 @@ import typer
 
 from pipeline.config import as_dict
 from pipeline.data.dataset import read_manifest
-from pipeline.evaluation.evaluate import ROWS, evaluate_clusters
-from pipeline.evaluation.lvis_eval import METRIC_KEYS, load_lvis
+from pipeline.evaluation.evaluate import ROWS, evaluate_clusters, metrics_table
+from pipeline.evaluation.lvis_eval import load_lvis
 from pipeline.plots import bucket_ap_bars, disk_coordinates, poincare_disk
 from pipeline.store import atomic_path, check_source, open_store, read_array, write_json
 from stages.common import MANIFEST, Timer, clean_errors, params, split_dir, summary
@@ -25,16 +25,6 @@ SPLIT = "val"
 METRICS = Path("metrics/eval.json")
 DISK_PNG = Path("plots/evaluate/poincare_disk.png")
 BARS_PNG = Path("plots/evaluate/ap_by_bucket.png")
-
-
-def metrics_table(metrics: dict) -> str:
-    """The AP rows of `metrics` as a Markdown table (what `make repro` prints and the README shows)."""
-    head = "| protocol | " + " | ".join(METRIC_KEYS) + " |"
-    lines = [head, "|" + "---|" * (len(METRIC_KEYS) + 1)]
-    for row in ROWS:
-        values = [metrics[row].get(k) for k in METRIC_KEYS]
-        lines.append(f"| {row} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in values) + " |")
-    return "\n".join(lines)
 
 
 @clean_errors

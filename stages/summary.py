@@ -7,6 +7,7 @@ from pathlib import Path
 
 import zarr
 
+from pipeline.evaluation.evaluate import metrics_table
 from stages.common import MANIFEST, PROPOSER_CHECKPOINT
 
 STORES = ("proposals", "samples", "embeddings", "clusters")
@@ -36,6 +37,18 @@ def main() -> None:
             values = json.loads(metrics.read_text())
             shown = {k: round(v, 3) for k, v in values.items() if isinstance(v, float)}
             _line("proposal quality", f"{split}: {shown}")
+
+    evaluation = Path("metrics/eval.json")
+    if evaluation.is_file():
+        metrics = json.loads(evaluation.read_text())
+        clusters = metrics.get("clusters", {})
+        _line("evaluate", f"val, k = {clusters.get('K')} ({clusters.get('k_choice')}), {clusters.get('geometry')}")
+        print(metrics_table(metrics))
+        quality = metrics["clustering"]["all"]
+        print(
+            f"clustering of matched proposals: NMI {quality['nmi']:.3f}, ARI {quality['ari']:.3f}, "
+            f"purity {quality['purity']:.3f} (n = {quality['n']})"
+        )
 
 
 if __name__ == "__main__":

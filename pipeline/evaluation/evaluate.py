@@ -25,7 +25,7 @@ from pipeline.evaluation.detections import (
     cluster_detections,
     proposal_rles,
 )
-from pipeline.evaluation.lvis_eval import check_lvis, load_lvis, run_lvis_eval
+from pipeline.evaluation.lvis_eval import METRIC_KEYS, check_lvis, load_lvis, run_lvis_eval
 from pipeline.evaluation.matching import Matches, match_proposals
 
 if TYPE_CHECKING:
@@ -138,3 +138,13 @@ def evaluate_clusters(
         **{f"detections_{row}": len(detections[row]) for row in ROWS},
     }
     return ClusterEvaluation(metrics=metrics, detections=detections, mappings=mappings, matches=matches)
+
+
+def metrics_table(metrics: dict) -> str:
+    """The AP rows of `metrics` as a Markdown table (what `make repro` prints and the README shows)."""
+    head = "| protocol | " + " | ".join(METRIC_KEYS) + " |"
+    lines = [head, "|" + "---|" * (len(METRIC_KEYS) + 1)]
+    for row in ROWS:
+        values = [metrics[row].get(k) for k in METRIC_KEYS]
+        lines.append(f"| {row} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in values) + " |")
+    return "\n".join(lines)
