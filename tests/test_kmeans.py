@@ -378,8 +378,6 @@ def test_euclidean_kmeans_recovers_clusters_when_seeded_well():
     assert adjusted_rand_score(labels, res.assignment) >= 0.99
 
 
-
-
 def test_euclidean_kmeans_recovers_gaussian_blobs_for_any_seed():
     x, labels = gaussian_blobs()
     for seed in range(5):
@@ -490,9 +488,7 @@ def test_knee_bad_inputs():
         knee([1, 2, 3], [3.0, np.nan, 1.0])
 
 
-@pytest.mark.parametrize(
-    "geometry", ["poincare", "euclidean"]
-)
+@pytest.mark.parametrize("geometry", ["poincare", "euclidean"])
 def test_inertia_curve_decreases_and_its_knee_is_the_true_k(geometry, four_blobs):
     x, _ = four_blobs
     ks = list(range(1, 9))
