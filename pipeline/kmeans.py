@@ -184,7 +184,7 @@ class _Assigner:
         x, c = self.x, self.c
         k, d = cent.shape
         den_m, gap_m = _den_gap(cent, c)
-        kk = min(self.candidates, k)
+        kk = min(max(self.candidates, 2), k)  # one candidate would leave the certificate nothing to compare with
         base = np.empty((k, d + 1), dtype=np.float64)
         bnorm = _lorentz(cent, c, den_m, base, 1.0)
         f, cand = self.engine.search(self.q, base.astype(np.float32), kk)
