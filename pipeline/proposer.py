@@ -19,9 +19,11 @@ Choices worth knowing:
 - inference is class-agnostic whatever the number of classes: per RoI the best foreground class gives
   the score, the box and the mask, then one NMS over all classes (the paper's protocol: score >= 0.5,
   NMS 0.6, at most 20 detections);
-- training: SGD (momentum 0.9, weight decay 1e-4), gradients clipped to norm 10, linear warm-up from lr/1000 over
-  min(200, 10 % of the steps), then cosine decay to 0; random horizontal flips (p = 0.5); the seed
-  fixes the initial RNG state, the DataLoader order and the flips, so a CPU run is reproducible;
+- training: SGD (momentum 0.9, weight decay 1e-4), gradients clipped to norm 10, linear warm-up from
+  lr/1000 over min(200, 10 % of the steps), then cosine decay to 0; random horizontal flips (p = 0.5) and
+  a random permutation of the colour channels (so that objectness is not learnt as "one of the base
+  categories' colours"); the seed fixes the initial RNG state, the DataLoader order, the flips and the
+  permutations, so a CPU run is reproducible;
 - `propose` returns the mask head's own 28 x 28 box-relative probabilities (uint8, round(255 p)),
   not pasted masks; `pipeline.masks.paste_masks` turns them into full-resolution masks.
 """
@@ -389,6 +391,8 @@ def train_proposer(
                 flips = torch.rand(len(images), generator=flip_gen) < 0.5
                 flipped = zip(images, targets, flips.tolist(), strict=True)
                 pairs = [_hflip(im, t) if f else (im, t) for im, t, f in flipped]
+                # colour is what tells base categories apart, not what makes an object: permute the channels
+                pairs = [(im[torch.randperm(3, generator=flip_gen)], t) for im, t in pairs]
                 images = [im.to(device) for im, _ in pairs]
                 targets = [
                     {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for _, t in pairs

@@ -58,6 +58,9 @@ def prepare_synthetic(p: Params, out: Path) -> tuple[Manifest, str]:
 
 def prepare_lvis(p: Params) -> tuple[Manifest, str]:
     cfg = p.data.lvis
+    for key in ("train_json", "val_json", "image_root", "coco_json"):
+        if not getattr(cfg, key):
+            raise PipelineError(f"params.yaml: data.lvis.{key} is empty; data.source lvis needs it")
     root = Path(cfg.image_root)
     if not root.is_dir():
         raise PipelineError(f"data.lvis.image_root: {root}: folder not found")

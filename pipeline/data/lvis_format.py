@@ -59,6 +59,18 @@ def _require_keys(records: Iterable[dict], keys: Sequence[str], kind: str, path:
             raise PipelineError(f"{what}: {path}: {kind} {ident} lacks {', '.join(repr(k) for k in missing)}")
 
 
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_int_ids(records: list[dict], keys: Sequence[str], kind: str, path: Path, what: str) -> None:
+    for i, rec in enumerate(records):
+        for key in keys:
+            if not _is_id(rec[key]):
+                ident = f"id {rec['id']}" if key != "id" and _is_id(rec["id"]) else f"#{i}"
+                raise PipelineError(f"{what}: {path}: {kind} {ident}: {key!r} must be an integer, got {rec[key]!r}")
+
+
 def _unique_ids(records: list[dict], kind: str, path: Path, what: str) -> set:
     ids: set = set()
     for rec in records:
@@ -75,9 +87,15 @@ def _check_common(data: dict, path: Path, what: str, image_keys: Sequence[str], 
     _require_keys(images, image_keys, "image", path, what)
     _require_keys(cats, cat_keys, "category", path, what)
     _require_keys(anns, _ANN_KEYS, "annotation", path, what)
+    _require_int_ids(images, ("id",), "image", path, what)
+    _require_int_ids(cats, ("id",), "category", path, what)
+    _require_int_ids(anns, ("id", "image_id", "category_id"), "annotation", path, what)
     for im in images:
         if "file_name" not in im and "coco_url" not in im:
             raise PipelineError(f"{what}: {path}: image id {im['id']} has neither 'file_name' nor 'coco_url'")
+        for key in ("file_name", "coco_url"):
+            if key in im and not isinstance(im[key], str):
+                raise PipelineError(f"{what}: {path}: image id {im['id']}: {key!r} must be a string, got {im[key]!r}")
     image_ids = _unique_ids(images, "image", path, what)
     cat_ids = _unique_ids(cats, "category", path, what)
     _unique_ids(anns, "annotation", path, what)
@@ -119,7 +137,7 @@ def validate_lvis(path: Path, what: str = "LVIS annotations") -> dict:
         for key in ("neg_category_ids", "not_exhaustive_category_ids"):
             if not isinstance(im[key], list):
                 raise PipelineError(f"{what}: {path}: image id {im['id']}: {key!r} must be a list")
-            unknown = [c for c in im[key] if c not in cat_ids]
+            unknown = [c for c in im[key] if not _is_id(c) or c not in cat_ids]
             if unknown:
                 raise PipelineError(f"{what}: {path}: image id {im['id']}: {key} has unknown category id {unknown[0]}")
     return data

@@ -829,8 +829,7 @@ def generate_world(spec: WorldSpec, out_dir: Path, progress: bool = True) -> dic
     world = {
         "spec": asdict(spec),
         "buckets": {"rare": [1, RARE_MAX], "common": [RARE_MAX + 1, COMMON_MAX], "frequent": [COMMON_MAX + 1, None]},
-        "base_rule": "frequent categories plus every other common category by descending train image count; "
-        "never rare",
+        "base_rule": "frequent categories plus every other common category by descending train image count; never rare",
         "categories": [
             {
                 "id": c.id,

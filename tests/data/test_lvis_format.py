@@ -1,0 +1,569 @@
+"""Unit tests for the real-data path: `pipeline.data.lvis_format`, `base_categories_by_name` and
+`stages.prepare.prepare_lvis`, on tiny hand-made LVIS v1 / COCO files and images under tmp_path.
+
+Every failure must be a PipelineError whose message is a single line naming the file (and the
+offending id, or the JSON line/column, where there is one).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import Data, LvisData, Params, as_dict, parse_params
+from pipeline.data.dataset import Manifest, base_categories_by_name
+from pipeline.data.lvis_format import (
+    check_images_exist,
+    image_path,
+    load_image,
+    load_json,
+    validate_coco,
+    validate_lvis,
+)
+from pipeline.errors import PipelineError
+from stages.prepare import prepare_lvis
+
+# ---------------------------------------------------------------------------------------------
+# tiny hand-made files
+
+
+def _ann(ann_id: int, image_id: int, category_id: int) -> dict:
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "bbox": [1.0, 1.0, 3.0, 2.0],
+        "area": 6.0,
+        "segmentation": [[1.0, 1.0, 4.0, 1.0, 4.0, 3.0, 1.0, 3.0]],
+    }
+
+
+LVIS_CATEGORIES = [
+    {"id": 1, "name": "traffic_light", "synonyms": ["traffic_light", "stoplight"], "frequency": "f"},
+    {"id": 2, "name": "human", "synonyms": ["human", "person"], "frequency": "c"},
+    {"id": 3, "name": "aardvark", "synonyms": ["aardvark"], "frequency": "r"},
+]
+BASE_IDS = [1, 2]  # traffic_light ~ 'traffic light'; human via its synonym 'person'
+
+COCO_CATEGORIES = [
+    {"id": 10, "name": "traffic light", "supercategory": "outdoor"},
+    {"id": 1, "name": "person", "supercategory": "person"},
+    {"id": 18, "name": "dog", "supercategory": "animal"},
+]
+
+
+def lvis_train() -> dict:
+    """Two images: one with a file_name (synthetic style), one with only a coco_url (real LVIS v1)."""
+    return {
+        "info": {"description": "tiny"},
+        "images": [
+            {
+                "id": 1,
+                "width": 8,
+                "height": 6,
+                "file_name": "train/000001.png",
+                "neg_category_ids": [3],
+                "not_exhaustive_category_ids": [],
+            },
+            {
+                "id": 2,
+                "width": 8,
+                "height": 6,
+                "coco_url": "http://images.cocodataset.org/train2017/000000000002.jpg",
+                "neg_category_ids": [],
+                "not_exhaustive_category_ids": [1],
+            },
+        ],
+        "annotations": [_ann(1, 1, 1), _ann(2, 2, 2), _ann(3, 2, 3)],
+        "categories": copy.deepcopy(LVIS_CATEGORIES),
+    }
+
+
+def lvis_val() -> dict:
+    return {
+        "images": [
+            {
+                "id": 139,
+                "width": 8,
+                "height": 6,
+                "coco_url": "http://images.cocodataset.org/val2017/000000000139.jpg",
+                "neg_category_ids": [],
+                "not_exhaustive_category_ids": [],
+            }
+        ],
+        "annotations": [_ann(7, 139, 2)],
+        "categories": copy.deepcopy(LVIS_CATEGORIES),
+    }
+
+
+def coco_base() -> dict:
+    return {
+        "images": [{"id": 1, "width": 8, "height": 6, "file_name": "train/000001.png"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 10, "bbox": [1, 1, 3, 2], "area": 6, "iscrowd": 0}],
+        "categories": copy.deepcopy(COCO_CATEGORIES),
+    }
+
+
+def _write_json(path: Path, data: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def _write_image(path: Path, fmt: str = "PNG", mode: str = "RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    if mode == "L":
+        Image.fromarray(rng.integers(0, 255, (6, 8), dtype=np.uint8), mode="L").save(path, format=fmt)
+    else:
+        Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).save(path, format=fmt)
+    return path
+
+
+def _one_line(err: pytest.ExceptionInfo, *parts: object) -> str:
+    """The error's message, checked to be a single non-empty line containing every part."""
+    msg = str(err.value)
+    assert msg.strip(), "empty error message"
+    assert "\n" not in msg and "\r" not in msg, f"multi-line message: {msg!r}"
+    for part in parts:
+        assert str(part) in msg, f"{part!r} not in {msg!r}"
+    return msg
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> dict[str, Path]:
+    """The valid tiny LVIS train/val + COCO files and every image they reference."""
+    root = tmp_path / "images"
+    _write_image(root / "train" / "000001.png")
+    _write_image(root / "train2017" / "000000000002.jpg", fmt="JPEG")
+    _write_image(root / "val2017" / "000000000139.jpg", fmt="JPEG")
+    return {
+        "train": _write_json(tmp_path / "ann" / "lvis_v1_train.json", lvis_train()),
+        "val": _write_json(tmp_path / "ann" / "lvis_v1_val.json", lvis_val()),
+        "coco": _write_json(tmp_path / "ann" / "instances_train2017.json", coco_base()),
+        "root": root,
+    }
+
+
+def _params(dataset: dict[str, Path], **override: Path) -> Params:
+    paths = {**dataset, **override}
+    lvis = LvisData(
+        train_json=str(paths["train"]),
+        val_json=str(paths["val"]),
+        image_root=str(paths["root"]),
+        coco_json=str(paths["coco"]),
+    )
+    return Params(data=Data(source="lvis", lvis=lvis))
+
+
+# ---------------------------------------------------------------------------------------------
+# valid files
+
+
+def test_valid_lvis_passes(dataset: dict[str, Path]) -> None:
+    data = validate_lvis(dataset["train"])
+    assert data == lvis_train()
+    assert validate_lvis(dataset["val"]) == lvis_val()
+
+
+def test_valid_coco_passes(dataset: dict[str, Path]) -> None:
+    assert validate_coco(dataset["coco"]) == coco_base()
+
+
+def test_coco_file_fails_validate_lvis(tmp_path: Path) -> None:
+    """A COCO file lacks LVIS-only keys (frequency, neg_category_ids), so validate_lvis rejects it."""
+    path = _write_json(tmp_path / "coco.json", coco_base())
+    with pytest.raises(PipelineError) as err:
+        validate_lvis(path)
+    _one_line(err, path)
+
+
+def test_lvis_accepts_rle_segmentation(tmp_path: Path) -> None:
+    data = lvis_train()
+    data["annotations"][0]["segmentation"] = {"size": [6, 8], "counts": "abc"}
+    validate_lvis(_write_json(tmp_path / "rle.json", data))
+
+
+# ---------------------------------------------------------------------------------------------
+# load_json errors
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope" / "lvis_v1_train.json"
+    for validate in (validate_lvis, validate_coco):
+        with pytest.raises(PipelineError) as err:
+            validate(path)
+        _one_line(err, path, "not found")
+
+
+def test_corrupt_json_gives_line_and_column(tmp_path: Path) -> None:
+    text = json.dumps(lvis_train(), indent=2)
+    truncated = text[: len(text) // 2]
+    path = tmp_path / "truncated.json"
+    path.write_text(truncated)
+    with pytest.raises(json.JSONDecodeError) as ref:
+        json.loads(truncated)
+    with pytest.raises(PipelineError) as err:
+        validate_lvis(path)
+    msg = _one_line(err, path, "not valid JSON", f"line {ref.value.lineno}", f"column {ref.value.colno}")
+    assert ref.value.lineno > 1, msg  # the truncation is well past the first line
+
+
+def test_corrupt_json_in_coco(tmp_path: Path) -> None:
+    path = tmp_path / "coco.json"
+    path.write_text('{"images": [')
+    with pytest.raises(PipelineError) as err:
+        validate_coco(path)
+    _one_line(err, path, "line 1", "column 13")
+
+
+def test_non_utf8_json(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'{"name": "caf\xe9"}')
+    with pytest.raises(PipelineError) as err:
+        validate_lvis(path)
+    _one_line(err, path, "UTF-8")
+
+
+@pytest.mark.parametrize(("text", "kind"), [("[1, 2]", "list"), ('"hello"', "str"), ("3", "int"), ("null", "None")])
+def test_top_level_not_an_object(tmp_path: Path, text: str, kind: str) -> None:
+    path = tmp_path / "top.json"
+    path.write_text(text)
+    with pytest.raises(PipelineError) as err:
+        validate_lvis(path)
+    _one_line(err, path, "JSON object", kind)
+
+
+def test_load_json_names_what(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError) as err:
+        load_json(tmp_path / "x.json", "LVIS val annotations")
+    _one_line(err, "LVIS val annotations", tmp_path / "x.json")
+    with pytest.raises(PipelineError) as err:
+        validate_lvis(tmp_path / "x.json", what="my LVIS")
+    _one_line(err, "my LVIS")
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError) as err:
+        validate_lvis(tmp_path)
+    _one_line(err, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# structural errors
+
+
+def _del(key: str) -> Callable[[dict], None]:
+    return lambda d: d.pop(key)
+
+
+def _set_ann(field: str, value: object, i: int = 1) -> Callable[[dict], None]:
+    return lambda d: d["annotations"][i].__setitem__(field, value)
+
+
+def _dup(kind: str) -> Callable[[dict], None]:
+    return lambda d: d[kind].append(copy.deepcopy(d[kind][0]))
+
+
+def _del_image_key(key: str, i: int = 1) -> Callable[[dict], None]:
+    return lambda d: d["images"][i].pop(key)
+
+
+LVIS_ERRORS = {
+    # name: (mutation, parts the one-line message must contain besides the path)
+    "missing annotations": (_del("annotations"), ["missing top-level key", "'annotations'"]),
+    "missing images": (_del("images"), ["'images'"]),
+    "missing categories": (_del("categories"), ["'categories'"]),
+    "annotations not a list": (lambda d: d.__setitem__("annotations", {}), ["'annotations'", "list", "dict"]),
+    "unknown category_id": (_set_ann("category_id", 99), ["annotation id 2", "unknown category_id 99"]),
+    "unknown image_id": (_set_ann("image_id", 77), ["annotation id 2", "unknown image_id 77"]),
+    "duplicate image id": (_dup("images"), ["duplicate image id 1"]),
+    "duplicate category id": (_dup("categories"), ["duplicate category id 1"]),
+    "duplicate annotation id": (_dup("annotations"), ["duplicate annotation id 1"]),
+    "frequency x": (
+        lambda d: d["categories"][1].__setitem__("frequency", "x"),
+        ["category id 2", "frequency 'x'"],
+    ),
+    "unknown neg_category_id": (
+        lambda d: d["images"][1].__setitem__("neg_category_ids", [1, 42]),
+        ["image id 2", "neg_category_ids", "unknown category id 42"],
+    ),
+    "unknown not_exhaustive id": (
+        lambda d: d["images"][0].__setitem__("not_exhaustive_category_ids", [5]),
+        ["image id 1", "not_exhaustive_category_ids", "unknown category id 5"],
+    ),
+    "neg_category_ids not a list": (
+        lambda d: d["images"][0].__setitem__("neg_category_ids", 3),
+        ["image id 1", "'neg_category_ids' must be a list"],
+    ),
+    "missing neg_category_ids": (_del_image_key("neg_category_ids"), ["image id 2", "lacks", "'neg_category_ids'"]),
+    "missing width": (_del_image_key("width", 0), ["image id 1", "'width'"]),
+    "image without file_name or coco_url": (_del_image_key("coco_url"), ["image id 2", "'file_name'", "'coco_url'"]),
+    "image without id": (_del_image_key("id", 0), ["image #0", "'id'"]),
+    "image not an object": (lambda d: d["images"].__setitem__(1, [1, 2]), ["image #1 is not an object"]),
+    "category missing frequency": (
+        lambda d: d["categories"][2].pop("frequency"),
+        ["category id 3", "'frequency'"],
+    ),
+    "annotation missing bbox": (lambda d: d["annotations"][2].pop("bbox"), ["annotation id 3", "'bbox'"]),
+    "annotation missing area": (lambda d: d["annotations"][0].pop("area"), ["annotation id 1", "'area'"]),
+    "malformed segmentation": (_set_ann("segmentation", "oops"), ["annotation id 2", "'segmentation'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(LVIS_ERRORS))
+def test_lvis_structural_errors(tmp_path: Path, case: str) -> None:
+    mutate, parts = LVIS_ERRORS[case]
+    data = lvis_train()
+    mutate(data)
+    path = _write_json(tmp_path / "lvis_v1_train.json", data)
+    with pytest.raises(PipelineError) as err:
+        validate_lvis(path)
+    _one_line(err, path, *parts)
+
+
+UNHASHABLE_IDS = {
+    "annotation category_id is a list": lambda d: d["annotations"][0].__setitem__("category_id", [1]),
+    "annotation image_id is a list": lambda d: d["annotations"][0].__setitem__("image_id", [1]),
+    "image id is a list": lambda d: d["images"][0].__setitem__("id", [1]),
+    "category id is an object": lambda d: d["categories"][0].__setitem__("id", {"a": 1}),
+    "neg_category_ids holds a list": lambda d: d["images"][0].__setitem__("neg_category_ids", [[1]]),
+}
+
+
+@pytest.mark.parametrize("case", list(UNHASHABLE_IDS))
+def test_lvis_unhashable_id_is_a_pipeline_error(tmp_path: Path, case: str) -> None:
+    data = lvis_train()
+    UNHASHABLE_IDS[case](data)
+    path = _write_json(tmp_path / "lvis_v1_train.json", data)
+    with pytest.raises(PipelineError) as err:
+        validate_lvis(path)
+    _one_line(err, path)
+
+
+COCO_ERRORS = {
+    "missing annotations": (_del("annotations"), ["'annotations'"]),
+    "unknown category_id": (_set_ann("category_id", 5, 0), ["annotation id 1", "unknown category_id 5"]),
+    "unknown image_id": (_set_ann("image_id", 9, 0), ["annotation id 1", "unknown image_id 9"]),
+    "duplicate category id": (_dup("categories"), ["duplicate category id 10"]),
+    "category missing name": (lambda d: d["categories"][0].pop("name"), ["category id 10", "'name'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(COCO_ERRORS))
+def test_coco_structural_errors(tmp_path: Path, case: str) -> None:
+    mutate, parts = COCO_ERRORS[case]
+    data = coco_base()
+    mutate(data)
+    path = _write_json(tmp_path / "instances.json", data)
+    with pytest.raises(PipelineError) as err:
+        validate_coco(path)
+    _one_line(err, path, *parts)
+
+
+def test_coco_does_not_require_lvis_keys(tmp_path: Path) -> None:
+    """COCO images carry no neg_category_ids and categories no frequency; that is fine for validate_coco."""
+    data = coco_base()
+    assert "neg_category_ids" not in data["images"][0]
+    validate_coco(_write_json(tmp_path / "c.json", data))
+
+
+# ---------------------------------------------------------------------------------------------
+# image paths and images
+
+
+def test_image_path_file_name(tmp_path: Path) -> None:
+    rec = {"id": 1, "file_name": "train/000001.png", "coco_url": "http://x/val2017/1.jpg"}
+    assert image_path(rec, tmp_path) == tmp_path / "train" / "000001.png"  # file_name wins
+
+
+def test_image_path_coco_url() -> None:
+    rec = {"id": 139, "coco_url": "http://images.cocodataset.org/val2017/000000000139.jpg"}
+    assert image_path(rec, Path("root")) == Path("root/val2017/000000000139.jpg")
+    assert image_path(rec, "root") == Path("root") / "val2017" / "000000000139.jpg"
+
+
+def test_image_path_neither() -> None:
+    with pytest.raises(PipelineError) as err:
+        image_path({"id": 5, "file_name": ""}, Path("root"))
+    _one_line(err, "image id 5", "file_name", "coco_url")
+
+
+def test_check_images_exist_passes(dataset: dict[str, Path]) -> None:
+    images = lvis_train()["images"]
+    assert check_images_exist(images, dataset["root"]) == len(images)
+    assert check_images_exist(lvis_val()["images"], dataset["root"]) == 1
+    assert check_images_exist(images, dataset["root"], sample=1) == 1
+    assert check_images_exist([], dataset["root"]) == 0
+
+
+def test_check_images_exist_missing_file(dataset: dict[str, Path]) -> None:
+    root = dataset["root"]
+    images = lvis_train()["images"] + [{"id": 3, "file_name": "train/000003.png"}]
+    (root / "train2017" / "000000000002.jpg").unlink()
+    with pytest.raises(PipelineError) as err:
+        check_images_exist(images, root)
+    msg = _one_line(err, root / "train2017" / "000000000002.jpg", "2 of 3", root)
+    # the first missing file is named, not the second
+    assert str(root / "train" / "000003.png") not in msg
+
+
+def test_check_images_exist_missing_root(tmp_path: Path) -> None:
+    root = tmp_path / "no_images"
+    with pytest.raises(PipelineError) as err:
+        check_images_exist(lvis_train()["images"], root)
+    _one_line(err, root, "folder not found")
+
+
+def test_check_images_exist_root_is_a_file(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    root.write_text("not a folder")
+    with pytest.raises(PipelineError) as err:
+        check_images_exist(lvis_train()["images"], root)
+    _one_line(err, root)
+
+
+def test_check_images_exist_is_seeded(tmp_path: Path) -> None:
+    """Sampling is deterministic for a given seed: the same file is reported each time."""
+    root = tmp_path / "images"
+    root.mkdir()
+    images = [{"id": i, "file_name": f"{i:03d}.png"} for i in range(40)]
+    msgs = set()
+    for _ in range(3):
+        with pytest.raises(PipelineError) as err:
+            check_images_exist(images, root, sample=5, seed=7)
+        msgs.add(_one_line(err, "5 of 5"))
+    assert len(msgs) == 1
+
+
+def test_non_string_file_name_is_a_pipeline_error(tmp_path: Path) -> None:
+    data = lvis_train()
+    data["images"][0]["file_name"] = 5
+    path = _write_json(tmp_path / "lvis_v1_train.json", data)
+    (tmp_path / "images").mkdir()
+    with pytest.raises(PipelineError) as err:
+        check_images_exist(validate_lvis(path)["images"], tmp_path / "images")
+    _one_line(err)
+
+
+def test_load_image_ok(tmp_path: Path) -> None:
+    rgb = load_image(_write_image(tmp_path / "a.png"))
+    assert rgb.shape == (6, 8, 3) and rgb.dtype == np.uint8
+    gray = load_image(_write_image(tmp_path / "g.png", mode="L"))
+    assert gray.shape == (6, 8, 3) and gray.dtype == np.uint8
+    assert np.array_equal(gray[..., 0], gray[..., 2])
+    assert load_image(_write_image(tmp_path / "b.jpg", fmt="JPEG")).shape == (6, 8, 3)
+
+
+def test_load_image_missing(tmp_path: Path) -> None:
+    path = tmp_path / "val2017" / "000000000139.jpg"
+    with pytest.raises(PipelineError) as err:
+        load_image(path)
+    _one_line(err, path, "not found")
+
+
+def test_load_image_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "corrupt.png"
+    path.write_bytes(b"this is not an image at all\n" * 4)
+    with pytest.raises(PipelineError) as err:
+        load_image(path)
+    _one_line(err, path, "cannot read image")
+
+
+def test_load_image_truncated_png(tmp_path: Path) -> None:
+    path = _write_image(tmp_path / "t.png")
+    path.write_bytes(path.read_bytes()[:40])  # valid signature and header, no pixel data
+    with pytest.raises(PipelineError) as err:
+        load_image(path)
+    _one_line(err, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# base categories
+
+
+def test_base_categories_by_name() -> None:
+    assert base_categories_by_name(LVIS_CATEGORIES, COCO_CATEGORIES) == BASE_IDS
+
+
+def test_base_categories_normalisation() -> None:
+    lvis = [
+        {"id": 5, "name": "Traffic-Light", "frequency": "f"},  # no synonyms key at all
+        {"id": 4, "name": "hot_dog", "synonyms": [], "frequency": "c"},
+        {"id": 9, "name": "teddy_bear", "synonyms": ["teddy"], "frequency": "c"},
+        {"id": 6, "name": "trafficlight", "synonyms": [], "frequency": "r"},  # no separator: no match
+    ]
+    coco = [{"id": 1, "name": "traffic light"}, {"id": 2, "name": "hot dog"}, {"id": 3, "name": "teddy bear"}]
+    assert base_categories_by_name(lvis, coco) == [4, 5, 9]  # sorted ids
+    assert base_categories_by_name(lvis, []) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# stages.prepare.prepare_lvis
+
+
+def test_prepare_lvis_valid(dataset: dict[str, Path]) -> None:
+    manifest, text = prepare_lvis(_params(dataset))
+    assert isinstance(manifest, Manifest)
+    assert manifest.source == "lvis"
+    assert manifest.base_category_ids == BASE_IDS
+    assert manifest.train_json == str(dataset["train"].resolve())
+    assert manifest.val_json == str(dataset["val"].resolve())
+    assert manifest.proposer_json == str(dataset["coco"].resolve())
+    assert manifest.image_root == str(dataset["root"].resolve())
+    assert set(manifest.files) == {str(dataset[k].resolve()) for k in ("train", "val", "coco")}
+    assert "\n" not in text and "2 train / 1 val images" in text and "2 matched" in text
+
+
+def test_prepare_lvis_from_parsed_params(dataset: dict[str, Path]) -> None:
+    """The same params built through parse_params (as params.yaml would be) give the same manifest."""
+    p = parse_params(as_dict(_params(dataset)))
+    assert p.data.source == "lvis"
+    manifest, _ = prepare_lvis(p)
+    assert manifest.base_category_ids == BASE_IDS
+
+
+def test_prepare_lvis_missing_image_root(dataset: dict[str, Path], tmp_path: Path) -> None:
+    root = tmp_path / "missing_images"
+    with pytest.raises(PipelineError) as err:
+        prepare_lvis(_params(dataset, root=root))
+    _one_line(err, root, "image_root")
+
+
+@pytest.mark.parametrize("which", ["train", "val", "coco"])
+def test_prepare_lvis_corrupt_json(dataset: dict[str, Path], which: str) -> None:
+    path = dataset[which]
+    path.write_text(path.read_text()[:-25])
+    with pytest.raises(PipelineError) as err:
+        prepare_lvis(_params(dataset))
+    _one_line(err, path, "not valid JSON", "line", "column")
+
+
+def test_prepare_lvis_missing_json(dataset: dict[str, Path], tmp_path: Path) -> None:
+    path = tmp_path / "ann" / "lvis_v1_minival.json"
+    with pytest.raises(PipelineError) as err:
+        prepare_lvis(_params(dataset, val=path))
+    _one_line(err, path, "not found")
+
+
+def test_prepare_lvis_missing_image_file(dataset: dict[str, Path]) -> None:
+    missing = dataset["root"] / "val2017" / "000000000139.jpg"
+    missing.unlink()
+    with pytest.raises(PipelineError) as err:
+        prepare_lvis(_params(dataset))
+    _one_line(err, missing)
+
+
+def test_prepare_lvis_invalid_structure(dataset: dict[str, Path]) -> None:
+    data = lvis_train()
+    data["categories"][0]["frequency"] = "x"
+    _write_json(dataset["train"], data)
+    with pytest.raises(PipelineError) as err:
+        prepare_lvis(_params(dataset))
+    _one_line(err, dataset["train"], "category id 1", "frequency 'x'")
