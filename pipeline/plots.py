@@ -133,7 +133,7 @@ def dataset_preview(lvis_json: Path, image_root: Path, out_png: Path, n: int = 1
 def _save(fig: Figure, out_png: Path) -> None:
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, format="png", facecolor="white")
+    fig.savefig(out_png, format="png", facecolor="white", bbox_inches="tight")  # legends below axes included
 
 
 def proposal_overlay(
