@@ -12,6 +12,8 @@ import pycocotools.mask as mask_utils
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
+from pipeline.errors import PipelineError
+
 
 def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
     """Paste (n, M, M) box-relative probability maps (float or uint8 in 0..255) into (n, H, W) bool masks."""
@@ -41,3 +43,16 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter = a_flat @ b_flat.T
     union = a_flat.sum(1)[:, None] + b_flat.sum(1)[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0).astype(np.float64)
+
+
+def annotation_rle(segmentation: list | dict, height: int, width: int) -> dict:
+    """Compressed RLE of one annotation's segmentation: polygons (merged), uncompressed or compressed RLE."""
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return mask_utils.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation, dict) and "counts" in segmentation:
+        if isinstance(segmentation["counts"], list):
+            return mask_utils.frPyObjects(segmentation, height, width)
+        return segmentation
+    raise PipelineError(f"unsupported segmentation of type {type(segmentation).__name__} in the ground truth")

@@ -16,19 +16,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from pipeline.data.lvis_format import image_path, load_image, load_json  # noqa: E402
+from pipeline.masks import annotation_rle  # noqa: E402
 
 _BUCKETS = "f = frequent (> 100 train images), c = common (11-100), r = rare (1-10)"
 
 
 def _ann_mask(ann: dict, height: int, width: int) -> np.ndarray:
-    segm = ann["segmentation"]
-    if isinstance(segm, list):  # polygons
-        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-    elif isinstance(segm.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(segm, height, width)
-    else:
-        rle = segm
-    return mask_utils.decode(rle).astype(bool)
+    return mask_utils.decode(annotation_rle(ann["segmentation"], height, width)).astype(bool)
 
 
 def _category_colour(cat_id: int) -> np.ndarray:

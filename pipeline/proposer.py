@@ -30,7 +30,6 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -54,8 +53,9 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops import misc as misc_nn_ops
 from tqdm import tqdm
 
+from pipeline.data.lvis_format import image_path, load_image, load_json
 from pipeline.errors import PipelineError
-from pipeline.masks import paste_masks
+from pipeline.masks import annotation_rle, paste_masks
 
 BACKBONES = ("resnet18", "resnet50", "mobilenet_v3")
 LIGHT_BOX_FEATURES = 512  # box-head width of the light heads (torchvision: 1024)
@@ -205,59 +205,9 @@ def pick_device(device: str) -> str:
 # data
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        from pipeline.data.lvis_format import load_json
-    except ImportError:  # the shared reader is not there yet: a minimal one
-        path = Path(path)
-        if not path.is_file():
-            raise PipelineError(f"{path}: {what} not found") from None
-        try:
-            return json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise PipelineError(f"{path}: {what} is not valid JSON ({err})") from None
-    return load_json(Path(path), what)
-
-
-def _image_file(image: dict, image_root: Path) -> Path:
-    try:
-        from pipeline.data.lvis_format import image_path
-    except ImportError:  # fallback: COCO's file_name, else the last two parts of LVIS's coco_url
-        if "file_name" in image:
-            return Path(image_root) / image["file_name"]
-        return Path(image_root).joinpath(*str(image["coco_url"]).split("/")[-2:])
-    return Path(image_path(image, image_root))
-
-
-def _read_image(path: Path) -> np.ndarray:
-    try:
-        from pipeline.data.lvis_format import load_image
-    except ImportError:  # fallback reader
-        from PIL import Image
-
-        try:
-            with Image.open(path) as img:
-                return np.asarray(img.convert("RGB"), dtype=np.uint8)
-        except (OSError, ValueError) as err:
-            raise PipelineError(f"{path}: cannot read image ({err})") from None
-    return load_image(Path(path))
-
-
 def _decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
     """(H, W) uint8 mask of a COCO segmentation: polygons, uncompressed or compressed RLE."""
-    return mask_utils.decode(_segmentation_rle(segmentation, height, width)).astype(np.uint8)
-
-
-def _segmentation_rle(segmentation, height: int, width: int) -> dict:
-    """Compressed RLE (bytes counts) of a COCO segmentation: polygons, uncompressed or compressed RLE."""
-    if isinstance(segmentation, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation.get("counts"), list):
-        return mask_utils.frPyObjects(segmentation, height, width)
-    rle = dict(segmentation)
-    if isinstance(rle["counts"], str):
-        rle["counts"] = rle["counts"].encode("ascii")
-    return rle
+    return mask_utils.decode(annotation_rle(segmentation, height, width)).astype(np.uint8)
 
 
 class CocoInstances(torch.utils.data.Dataset):
@@ -271,7 +221,7 @@ class CocoInstances(torch.utils.data.Dataset):
     def __init__(self, coco_json: Path, image_root: Path, *, skip_empty: bool = True):
         self.coco_json = Path(coco_json)
         self.image_root = Path(image_root)
-        data = _read_json(self.coco_json, "COCO annotation file")
+        data = load_json(self.coco_json, "COCO annotation file")
         try:
             images = {int(img["id"]): img for img in data["images"]}
             by_image: dict[int, list[dict]] = {i: [] for i in images}
@@ -301,8 +251,8 @@ class CocoInstances(torch.utils.data.Dataset):
         image_id = self.image_ids[index]
         info = self._images[image_id]
         height, width = int(info["height"]), int(info["width"])
-        path = _image_file(info, self.image_root)
-        pixels = _read_image(path)
+        path = image_path(info, self.image_root)
+        pixels = load_image(path)
         if pixels.shape[:2] != (height, width):
             raise PipelineError(
                 f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]} but {self.coco_json} says {width}x{height}"
@@ -643,7 +593,7 @@ def evaluate_proposals(
     if len(proposals) != len(image_ids):
         raise PipelineError(f"evaluate_proposals: {len(proposals)} proposal sets for {len(image_ids)} images")
     gt_json = Path(gt_json)
-    data = _read_json(gt_json, "ground-truth annotation file")
+    data = load_json(gt_json, "ground-truth annotation file")
     try:
         images = {int(img["id"]): img for img in data["images"]}
         anns_by_image: dict[int, list[dict]] = {int(i): [] for i in image_ids}
@@ -666,7 +616,7 @@ def evaluate_proposals(
         anns = anns_by_image[image_id]
         crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
         is_base = np.array([int(a["category_id"]) in base for a in anns], dtype=bool)
-        gt_rles = [_segmentation_rle(a["segmentation"], height, width) for a in anns]
+        gt_rles = [annotation_rle(a["segmentation"], height, width) for a in anns]
         n_inst = int((~crowd).sum())
         n_base = int((~crowd & is_base).sum())
         n_gt["all"] += n_inst

@@ -17,6 +17,7 @@ import pycocotools.mask as mask_utils
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
+from pipeline.masks import annotation_rle
 
 
 @dataclass(frozen=True)
@@ -34,19 +35,6 @@ class Matches:
 
     def __len__(self) -> int:
         return len(self.category)
-
-
-def annotation_rle(segmentation: list | dict, height: int, width: int) -> dict:
-    """Compressed RLE of one annotation's segmentation: polygons (merged), uncompressed or compressed RLE."""
-    if isinstance(segmentation, list):
-        if not segmentation:
-            return mask_utils.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation, dict) and "counts" in segmentation:
-        if isinstance(segmentation["counts"], list):
-            return mask_utils.frPyObjects(segmentation, height, width)
-        return segmentation
-    raise PipelineError(f"unsupported segmentation of type {type(segmentation).__name__} in the ground truth")
 
 
 def _as_rles(proposals: np.ndarray | Sequence[dict]) -> list[dict]:

@@ -3,7 +3,8 @@ import pycocotools.mask as mask_utils
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.evaluation.matching import annotation_rle, match_image, match_proposals
+from pipeline.evaluation.matching import match_image, match_proposals
+from pipeline.masks import annotation_rle
 
 HW = (6, 8)
 
