@@ -34,10 +34,11 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
     options = {"geometry": geometry, "c": c, "seed": p.seed, "max_iter": cfg.max_iter, "tol": cfg.tol}
     options["centroid"] = cfg.centroid
     ks = k_sweep(cfg.k_range, len(x))
-    curve = [(k, kmeans(x, k, **options).inertia) for k in ks]
-    elbow = knee([k for k, _ in curve], [v for _, v in curve])
+    runs = {k: kmeans(x, k, **options) for k in ks}
+    curve = [(k, run.inertia) for k, run in runs.items()]
+    elbow = knee(list(runs), [run.inertia for run in runs.values()])
     k = elbow if cfg.k == "auto" else int(cfg.k)
-    result = kmeans(x, k, **options)
+    result = runs[k] if k in runs else kmeans(x, k, **options)
     with atomic_path(ELBOW_CSV) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["k", "inertia"])
