@@ -31,4 +31,4 @@ format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 clean:
-	rm -rf data models metrics plots dvclive .dvc/tmp
+	rm -rf data models plots .dvc/tmp metrics/detections_*.json
