@@ -24,6 +24,10 @@ repro: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+tables: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m stages.tables
+
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
