@@ -74,6 +74,7 @@ class Sample:
 
 @dataclass(frozen=True)
 class Embed:
+    seed: int = 0
     geometry: Literal["poincare", "euclidean"] = "poincare"
     curvature: float = 1.0
     hidden: int = 256
@@ -94,6 +95,7 @@ class Loss:
 
 @dataclass(frozen=True)
 class Cluster:
+    seed: int = 0
     k: int | Literal["auto"] = "auto"
     k_range: list[int] = field(default_factory=lambda: [10, 120, 10])
     centroid: Literal["einstein", "frechet"] = "einstein"

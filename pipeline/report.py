@@ -1,11 +1,14 @@
 """The paper's tables from DVC experiments: which experiments to run, and their metrics as Markdown.
 
 Every number comes from `dvc exp show --json` of experiments that ran; nothing is computed here but
-formatting. An experiment is a name and a set of `-S key=value` param overrides on top of params.yaml.
+formatting, means and standard deviations. An experiment is a name and a set of `-S key=value` param
+overrides on top of params.yaml; each row runs once per seed (`embed.seed` and `cluster.seed`: the
+global `seed` regenerates the world itself, so it stays fixed).
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -13,16 +16,22 @@ from pipeline.errors import PipelineError
 
 AP_KEYS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl")
 PROTOCOLS = ("majority", "hungarian", "oracle")
+SEEDS = (0, 1, 2)
 
 
 @dataclass(frozen=True)
 class Experiment:
-    name: str  # the DVC experiment name (exp-<name>), also the row's label in the report
+    name: str  # the DVC experiment name, also the row's key in the report
     label: str
     overrides: dict[str, str] = field(default_factory=dict)  # param -> value, as given to `dvc exp run -S`
 
     def set_args(self) -> list[str]:
         return [arg for key, value in self.overrides.items() for arg in ("-S", f"{key}={value}")]
+
+    def seeded(self, seed: int) -> Experiment:
+        """The same row with the embedding and clustering seeds set to `seed`."""
+        overrides = {**self.overrides, "embed.seed": str(seed), "cluster.seed": str(seed)}
+        return Experiment(f"{self.name}-s{seed}", self.label, overrides)
 
 
 # Table 1: random-init backbone, ours; hyperbolic against Euclidean. Table 2: the loss ablation.
@@ -64,38 +73,51 @@ def experiments_from_show(show: Sequence[Mapping]) -> dict[str, ExperimentResult
     return found
 
 
-def _cell(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _cell(values: Sequence[float | None]) -> str:
+    """'mean ± std' (sample std) of the defined values, 'mean' for one, 'n/a' for none."""
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return "n/a"
+    if len(defined) == 1:
+        return f"{defined[0]:.3f}"
+    return f"{statistics.mean(defined):.3f} ± {statistics.stdev(defined):.3f}"
+
+
+def _runs(row: Experiment, results: Mapping[str, ExperimentResult], seeds: Sequence[int]) -> list[ExperimentResult]:
+    names = [row.seeded(seed).name for seed in seeds]
+    missing = [name for name in names if name not in results]
+    if missing:
+        raise PipelineError(f"no metrics for experiment(s) {', '.join(missing)}: did they run?")
+    return [results[name] for name in names]
 
 
 def table(
     rows: Sequence[Experiment],
     results: Mapping[str, ExperimentResult],
+    seeds: Sequence[int] = SEEDS,
     protocols: Sequence[str] = PROTOCOLS,
     keys: Sequence[str] = AP_KEYS,
 ) -> str:
-    """A Markdown table: one line per (experiment, protocol), the AP columns, the experiment's commit."""
-    missing = [row.name for row in rows if row.name not in results]
-    if missing:
-        raise PipelineError(f"no metrics for experiment(s) {', '.join(missing)}: did they run?")
-    head = "| row | protocol | " + " | ".join(keys) + " | experiment |"
-    lines = [head, "|" + "---|" * (len(keys) + 3)]
+    """A Markdown table: one line per (row, protocol), each cell the mean ± std over `seeds`."""
+    head = "| row | protocol | " + " | ".join(keys) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 2)]
     for row in rows:
-        result = results[row.name]
+        runs = _runs(row, results, seeds)
         for protocol in protocols:
-            values = " | ".join(_cell(result.metrics[protocol].get(k)) for k in keys)
-            lines.append(f"| {row.label} | {protocol} | {values} | `{result.rev[:7]}` |")
+            cells = " | ".join(_cell([run.metrics[protocol].get(k) for run in runs]) for k in keys)
+            lines.append(f"| {row.label} | {protocol} | {cells} |")
     return "\n".join(lines)
 
 
-def provenance(rows: Sequence[Experiment], results: Mapping[str, ExperimentResult]) -> str:
-    """One line per experiment: its commit, its changed params, and k."""
+def provenance(rows: Sequence[Experiment], results: Mapping[str, ExperimentResult], seeds: Sequence[int]) -> str:
+    """One line per row: its changed params, and per seed the experiment's commit and k."""
     lines = []
     for row in rows:
-        result = results[row.name]
+        runs = _runs(row, results, seeds)
         changed = ", ".join(f"{k}={v}" for k, v in row.overrides.items()) or "none (params.yaml as committed)"
-        clusters = result.metrics.get("clusters", {})
-        lines.append(
-            f"- `{row.name}` ({result.rev[:7]}): {changed}; k = {clusters.get('K')} ({clusters.get('k_choice')})"
+        per_seed = ", ".join(
+            f"seed {seed}: `{run.rev[:7]}` k = {run.metrics.get('clusters', {}).get('K')}"
+            for seed, run in zip(seeds, runs, strict=True)
         )
+        lines.append(f"- {row.label} (`{row.name}`): {changed}; {per_seed}")
     return "\n".join(lines)

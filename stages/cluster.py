@@ -31,7 +31,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
     store = open_store(source, "embeddings")
     x = read_array(store, "embeddings")
     geometry, c = store.attrs["geometry"], float(store.attrs["curvature"])
-    options = {"geometry": geometry, "c": c, "seed": p.seed, "max_iter": cfg.max_iter, "tol": cfg.tol}
+    options = {"geometry": geometry, "c": c, "seed": cfg.seed, "max_iter": cfg.max_iter, "tol": cfg.tol}
     options["centroid"] = cfg.centroid
     ks = k_sweep(cfg.k_range, len(x))
     runs = {k: kmeans(x, k, **options) for k in ks}
@@ -57,7 +57,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
         "geometry": geometry,
         "curvature": c,
         "faiss": faiss_backend(),
-        "params": {"cluster": as_dict(cfg), "seed": p.seed},
+        "params": {"cluster": as_dict(cfg)},
         "source": str(source),
         "source_fingerprint": store.attrs["fingerprint"],
         "counts": {"points": len(x), "clusters": k, "nonempty": int(len(set(result.assignment.tolist())))},

@@ -61,7 +61,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
             weight_decay=cfg.weight_decay,
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
-            seed=p.seed,
+            seed=cfg.seed,
             device=device,
             log=log_epoch,
         )
@@ -69,7 +69,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
         train_seconds = sum(h["seconds"] for h in history)
         live.summary.update({k: v for k, v in history[-1].items() if k not in ("lr", "seconds")})
         live.summary["triplets_per_second"] = triplets / max(train_seconds, 1e-9)
-    meta = {"params": {"embed": as_dict(cfg), "loss": as_dict(loss), "seed": p.seed}, "history": history}
+    meta = {"params": {"embed": as_dict(cfg), "loss": as_dict(loss)}, "history": history}
     save_head(head, EMBEDDER_CHECKPOINT, meta)
     embeddings = embed_features(head, read_array(val, "features/box"), device=device)
     attrs = {

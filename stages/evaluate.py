@@ -67,7 +67,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
     names = {int(c["id"]): c["name"] for c in gt.dataset["categories"]}
     labels = result.matches.category
     bucket = np.array([frequency.get(int(c), "") for c in labels], dtype="<U1")
-    points = disk_coordinates(read_array(embeddings, "embeddings"), float(embeddings.attrs["curvature"]), p.seed)
+    points = disk_coordinates(read_array(embeddings, "embeddings"), float(embeddings.attrs["curvature"]))
     if embeddings.attrs["geometry"] != "poincare":  # Euclidean: squash into the disk for the picture only
         points = points / (1.0 + np.linalg.norm(points, axis=1, keepdims=True))
     with atomic_path(DISK_PNG) as tmp:

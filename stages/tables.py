@@ -17,7 +17,7 @@ from pathlib import Path
 import typer
 
 from pipeline.errors import PipelineError
-from pipeline.report import TABLE1, TABLE2, Experiment, experiments_from_show, provenance, table
+from pipeline.report import SEEDS, TABLE1, TABLE2, Experiment, experiments_from_show, provenance, table
 from stages.common import clean_errors
 
 REPORT = Path("reports/tables.md")
@@ -40,41 +40,48 @@ def run_experiment(exp: Experiment) -> tuple[list[str], float]:
 
 
 @clean_errors
-def main(out: Path = typer.Option(REPORT, help="where to write the report")) -> None:
+def main(
+    out: Path = typer.Option(REPORT, help="where to write the report"),
+    seeds: int = typer.Option(len(SEEDS), help="seeds per row (embed.seed = cluster.seed = 0, 1, ...)"),
+) -> None:
     started = time.perf_counter()
+    seed_list = tuple(range(seeds))
     rows: dict[str, Experiment] = {exp.name: exp for exp in (*TABLE1, *TABLE2)}
+    runs = [row.seeded(seed) for row in rows.values() for seed in seed_list]
     ran: dict[str, tuple[list[str], float]] = {}
-    for name, exp in rows.items():
+    for exp in runs:
+        name = exp.name
         print(f"[tables] {name}: dvc exp run {' '.join(exp.set_args()) or '(params.yaml as committed)'}", flush=True)
         ran[name] = run_experiment(exp)
         print(f"[tables] {name}: ran {', '.join(ran[name][0]) or 'nothing (all cached)'} in {ran[name][1]:.0f}s")
     results = experiments_from_show(json.loads(dvc("exp", "show", "--json")))
     total = time.perf_counter() - started
-    runs = "\n".join(
+    stages_ran = "\n".join(
         f"- `{name}`: {', '.join(stages) or 'nothing, all restored from the run cache'} ({seconds:.0f} s)"
         for name, (stages, seconds) in ran.items()
     )
     text = f"""# The paper's tables on the embedded world
 
-Written by `make tables` in {total / 60:.1f} min on this machine. One seed (the `seed` param regenerates the
-world itself, so seeds cost a full pipeline run each; see the README). Every number below is read from
-`dvc exp show --json`.
+Written by `make tables` in {total / 60:.1f} min on this machine. Each cell is the mean ± sample standard
+deviation over {len(seed_list)} seeds of the embedding and the clustering (`embed.seed` = `cluster.seed` =
+{", ".join(map(str, seed_list))}); the world and the proposer (global `seed` 0) are the same for every row.
+Every number below is read from `dvc exp show --json`.
 
 ## Table 1: ours with a random or a trained backbone; hyperbolic against Euclidean
 
-{table(TABLE1, results)}
+{table(TABLE1, results, seed_list)}
 
 ## Table 2: loss ablation
 
-{table(TABLE2, results, protocols=("majority", "hungarian"), keys=("AP", "AP50", "AP75"))}
+{table(TABLE2, results, seed_list, protocols=("majority", "hungarian"), keys=("AP", "AP50", "AP75"))}
 
 ## Provenance
 
-{provenance(list(rows.values()), results)}
+{provenance(list(rows.values()), results, seed_list)}
 
 Stages each row ran (the rest were restored from DVC's run cache):
 
-{runs}
+{stages_ran}
 """
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -1,0 +1,83 @@
+"""The tables report: reading `dvc exp show --json` and formatting rows (the numbers are never computed here)."""
+
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.report import TABLE1, TABLE2, Experiment, experiments_from_show, provenance, table
+
+
+def _metrics(ap: float) -> dict:
+    row = {"AP": ap, "AP50": 2 * ap, "AP75": ap / 2, "APr": None, "APc": ap, "APf": ap, "APs": ap, "APm": ap}
+    return {"majority": row, "hungarian": dict(row, AP=ap / 2), "oracle": dict(row, AP=1.0), "clusters": {"K": 40}}
+
+
+def _rev(name: str, sha: str, metrics: dict | None) -> dict:
+    eval_entry = {"data": metrics} if metrics else {"error": {"type": "FileNotFoundError", "msg": "no file"}}
+    return {
+        "rev": sha,
+        "name": name,
+        "data": {
+            "params": {"params.yaml": {"data": {"loss": {"hier": 0}}}},
+            "metrics": {"metrics/eval.json": eval_entry},
+        },
+    }
+
+
+SHOW = [  # the shape `dvc exp show --json` prints (dvc 3.x): workspace, then baselines with their experiments
+    {"rev": "workspace", "name": None, "data": {}, "experiments": None},
+    {
+        "rev": "0" * 40,
+        "name": "main",
+        "data": {},
+        "experiments": [
+            {"revs": [_rev("tab-ours-s0", "a" * 40, _metrics(0.1))], "executor": None, "name": "tab-ours-s0"},
+            {"revs": [_rev("tab-no-hier-s0", "b" * 40, _metrics(0.2))], "executor": None, "name": "tab-no-hier-s0"},
+            {"revs": [_rev("tab-no-hier-s1", "d" * 40, _metrics(0.3))], "executor": None, "name": "tab-no-hier-s1"},
+            {"revs": [_rev("broken", "c" * 40, None)], "executor": None, "name": "broken"},
+        ],
+    },
+]
+
+
+def test_experiments_from_show_reads_named_experiments_with_metrics():
+    results = experiments_from_show(SHOW)
+    assert set(results) == {"tab-ours-s0", "tab-no-hier-s0", "tab-no-hier-s1"}  # the one without metrics is out
+    assert results["tab-no-hier-s0"].metrics["majority"]["AP"] == 0.2
+    assert results["tab-no-hier-s0"].params == {"loss": {"hier": 0}}
+    assert results["tab-ours-s0"].rev == "a" * 40
+
+
+def test_table_rows_columns_and_missing_values():
+    results = experiments_from_show(SHOW)
+    rows = [Experiment("tab-no-hier", "without L_hier", {"loss.hier": "0"}), Experiment("tab-ours", "full model")]
+    text = table(rows[:1], results, seeds=(0, 1), protocols=("majority", "hungarian"), keys=("AP", "AP50", "APr"))
+    lines = text.splitlines()
+    assert lines[0] == "| row | protocol | AP | AP50 | APr |"
+    assert lines[2] == "| without L_hier | majority | 0.250 ± 0.071 | 0.500 ± 0.141 | n/a |"  # two seeds: 0.2, 0.3
+    assert lines[3] == "| without L_hier | hungarian | 0.125 ± 0.035 | 0.500 ± 0.141 | n/a |"
+    assert len(lines) == 2 + 2
+    one = table(rows, results, seeds=(0,), protocols=("majority",), keys=("AP",)).splitlines()
+    assert one[2:] == ["| without L_hier | majority | 0.200 |", "| full model | majority | 0.100 |"]
+    text = provenance(rows[:1], results, (0, 1))
+    assert "(`tab-no-hier`): loss.hier=0; seed 0: `bbbbbbb` k = 40, seed 1: `ddddddd` k = 40" in text
+
+
+def test_table_refuses_rows_that_did_not_run():
+    with pytest.raises(PipelineError, match="tab-ours-s1"):
+        table(TABLE2[-1:], experiments_from_show(SHOW), seeds=(0, 1))
+
+
+def test_the_tables_hold_the_papers_rows():
+    assert [e.overrides for e in TABLE2[:3]] == [{"loss.mask": "0"}, {"loss.object": "0"}, {"loss.hier": "0"}]
+    assert TABLE2[-1].name == "tab-ours" and not TABLE2[-1].overrides
+    assert Experiment("x", "x", {"embed.geometry": "euclidean"}).set_args() == ["-S", "embed.geometry=euclidean"]
+    seeded = Experiment("x", "x", {"loss.hier": "0"}).seeded(2)
+    assert seeded.name == "x-s2" and seeded.set_args() == [
+        "-S",
+        "loss.hier=0",
+        "-S",
+        "embed.seed=2",
+        "-S",
+        "cluster.seed=2",
+    ]
+    assert {"sample.backbone_init": "random"} in [e.overrides for e in TABLE1]
