@@ -121,3 +121,32 @@ def provenance(rows: Sequence[Experiment], results: Mapping[str, ExperimentResul
         )
         lines.append(f"- {row.label} (`{row.name}`): {changed}; {per_seed}")
     return "\n".join(lines)
+
+
+def _mean_std(runs: Sequence[ExperimentResult], protocol: str, key: str = "AP") -> tuple[float, float]:
+    values = [run.metrics[protocol][key] for run in runs]
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def compare(
+    better: Experiment,
+    worse: Experiment,
+    results: Mapping[str, ExperimentResult],
+    seeds: Sequence[int],
+    protocols: Sequence[str] = ("majority", "hungarian"),
+) -> str:
+    """Whether `better` has the higher mean AP than `worse` under each protocol, and by how many stds.
+
+    'holds' when the mean is higher by more than the larger of the two standard deviations, 'within
+    noise' when the difference is smaller than that, 'fails' when it is lower by more than that.
+    """
+    parts = []
+    for protocol in protocols:
+        (m1, s1), (m2, s2) = (
+            _mean_std(_runs(better, results, seeds), protocol),
+            _mean_std(_runs(worse, results, seeds), protocol),
+        )
+        noise = max(s1, s2)
+        verdict = "holds" if m1 - m2 > noise else "fails" if m2 - m1 > noise else "within noise"
+        parts.append(f"{protocol} {m1:.3f} vs {m2:.3f} ({verdict})")
+    return "; ".join(parts)

@@ -81,3 +81,15 @@ def test_the_tables_hold_the_papers_rows():
         "cluster.seed=2",
     ]
     assert {"sample.backbone_init": "random"} in [e.overrides for e in TABLE1]
+
+
+def test_compare_says_holds_fails_or_within_noise():
+    from pipeline.report import compare
+
+    results = experiments_from_show(SHOW)
+    full, no_hier = Experiment("tab-ours", "full"), Experiment("tab-no-hier", "without L_hier")
+    # one seed each: no noise, so any difference decides
+    assert compare(no_hier, full, results, (0,), protocols=("majority",)) == "majority 0.200 vs 0.100 (holds)"
+    assert compare(full, no_hier, results, (0,), protocols=("majority",)) == "majority 0.100 vs 0.200 (fails)"
+    # two seeds of without L_hier (0.2, 0.3: std 0.071) against themselves: within noise
+    assert "within noise" in compare(no_hier, no_hier, results, (0, 1), protocols=("majority",))
