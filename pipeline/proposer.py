@@ -211,15 +211,19 @@ def _decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
 
 
 class CocoInstances(torch.utils.data.Dataset):
-    """Class-agnostic instances of a COCO-format file: (image float CxHxW in [0, 1], target dict).
+    """Instances of a COCO-format file: (image float CxHxW in [0, 1], target dict), class-agnostic by default.
 
-    target: `boxes` (n, 4) float32 xyxy, `labels` (n,) int64 all 1, `masks` (n, H, W) uint8,
+    target: `boxes` (n, 4) float32 xyxy, `labels` (n,) int64 (all 1, or `label_map[category_id]` for a
+    class-aware detector such as the supervised baseline), `masks` (n, H, W) uint8,
     `image_id` int. Crowd annotations and boxes narrower or lower than one pixel (after clipping to
     the image) are dropped; with `skip_empty`, images left without annotations are dropped.
     """
 
-    def __init__(self, coco_json: Path, image_root: Path, *, skip_empty: bool = True):
+    def __init__(
+        self, coco_json: Path, image_root: Path, *, skip_empty: bool = True, label_map: dict[int, int] | None = None
+    ):
         self.coco_json = Path(coco_json)
+        self.label_map = label_map
         self.image_root = Path(image_root)
         data = load_json(self.coco_json, "COCO annotation file")
         try:
@@ -234,7 +238,10 @@ class CocoInstances(torch.utils.data.Dataset):
                 x2, y2 = min(float(img["width"]), x + w), min(float(img["height"]), y + h)
                 if x2 - x1 < 1.0 or y2 - y1 < 1.0:
                     continue
-                by_image[int(ann["image_id"])].append({"box": (x1, y1, x2, y2), "segmentation": ann["segmentation"]})
+                label = 1 if label_map is None else label_map[int(ann["category_id"])]
+                by_image[int(ann["image_id"])].append(
+                    {"box": (x1, y1, x2, y2), "segmentation": ann["segmentation"], "label": label}
+                )
         except (KeyError, TypeError, ValueError) as err:
             raise PipelineError(f"{self.coco_json}: not a COCO instances file (bad or missing field {err})") from None
         ids = sorted(images)
@@ -263,7 +270,7 @@ class CocoInstances(torch.utils.data.Dataset):
             masks[j] = _decode_segmentation(ann["segmentation"], height, width)
         target = {
             "boxes": torch.tensor([a["box"] for a in anns], dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.ones(len(anns), dtype=torch.int64),
+            "labels": torch.tensor([a["label"] for a in anns], dtype=torch.int64),
             "masks": torch.from_numpy(masks),
             "image_id": image_id,
         }
@@ -307,6 +314,7 @@ def train_proposer(
     device: str,
     log_step: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
+    label_map: dict[int, int] | None = None,
 ) -> list[dict]:
     """Train `model` in place on the instances of `coco_json`; returns one dict of floats per step.
 
@@ -319,7 +327,7 @@ def train_proposer(
             f"proposer training needs epochs >= 1, batch_size >= 1, lr > 0 (got {epochs}, {batch_size}, {lr})"
         )
     device = pick_device(device)
-    dataset = CocoInstances(coco_json, image_root, skip_empty=True)
+    dataset = CocoInstances(coco_json, image_root, skip_empty=True, label_map=label_map)
     if len(dataset) == 0:
         raise PipelineError(f"{coco_json}: no image with a usable annotation to train the proposer on")
     torch.manual_seed(seed)
@@ -495,6 +503,7 @@ def _empty(mask_size: int) -> dict:
         "boxes": np.zeros((0, 4), dtype=np.float32),
         "scores": np.zeros((0,), dtype=np.float32),
         "masks": np.zeros((0, mask_size, mask_size), dtype=np.uint8),
+        "labels": np.zeros((0,), dtype=np.int64),
     }
 
 
@@ -502,7 +511,8 @@ def propose(model: MaskRCNN, images: list[np.ndarray], *, device: str, batch_siz
     """Run the proposer on uint8 (H, W, 3) images, `batch_size` at a time (all at once by default).
 
     Per image: `boxes` (n, 4) float32 xyxy in the image's pixels, `scores` (n,) float32, descending,
-    `masks` (n, 28, 28) uint8 = round(255 * p), the mask head's box-relative output (not pasted).
+    `masks` (n, 28, 28) uint8 = round(255 * p), the mask head's box-relative output (not pasted),
+    `labels` (n,) int64, the winning class (always 1 for a class-agnostic proposer).
     The model is left in eval mode on `device`.
     """
     device = pick_device(device)
@@ -542,6 +552,7 @@ def _propose_batch(model: MaskRCNN, images: list[np.ndarray], device: str) -> li
                 "boxes": boxes.float().cpu().numpy().astype(np.float32),
                 "scores": det["scores"][order].float().cpu().numpy().astype(np.float32),
                 "masks": torch.round(masks[order, 0].float() * 255.0).clamp_(0, 255).to(torch.uint8).cpu().numpy(),
+                "labels": det["labels"][order].cpu().numpy().astype(np.int64),
             }
         )
     return out

@@ -16,6 +16,7 @@ from pipeline.errors import PipelineError
 
 AP_KEYS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl")
 PROTOCOLS = ("majority", "hungarian", "oracle")
+METRICS_FILES = ("metrics/eval.json", "metrics/supervised.json")
 SEEDS = (0, 1, 2)
 
 
@@ -24,18 +25,26 @@ class Experiment:
     name: str  # the DVC experiment name, also the row's key in the report
     label: str
     overrides: dict[str, str] = field(default_factory=dict)  # param -> value, as given to `dvc exp run -S`
+    target: str | None = None  # the dvc.yaml to run (None: the default DAG)
+    protocols: tuple[str, ...] | None = None  # the metric rows it has (None: majority, hungarian, oracle)
+    seeds: tuple[int, ...] | None = None  # None: every seed of the report
 
     def set_args(self) -> list[str]:
-        return [arg for key, value in self.overrides.items() for arg in ("-S", f"{key}={value}")]
+        args = [arg for key, value in self.overrides.items() for arg in ("-S", f"{key}={value}")]
+        return args + ([self.target] if self.target else [])
 
     def seeded(self, seed: int) -> Experiment:
         """The same row with the embedding and clustering seeds set to `seed`."""
         overrides = {**self.overrides, "embed.seed": str(seed), "cluster.seed": str(seed)}
-        return Experiment(f"{self.name}-s{seed}", self.label, overrides)
+        return Experiment(f"{self.name}-s{seed}", self.label, overrides, self.target, self.protocols, self.seeds)
 
 
 # Table 1: random-init backbone, ours; hyperbolic against Euclidean. Table 2: the loss ablation.
+SUPERVISED = Experiment(  # its randomness is the global seed (the proposer's training): one run
+    "tab-supervised", "fully supervised Mask R-CNN", {}, "baselines/dvc.yaml", ("supervised",), (0,)
+)
 TABLE1 = (
+    SUPERVISED,
     Experiment("tab-rand-init", "ours, rand. init. backbone", {"sample.backbone_init": "random"}),
     Experiment("tab-ours", "ours (hyperbolic)"),
     Experiment("tab-euclidean", "ours, Euclidean", {"embed.geometry": "euclidean"}),
@@ -59,14 +68,17 @@ class ExperimentResult:
 def experiments_from_show(show: Sequence[Mapping]) -> dict[str, ExperimentResult]:
     """Named experiments of `dvc exp show --json` (any baseline), with their eval metrics and params.
 
-    Experiments whose metrics/eval.json could not be read are left out (their `error` says why).
+    The metrics of METRICS_FILES are merged (majority/hungarian/oracle from eval.json, supervised from
+    supervised.json); experiments with none readable are left out (their `error` says why).
     """
     found: dict[str, ExperimentResult] = {}
     for baseline in show:
         for group in baseline.get("experiments") or []:
             for rev in group.get("revs") or []:
                 data = rev.get("data") or {}
-                metrics = (data.get("metrics") or {}).get("metrics/eval.json", {}).get("data")
+                metrics = {}
+                for name in METRICS_FILES:
+                    metrics.update((data.get("metrics") or {}).get(name, {}).get("data") or {})
                 params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
                 if rev.get("name") and metrics:
                     found[rev["name"]] = ExperimentResult(rev["name"], rev["rev"], metrics, params)
@@ -84,7 +96,7 @@ def _cell(values: Sequence[float | None]) -> str:
 
 
 def _runs(row: Experiment, results: Mapping[str, ExperimentResult], seeds: Sequence[int]) -> list[ExperimentResult]:
-    names = [row.seeded(seed).name for seed in seeds]
+    names = [row.seeded(seed).name for seed in (row.seeds or seeds)]
     missing = [name for name in names if name not in results]
     if missing:
         raise PipelineError(f"no metrics for experiment(s) {', '.join(missing)}: did they run?")
@@ -103,7 +115,7 @@ def table(
     lines = [head, "|" + "---|" * (len(keys) + 2)]
     for row in rows:
         runs = _runs(row, results, seeds)
-        for protocol in protocols:
+        for protocol in row.protocols or protocols:
             cells = " | ".join(_cell([run.metrics[protocol].get(k) for run in runs]) for k in keys)
             lines.append(f"| {row.label} | {protocol} | {cells} |")
     return "\n".join(lines)
@@ -117,7 +129,7 @@ def provenance(rows: Sequence[Experiment], results: Mapping[str, ExperimentResul
         changed = ", ".join(f"{k}={v}" for k, v in row.overrides.items()) or "none (params.yaml as committed)"
         per_seed = ", ".join(
             f"seed {seed}: `{run.rev[:7]}` k = {run.metrics.get('clusters', {}).get('K')}"
-            for seed, run in zip(seeds, runs, strict=True)
+            for seed, run in zip(row.seeds or seeds, runs, strict=True)
         )
         lines.append(f"- {row.label} (`{row.name}`): {changed}; {per_seed}")
     return "\n".join(lines)
@@ -149,4 +161,24 @@ def compare(
         noise = max(s1, s2)
         verdict = "holds" if m1 - m2 > noise else "fails" if m2 - m1 > noise else "within noise"
         parts.append(f"{protocol} {m1:.3f} vs {m2:.3f} ({verdict})")
+    return "; ".join(parts)
+
+
+def compare_rare(
+    ours: Experiment,
+    supervised: Experiment,
+    results: Mapping[str, ExperimentResult],
+    seeds: Sequence[int],
+    protocols: Sequence[str] = ("majority", "hungarian"),
+) -> str:
+    """APr of ours under each protocol against the supervised model's, with the same verdict rule as `compare`."""
+    (sup_run,) = _runs(supervised, results, seeds)[:1]
+    theirs = sup_run.metrics["supervised"]["APr"]
+    if theirs is None:
+        return "the supervised model's APr is undefined"
+    parts = []
+    for protocol in protocols:
+        mean, std = _mean_std(_runs(ours, results, seeds), protocol, "APr")
+        verdict = "holds" if mean - theirs > std else "fails" if theirs - mean > std else "within noise"
+        parts.append(f"{protocol} {mean:.3f} vs {theirs:.3f} ({verdict})")
     return "; ".join(parts)

@@ -315,3 +315,12 @@ def test_evaluate_proposals_perfect_and_degraded(world):
         evaluate_proposals(props[:2], path, ids, {1})
     with pytest.raises(PipelineError, match="12345"):
         evaluate_proposals(props[:1], path, [12345], {1})
+
+
+def test_dataset_with_a_label_map_is_class_aware(world):
+    path, root = world
+    data = CocoInstances(path, root, label_map={1: 5, 2: 7})
+    _, target = data[0]
+    assert target["labels"].tolist() == [5, 7]  # category 1 -> 5, category 2 -> 7
+    with pytest.raises(PipelineError, match="not a COCO instances file"):
+        CocoInstances(path, root, label_map={1: 5})  # category 2 has no label

@@ -81,6 +81,7 @@ def test_the_tables_hold_the_papers_rows():
         "cluster.seed=2",
     ]
     assert {"sample.backbone_init": "random"} in [e.overrides for e in TABLE1]
+    assert TABLE1[0].set_args() == ["baselines/dvc.yaml"] and TABLE1[0].protocols == ("supervised",)
 
 
 def test_compare_says_holds_fails_or_within_noise():
@@ -93,3 +94,19 @@ def test_compare_says_holds_fails_or_within_noise():
     assert compare(full, no_hier, results, (0,), protocols=("majority",)) == "majority 0.100 vs 0.200 (fails)"
     # two seeds of without L_hier (0.2, 0.3: std 0.071) against themselves: within noise
     assert "within noise" in compare(no_hier, no_hier, results, (0, 1), protocols=("majority",))
+
+
+def test_supervised_row_reads_its_own_metrics_file_and_compares_rare_ap():
+    from pipeline.report import SUPERVISED, compare_rare
+
+    sup = {"supervised": {k: 0.5 for k in ("AP", "AP50", "AP75", "APc", "APf", "APs", "APm")} | {"APr": 0.05}}
+    rev = _rev("tab-supervised-s0", "e" * 40, None)
+    rev["data"]["metrics"]["metrics/supervised.json"] = {"data": sup}
+    show = [{"rev": "main", "experiments": [{"revs": [rev]}, *SHOW[1]["experiments"]]}]
+    results = experiments_from_show(show)
+    assert results["tab-supervised-s0"].metrics["supervised"]["APr"] == 0.05
+    line = table([SUPERVISED], results, seeds=(0, 1, 2), keys=("AP", "APr")).splitlines()[2]
+    assert line == "| fully supervised Mask R-CNN | supervised | 0.500 | 0.050 |"  # one run, whatever the seeds
+    ours = Experiment("tab-ours", "full")
+    results["tab-ours-s0"].metrics["majority"]["APr"] = 0.08
+    assert compare_rare(ours, SUPERVISED, results, (0,), protocols=("majority",)) == "majority 0.080 vs 0.050 (holds)"
