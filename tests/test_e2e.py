@@ -133,7 +133,8 @@ def test_repro_runs_every_stage(repo, first_run):
 def test_second_repro_runs_nothing(repo, first_run):
     output = run([str(BIN / "dvc"), "repro"], repo)
     assert ran_stages(output) == set(), output
-    assert "up to date" in run([str(BIN / "dvc"), "status"], repo)
+    # the default DAG (baselines/dvc.yaml is run only by `make tables`)
+    assert "up to date" in run([str(BIN / "dvc"), "status", "dvc.yaml"], repo)
 
 
 @pytest.mark.e2e
