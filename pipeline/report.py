@@ -140,6 +140,12 @@ def _mean_std(runs: Sequence[ExperimentResult], protocol: str, key: str = "AP") 
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _verdict(protocol: str, ours: float, theirs: float, noise: float) -> str:
+    """'holds' / 'fails' when `ours` is above / below `theirs` by more than `noise`, else 'within noise'."""
+    verdict = "holds" if ours - theirs > noise else "fails" if theirs - ours > noise else "within noise"
+    return f"{protocol} {ours:.3f} vs {theirs:.3f} ({verdict})"
+
+
 def compare(
     better: Experiment,
     worse: Experiment,
@@ -158,9 +164,7 @@ def compare(
             _mean_std(_runs(better, results, seeds), protocol),
             _mean_std(_runs(worse, results, seeds), protocol),
         )
-        noise = max(s1, s2)
-        verdict = "holds" if m1 - m2 > noise else "fails" if m2 - m1 > noise else "within noise"
-        parts.append(f"{protocol} {m1:.3f} vs {m2:.3f} ({verdict})")
+        parts.append(_verdict(protocol, m1, m2, max(s1, s2)))
     return "; ".join(parts)
 
 
@@ -172,13 +176,11 @@ def compare_rare(
     protocols: Sequence[str] = ("majority", "hungarian"),
 ) -> str:
     """APr of ours under each protocol against the supervised model's, with the same verdict rule as `compare`."""
-    (sup_run,) = _runs(supervised, results, seeds)[:1]
-    theirs = sup_run.metrics["supervised"]["APr"]
+    theirs = _runs(supervised, results, seeds)[0].metrics["supervised"]["APr"]
     if theirs is None:
         return "the supervised model's APr is undefined"
     parts = []
     for protocol in protocols:
         mean, std = _mean_std(_runs(ours, results, seeds), protocol, "APr")
-        verdict = "holds" if mean - theirs > std else "fails" if theirs - mean > std else "within noise"
-        parts.append(f"{protocol} {mean:.3f} vs {theirs:.3f} ({verdict})")
+        parts.append(_verdict(protocol, mean, theirs, std))
     return "; ".join(parts)
