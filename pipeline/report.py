@@ -16,7 +16,8 @@ from pipeline.errors import PipelineError
 
 AP_KEYS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl")
 PROTOCOLS = ("majority", "hungarian", "oracle")
-METRICS_FILES = ("metrics/eval.json", "metrics/supervised.json")
+# metrics file -> the key its content goes under (None: merged at the top level)
+METRICS_FILES = {"metrics/eval.json": None, "metrics/supervised.json": None, "metrics/propose_val.json": "proposals"}
 SEEDS = (0, 1, 2)
 
 
@@ -69,7 +70,8 @@ def experiments_from_show(show: Sequence[Mapping]) -> dict[str, ExperimentResult
     """Named experiments of `dvc exp show --json` (any baseline), with their eval metrics and params.
 
     The metrics of METRICS_FILES are merged (majority/hungarian/oracle from eval.json, supervised from
-    supervised.json); experiments with none readable are left out (their `error` says why).
+    supervised.json, the val proposals' recall under "proposals"); experiments with none readable are
+    left out (their `error` says why).
     """
     found: dict[str, ExperimentResult] = {}
     for baseline in show:
@@ -77,15 +79,17 @@ def experiments_from_show(show: Sequence[Mapping]) -> dict[str, ExperimentResult
             for rev in group.get("revs") or []:
                 data = rev.get("data") or {}
                 metrics = {}
-                for name in METRICS_FILES:
-                    metrics.update((data.get("metrics") or {}).get(name, {}).get("data") or {})
+                for name, key in METRICS_FILES.items():
+                    content = (data.get("metrics") or {}).get(name, {}).get("data") or {}
+                    if content:
+                        metrics.update({key: content} if key else content)
                 params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
-                if rev.get("name") and metrics:
+                if rev.get("name") and metrics.keys() - {"proposals"}:
                     found[rev["name"]] = ExperimentResult(rev["name"], rev["rev"], metrics, params)
     return found
 
 
-def _cell(values: Sequence[float | None]) -> str:
+def cell(values: Sequence[float | None]) -> str:
     """'mean ± std' (sample std) of the defined values, 'mean' for one, 'n/a' for none."""
     defined = [v for v in values if v is not None]
     if not defined:
@@ -95,7 +99,7 @@ def _cell(values: Sequence[float | None]) -> str:
     return f"{statistics.mean(defined):.3f} ± {statistics.stdev(defined):.3f}"
 
 
-def _runs(row: Experiment, results: Mapping[str, ExperimentResult], seeds: Sequence[int]) -> list[ExperimentResult]:
+def seed_runs(row: Experiment, results: Mapping[str, ExperimentResult], seeds: Sequence[int]) -> list[ExperimentResult]:
     names = [row.seeded(seed).name for seed in (row.seeds or seeds)]
     missing = [name for name in names if name not in results]
     if missing:
@@ -114,9 +118,9 @@ def table(
     head = "| row | protocol | " + " | ".join(keys) + " |"
     lines = [head, "|" + "---|" * (len(keys) + 2)]
     for row in rows:
-        runs = _runs(row, results, seeds)
+        runs = seed_runs(row, results, seeds)
         for protocol in row.protocols or protocols:
-            cells = " | ".join(_cell([run.metrics[protocol].get(k) for run in runs]) for k in keys)
+            cells = " | ".join(cell([run.metrics[protocol].get(k) for run in runs]) for k in keys)
             lines.append(f"| {row.label} | {protocol} | {cells} |")
     return "\n".join(lines)
 
@@ -125,7 +129,7 @@ def provenance(rows: Sequence[Experiment], results: Mapping[str, ExperimentResul
     """One line per row: its changed params, and per seed the experiment's commit and k."""
     lines = []
     for row in rows:
-        runs = _runs(row, results, seeds)
+        runs = seed_runs(row, results, seeds)
         changed = ", ".join(f"{k}={v}" for k, v in row.overrides.items()) or "none (params.yaml as committed)"
         per_seed = ", ".join(
             f"seed {seed}: `{run.rev[:7]}` k = {run.metrics.get('clusters', {}).get('K')}"
@@ -135,7 +139,7 @@ def provenance(rows: Sequence[Experiment], results: Mapping[str, ExperimentResul
     return "\n".join(lines)
 
 
-def _mean_std(runs: Sequence[ExperimentResult], protocol: str, key: str = "AP") -> tuple[float, float]:
+def mean_std(runs: Sequence[ExperimentResult], protocol: str, key: str = "AP") -> tuple[float, float]:
     values = [run.metrics[protocol][key] for run in runs]
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -161,8 +165,8 @@ def compare(
     parts = []
     for protocol in protocols:
         (m1, s1), (m2, s2) = (
-            _mean_std(_runs(better, results, seeds), protocol),
-            _mean_std(_runs(worse, results, seeds), protocol),
+            mean_std(seed_runs(better, results, seeds), protocol),
+            mean_std(seed_runs(worse, results, seeds), protocol),
         )
         parts.append(_verdict(protocol, m1, m2, max(s1, s2)))
     return "; ".join(parts)
@@ -176,11 +180,11 @@ def compare_rare(
     protocols: Sequence[str] = ("majority", "hungarian"),
 ) -> str:
     """APr of ours under each protocol against the supervised model's, with the same verdict rule as `compare`."""
-    theirs = _runs(supervised, results, seeds)[0].metrics["supervised"]["APr"]
+    theirs = seed_runs(supervised, results, seeds)[0].metrics["supervised"]["APr"]
     if theirs is None:
         return "the supervised model's APr is undefined"
     parts = []
     for protocol in protocols:
-        mean, std = _mean_std(_runs(ours, results, seeds), protocol, "APr")
+        mean, std = mean_std(seed_runs(ours, results, seeds), protocol, "APr")
         parts.append(_verdict(protocol, mean, theirs, std))
     return "; ".join(parts)

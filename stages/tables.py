@@ -9,14 +9,11 @@ lists, per row, the stages that really ran and the wall time; every number is re
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 import time
 from pathlib import Path
 
 import typer
 
-from pipeline.errors import PipelineError
 from pipeline.report import (
     SEEDS,
     TABLE1,
@@ -28,25 +25,9 @@ from pipeline.report import (
     provenance,
     table,
 )
-from stages.common import clean_errors
+from stages.common import clean_errors, dvc, run_experiment
 
 REPORT = Path("reports/tables.md")
-
-
-def dvc(*args: str) -> str:
-    done = subprocess.run(["dvc", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["(no output)"]
-        raise PipelineError(f"dvc {' '.join(args)} failed: {tail[0]}")
-    return done.stdout + done.stderr
-
-
-def run_experiment(exp: Experiment) -> tuple[list[str], float]:
-    """Run one experiment; return the stages that ran (not restored from the cache) and the seconds it took."""
-    subprocess.run(["dvc", "exp", "remove", exp.name], capture_output=True)  # an earlier run of the same row
-    start = time.perf_counter()
-    output = dvc("exp", "run", "--temp", "-n", exp.name, *exp.set_args())
-    return re.findall(r"Running stage '([^']+)'", output), time.perf_counter() - start
 
 
 @clean_errors
