@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -18,9 +16,6 @@ from pipeline.config import Params, load_params
 from pipeline.data.dataset import Manifest
 from pipeline.data.lvis_format import image_path, load_image, load_json
 from pipeline.errors import PipelineError
-
-if TYPE_CHECKING:
-    from pipeline.report import Experiment
 
 PREPARED = Path("data/prepared")
 MANIFEST = PREPARED / "dataset.json"
@@ -80,22 +75,3 @@ def image_loader(manifest: Manifest, split: str, image_ids: np.ndarray) -> Calla
         return load_image(image_path(records[int(image_ids[i])], root))
 
     return load
-
-
-# ------------------------------------------------------------------ dvc experiments (tables, sweep)
-
-
-def dvc(*args: str) -> str:
-    done = subprocess.run(["dvc", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["(no output)"]
-        raise PipelineError(f"dvc {' '.join(args)} failed: {tail[0]}")
-    return done.stdout + done.stderr
-
-
-def run_experiment(exp: Experiment) -> tuple[list[str], float]:
-    """Run one experiment; return the stages that ran (not restored from the cache) and the seconds it took."""
-    subprocess.run(["dvc", "exp", "remove", exp.name], capture_output=True)  # an earlier run of the same row
-    start = time.perf_counter()
-    output = dvc("exp", "run", "--temp", "-n", exp.name, *exp.set_args())
-    return re.findall(r"Running stage '([^']+)'", output), time.perf_counter() - start

@@ -18,7 +18,8 @@ import yaml
 from pipeline.errors import PipelineError
 from pipeline.report import SEEDS, experiments_from_show
 from pipeline.sweep import KNOBS, SWEEP_WORLD, choose, experiments, geometry_by_dim, knob_table
-from stages.common import clean_errors, dvc, run_experiment
+from stages.common import clean_errors
+from stages.experiments import dvc, run_experiment
 
 REPORT = Path("reports/sweep.md")
 

@@ -25,7 +25,8 @@ from pipeline.report import (
     provenance,
     table,
 )
-from stages.common import clean_errors, dvc, run_experiment
+from stages.common import clean_errors
+from stages.experiments import dvc, run_experiment
 
 REPORT = Path("reports/tables.md")
 

@@ -1,0 +1,26 @@
+"""Running DVC experiments for the reports (`make tables`, `make sweep`): not a pipeline stage."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+
+from pipeline.errors import PipelineError
+from pipeline.report import Experiment
+
+
+def dvc(*args: str) -> str:
+    done = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["(no output)"]
+        raise PipelineError(f"dvc {' '.join(args)} failed: {tail[0]}")
+    return done.stdout + done.stderr
+
+
+def run_experiment(exp: Experiment) -> tuple[list[str], float]:
+    """Run one experiment; return the stages that ran (not restored from the cache) and the seconds it took."""
+    subprocess.run(["dvc", "exp", "remove", exp.name], capture_output=True)  # an earlier run of the same row
+    start = time.perf_counter()
+    output = dvc("exp", "run", "--temp", "-n", exp.name, *exp.set_args())
+    return re.findall(r"Running stage '([^']+)'", output), time.perf_counter() - start
