@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pipeline.device import pick_device
 from pipeline.errors import PipelineError
 from pipeline.hyperbolic import dist, dist0, expmap0, project
 
@@ -248,19 +249,6 @@ class _Cycler:
 # ------------------------------------------------------------------------------------------- training
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> cuda when available else cpu; a CUDA device that is not there is a PipelineError."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise PipelineError(f"embedding: unknown device {device!r}") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"embedding: device {device!r} requested but CUDA is not available")
-    return dev
-
-
 def _check_pairs(name: str, pairs: Any, n: int) -> np.ndarray:
     arr = np.asarray(pairs if pairs is not None else np.zeros((0, 2)), dtype=np.int64)
     if arr.size == 0:
@@ -372,7 +360,7 @@ def train_embedder(
     if not (math.isfinite(margin) and margin >= 0):
         raise PipelineError(f"embedding: margin must be >= 0, got {margin}")
     epochs, batch_size = int(epochs), int(batch_size)
-    dev = resolve_device(device)
+    dev = torch.device(pick_device(device))
 
     for term, count in (("object", len(obj)), ("hier", len(hier))):
         if w[term] > 0 and count == 0:
@@ -505,7 +493,7 @@ def embed_features(
     `features_box` may be any array-like sliceable along rows (numpy, zarr): it is read batch by batch.
     The head is moved to `device` (in place) and put in eval mode.
     """
-    dev = resolve_device(device)
+    dev = torch.device(pick_device(device))
     shape = getattr(features_box, "shape", None) or np.shape(features_box)
     if len(shape) != 2 or shape[1] != head.in_dim:
         raise PipelineError(f"embedding: features have shape {tuple(shape)}, the head expects (N, {head.in_dim})")

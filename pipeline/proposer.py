@@ -54,6 +54,7 @@ from torchvision.ops import misc as misc_nn_ops
 from tqdm import tqdm
 
 from pipeline.data.lvis_format import image_path, load_image, load_json
+from pipeline.device import pick_device
 from pipeline.errors import PipelineError
 from pipeline.masks import annotation_rle, paste_masks
 
@@ -186,19 +187,6 @@ def build_model(
 
 def _num_classes(model: MaskRCNN) -> int:
     return int(model.roi_heads.box_predictor.cls_score.out_features)
-
-
-def pick_device(device: str) -> str:
-    """'auto' -> 'cuda' when CUDA is available, else 'cpu'; 'cuda[:n]' without CUDA is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise PipelineError(f"device {device!r} asked for, but CUDA is not available here (use auto or cpu)")
-        return device
-    raise PipelineError(f"unknown device {device!r} (expected auto, cpu or cuda)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import typer
 from dvclive import Live
 
 from pipeline.config import as_dict
+from pipeline.device import pick_device
 from pipeline.embedding import embed_features, save_head, train_embedder
-from pipeline.proposer import pick_device
 from pipeline.sampling import VIEWS
 from pipeline.store import check_source, open_store, read_array, write_store
 from stages.common import EMBEDDER_CHECKPOINT, Timer, clean_errors, params, split_dir, summary

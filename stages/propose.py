@@ -14,8 +14,9 @@ import typer
 from pipeline.config import as_dict
 from pipeline.data.dataset import read_manifest
 from pipeline.data.lvis_format import load_json
+from pipeline.device import pick_device
 from pipeline.proposals import propose_split
-from pipeline.proposer import evaluate_proposals, load_checkpoint, pick_device, propose
+from pipeline.proposer import evaluate_proposals, load_checkpoint, propose
 from pipeline.store import write_json, write_store
 from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, params, split_dir, summary
 

@@ -10,8 +10,8 @@ import typer
 
 from pipeline.config import as_dict
 from pipeline.data.dataset import read_manifest
+from pipeline.device import pick_device
 from pipeline.features import build_backbone
-from pipeline.proposer import pick_device
 from pipeline.sampling import sample_split
 from pipeline.store import open_store, read_array, write_store
 from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, image_loader, params, split_dir, summary

@@ -13,7 +13,8 @@ import typer
 from dvclive import Live
 
 from pipeline.data.dataset import read_manifest
-from pipeline.proposer import build_model, load_checkpoint, pick_device, save_checkpoint, train_proposer
+from pipeline.device import pick_device
+from pipeline.proposer import build_model, load_checkpoint, save_checkpoint, train_proposer
 from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, params, summary
 
 LIVE_DIR = "dvclive/train_proposer"

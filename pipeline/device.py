@@ -1,0 +1,25 @@
+"""The torch device a stage runs on: the `device` param, resolved the same way by every stage."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.errors import PipelineError
+
+
+def pick_device(device: str | torch.device) -> str:
+    """'auto' -> 'cuda' when CUDA is available, else 'cpu'; 'cpu' and 'cuda[:n]' as given.
+
+    Asking for CUDA where there is none, or for any other device, is a PipelineError (one line), not a
+    failure deep inside torch on the first tensor moved.
+    """
+    device = str(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise PipelineError(f"device {device!r} asked for, but CUDA is not available here (use auto or cpu)")
+        return device
+    raise PipelineError(f"unknown device {device!r} (expected auto, cpu, cuda or cuda:<n>)")

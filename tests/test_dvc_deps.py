@@ -1,0 +1,85 @@
+"""Every stage's code deps in dvc.yaml cover every repo module the stage imports, directly or not.
+
+Otherwise a change to, say, pipeline/store.py would leave `dvc repro` serving stale cached outputs.
+"""
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "stages")
+
+
+def _module_file(module: str) -> Path | None:
+    path = ROOT.joinpath(*module.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(path: Path) -> set[str]:
+    """Repo modules imported by one file (absolute `import a.b` / `from a.b import c`, c possibly a module)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.split(".")[0] in PACKAGES and _module_file(name)}
+
+
+def import_closure(module: str) -> set[Path]:
+    """Files of `module` and of every repo module it imports, transitively (package __init__s included)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # importing a.b runs a/__init__.py
+        todo.extend(_imports(_module_file(name)))
+    return {_module_file(name).relative_to(ROOT) for name in seen}
+
+
+def _is_empty(path: Path) -> bool:
+    """An empty package marker (no statements, or a docstring only) runs no code a stage could depend on."""
+    body = ast.parse((ROOT / path).read_text()).body
+    return not body or (len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant))
+
+
+def _stages() -> list[tuple[str, str, list[str], str]]:
+    """(dvc.yaml, stage, deps relative to the repo root, stage module) of every stage of both pipelines."""
+    out = []
+    for dvcfile in ("dvc.yaml", "baselines/dvc.yaml"):
+        spec = yaml.safe_load((ROOT / dvcfile).read_text())
+        wdir = Path(dvcfile).parent
+        for name, stage in spec["stages"].items():
+            stage = stage.get("do", stage)
+            base = (wdir / stage.get("wdir", ".")).as_posix()
+            module = stage["cmd"].split("python -m ")[1].split()[0]
+            deps = [Path(os.path.normpath(Path(base, dep))).as_posix() for dep in stage.get("deps", [])]
+            out.append((dvcfile, name, deps, module))
+    return out
+
+
+@pytest.mark.parametrize(("dvcfile", "stage", "deps", "module"), _stages(), ids=lambda v: str(v))
+def test_stage_deps_cover_the_code_it_imports(dvcfile, stage, deps, module):
+    def covered(path: Path) -> bool:
+        return any(path.as_posix() == dep or path.as_posix().startswith(dep.rstrip("/") + "/") for dep in deps)
+
+    missing = sorted(str(path) for path in import_closure(module) if not covered(path) and not _is_empty(path))
+    assert not missing, f"{dvcfile} stage {stage!r} imports code it does not list in deps: {', '.join(missing)}"
+
+
+def test_import_closure_follows_imports_transitively():
+    closure = {path.as_posix() for path in import_closure("stages.cluster")}
+    assert {"stages/cluster.py", "pipeline/kmeans.py", "stages/common.py", "pipeline/data/lvis_format.py"} <= closure
+    assert "pipeline/proposer.py" not in closure  # only what is imported
