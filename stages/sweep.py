@@ -4,11 +4,16 @@ Runs every point of `pipeline.sweep.KNOBS` as `dvc exp run --temp` on the sweep 
 the tables' world), once per embedding/clustering seed; reads the metrics back from `dvc exp show --json`
 and writes reports/sweep.md: one table per knob, the value the rule chooses, and whether params.yaml
 agrees. It never edits params.yaml: a disagreement is reported, for a person to commit.
+
+The stages each experiment ran and its wall time go to reports/sweep_runs.json, so that
+`--report-only --baseline <commit>` can rewrite the report from the experiments of an earlier commit
+without running anything.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from stages.common import clean_errors
 from stages.experiments import dvc, run_experiment
 
 REPORT = Path("reports/sweep.md")
+RUNS = Path("reports/sweep_runs.json")  # per experiment: the stages that ran and the seconds it took
 
 
 @clean_errors
@@ -30,9 +36,12 @@ def main(
     seeds: int = typer.Option(len(SEEDS), help="seeds per point (embed.seed = cluster.seed = 0, 1, ...)"),
     knob: list[str] = typer.Option([], help="sweep only these knobs (slugs); default: all"),
     dry_run: bool = typer.Option(False, help="list the experiments and exit"),
+    report_only: bool = typer.Option(False, help="run nothing: rewrite the report from experiments that ran"),
+    baseline: str = typer.Option("HEAD", help="the commit the experiments were run from (for --report-only)"),
 ) -> None:
     started = time.perf_counter()
-    params = yaml.safe_load(Path("params.yaml").read_text())
+    commit = _git("rev-parse", "--short", baseline)
+    params = yaml.safe_load(_git("show", f"{commit}:params.yaml") if report_only else Path("params.yaml").read_text())
     unknown = set(knob) - {k.slug for k in KNOBS}
     if unknown:
         raise PipelineError(f"unknown knob(s) {', '.join(sorted(unknown))} (known: {', '.join(k.slug for k in KNOBS)})")
@@ -43,20 +52,24 @@ def main(
         for exp in runs:
             print(f"{exp.name}: dvc exp run {' '.join(exp.set_args())}")
         return
-    ran: dict[str, tuple[list[str], float]] = {}
-    for i, exp in enumerate(runs, 1):
-        print(f"[sweep {i}/{len(runs)}] {exp.name}: dvc exp run {' '.join(exp.set_args())}", flush=True)
-        ran[exp.name] = run_experiment(exp)
-        stages, seconds = ran[exp.name]
-        print(
-            f"[sweep {i}/{len(runs)}] {exp.name}: ran {', '.join(stages) or 'nothing (all cached)'} in {seconds:.0f}s"
-        )
-    results = experiments_from_show(json.loads(dvc("exp", "show", "--json")))
-    total = time.perf_counter() - started
+    if report_only:
+        ran, total = _read_runs(RUNS)
+    else:
+        ran = {}
+        for i, exp in enumerate(runs, 1):
+            print(f"[sweep {i}/{len(runs)}] {exp.name}: dvc exp run {' '.join(exp.set_args())}", flush=True)
+            ran[exp.name] = run_experiment(exp)
+            stages, seconds = ran[exp.name]
+            done = ", ".join(stages) or "nothing (all cached)"
+            print(f"[sweep {i}/{len(runs)}] {exp.name}: ran {done} in {seconds:.0f}s", flush=True)
+        total = time.perf_counter() - started
+        RUNS.parent.mkdir(parents=True, exist_ok=True)
+        RUNS.write_text(json.dumps({"total_s": total, "runs": ran}, indent=1) + "\n")
+    results = experiments_from_show(json.loads(dvc("exp", "show", "--json", "--rev", baseline)))
 
     choices = {k.slug: choose(k, params, results, seed_list) for k in knobs if k.choose}
     summary = "\n".join(
-        f"| {k.label} | {choices[k.slug].default} | {choices[k.slug].value} | "
+        f"| {k.label} | {k.criterion} AP | {choices[k.slug].default} | {choices[k.slug].value} | "
         f"{'**change params.yaml**' if choices[k.slug].changes_default else 'yes'} |"
         for k in knobs
         if k.choose
@@ -64,7 +77,9 @@ def main(
     sections = []
     for k in knobs:
         choice = choices.get(k.slug)
-        verdict = f"Chosen: **{choice.value}**. {choice.reason}." if choice else "Diagnostic: chooses nothing."
+        verdict = "Diagnostic: chooses nothing."
+        if choice:
+            verdict = f"Chosen: **{choice.value}**. {choice.reason[0].upper()}{choice.reason[1:]}."
         fixed = "".join(f", `{key}={value}`" for key, value in k.fixed.items())
         sections.append(
             f"### {k.label}\n\n`-S {'=<value> -S '.join(k.params)}=<value>`{fixed}\n\n"
@@ -77,22 +92,28 @@ def main(
         else "(not swept)"
     )
     stages_ran = "\n".join(
-        f"- `{name}`: {', '.join(stages) or 'nothing, all restored from the run cache'} ({seconds:.0f} s)"
-        for name, (stages, seconds) in ran.items()
+        f"- `{exp.name}`: {', '.join(ran[exp.name][0]) or 'nothing, all restored from the run cache'} "
+        f"({ran[exp.name][1]:.0f} s)"
+        if exp.name in ran
+        else f"- `{exp.name}`: (not recorded)"
+        for exp in runs
     )
     world = ", ".join(f"`{key}={value}`" for key, value in SWEEP_WORLD.items())
     text = f"""# Defaults sweep on the embedded world
 
-Written by `make sweep` in {total / 60:.1f} min on this machine ({len(runs)} experiments). One knob at a time
+Written by `make sweep` in {total / 60:.1f} min on this machine ({len(runs)} experiments, run from commit
+`{commit}`, whose params.yaml the "params.yaml" column shows). One knob at a time
 around params.yaml, every point over {len(seed_list)} seeds of the embedding and the clustering (`embed.seed` =
 `cluster.seed` = {", ".join(map(str, seed_list))}); each cell is the mean ± sample standard deviation. The sweep
 runs on another world ({world}) than the tables (`seed=0`), so the defaults are not tuned on the val split
-the tables are scored on. Rule: a knob keeps its params.yaml value unless another value's mean majority AP
-is higher by more than the larger standard deviation of the two. Every number is read from
+the tables are scored on. Rule: a knob keeps its params.yaml value unless another value's mean AP is higher
+by more than the larger standard deviation of the two. The AP is the majority protocol's, except for k:
+majority AP rises with the number of clusters whatever the embedding (one cluster per proposal would score
+as the oracle), so k is judged by the one-to-one hungarian AP. Every number is read from
 `dvc exp show --json`.
 
-| knob | params.yaml | sweep's choice | params.yaml agrees |
-|---|---|---|---|
+| knob | judged by | params.yaml | sweep's choice | params.yaml agrees |
+|---|---|---|---|---|
 {summary}
 
 ## Per knob
@@ -113,6 +134,24 @@ The rest were restored from DVC's run cache.
     tmp.write_text(text)
     tmp.replace(out)
     print(text)
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise PipelineError(f"git {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return done.stdout.strip()
+
+
+def _read_runs(path: Path) -> tuple[dict[str, tuple[list[str], float]], float]:
+    """The stages and seconds of each experiment, as the last full sweep recorded them."""
+    try:
+        data = json.loads(path.read_text())
+        return {name: (list(stages), float(sec)) for name, (stages, sec) in data["runs"].items()}, data["total_s"]
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; --report-only needs the record of a full sweep") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise PipelineError(f"{path}: not a sweep record ({type(err).__name__}: {err})") from None
 
 
 if __name__ == "__main__":

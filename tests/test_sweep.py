@@ -70,7 +70,7 @@ def test_choose_keeps_params_yaml_unless_beaten_by_more_than_noise():
     choice = choose(DIM, PARAMS, noisy, (0, 1, 2))
     assert choice.value == "32" and not choice.changes_default and "within noise" in choice.reason
     best = _results({"sweep-base": [0.3] * 3, "sweep-dim-2": [0.05] * 3, "sweep-dim-8": [0.1] * 3})
-    assert choose(DIM, PARAMS, best, (0, 1, 2)).reason.startswith("params.yaml's value has the highest")
+    assert choose(DIM, PARAMS, best, (0, 1, 2)).reason.startswith("the params.yaml value has the highest")
     with pytest.raises(PipelineError, match="sweep-dim-8-s0"):
         choose(DIM, PARAMS, _results({"sweep-base": [0.1], "sweep-dim-2": [0.1]}), (0,))
 
@@ -142,3 +142,12 @@ def test_stage_dry_run_lists_every_experiment_and_refuses_unknown_knobs():
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         "error: unknown knob(s) nope (known: dim, epochs, k, crop, backbone, proposer-epochs, euclidean-dim)"
     ]
+
+
+def test_a_knob_judged_by_hungarian_ignores_majority_ap():
+    k = Knob("k", "clusters", ("cluster.k",), ("auto", "80"), criterion="hungarian")
+    results = _results({"sweep-base": [0.10, 0.10], "sweep-k-80": [0.30, 0.30]})  # majority: 80 far ahead
+    for seed in (0, 1):
+        results[f"sweep-k-80-s{seed}"].metrics["hungarian"]["AP"] = 0.01  # hungarian: 80 far behind
+    choice = choose(k, {"cluster": {"k": "auto"}}, results, (0, 1))
+    assert choice.value == "auto" and "hungarian AP (0.050)" in choice.reason
