@@ -25,7 +25,12 @@ def main() -> None:
     if PROPOSER_CHECKPOINT.is_file():
         live = Path("dvclive/train_proposer/metrics.json")
         extra = json.loads(live.read_text()) if live.is_file() else {}
-        _line("train_proposer", f"{PROPOSER_CHECKPOINT} ({PROPOSER_CHECKPOINT.stat().st_size / 1e6:.1f} MB) {extra}")
+        trained = (
+            f", {extra['steps']} steps, final loss {extra['final_loss']:.3f}, {extra['train_seconds']:.0f} s"
+            if {"steps", "final_loss", "train_seconds"} <= extra.keys()
+            else ""
+        )
+        _line("train_proposer", f"{PROPOSER_CHECKPOINT} ({PROPOSER_CHECKPOINT.stat().st_size / 1e6:.1f} MB{trained})")
     for split in ("train", "val"):
         for kind in STORES:
             path = Path("data") / split / f"{kind}.zarr"
