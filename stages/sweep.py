@@ -5,7 +5,7 @@ the tables' world), once per embedding/clustering seed; reads the metrics back f
 and writes reports/sweep.md: one table per knob, the value the rule chooses, and whether params.yaml
 agrees. It never edits params.yaml: a disagreement is reported, for a person to commit.
 
-The stages each experiment ran and its wall time go to reports/sweep_runs.json, so that
+The stages each experiment ran and its wall time are recorded in reports/sweep_runs.json, so that
 `--report-only --baseline <commit>` can rewrite the report from the experiments of an earlier commit
 without running anything.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import typer
@@ -39,7 +38,6 @@ def main(
     report_only: bool = typer.Option(False, help="run nothing: rewrite the report from experiments that ran"),
     baseline: str = typer.Option("HEAD", help="the commit the experiments were run from (for --report-only)"),
 ) -> None:
-    started = time.perf_counter()
     commit = _git("rev-parse", "--short", baseline)
     params = yaml.safe_load(_git("show", f"{commit}:params.yaml") if report_only else Path("params.yaml").read_text())
     unknown = set(knob) - {k.slug for k in KNOBS}
@@ -52,19 +50,16 @@ def main(
         for exp in runs:
             print(f"{exp.name}: dvc exp run {' '.join(exp.set_args())}")
         return
-    if report_only:
-        ran, total = _read_runs(RUNS)
-    else:
-        ran = {}
+    ran = _read_runs(RUNS) if RUNS.is_file() or report_only else {}
+    if not report_only:
         for i, exp in enumerate(runs, 1):
             print(f"[sweep {i}/{len(runs)}] {exp.name}: dvc exp run {' '.join(exp.set_args())}", flush=True)
             ran[exp.name] = run_experiment(exp)
             stages, seconds = ran[exp.name]
             done = ", ".join(stages) or "nothing (all cached)"
             print(f"[sweep {i}/{len(runs)}] {exp.name}: ran {done} in {seconds:.0f}s", flush=True)
-        total = time.perf_counter() - started
-        RUNS.parent.mkdir(parents=True, exist_ok=True)
-        RUNS.write_text(json.dumps({"total_s": total, "runs": ran}, indent=1) + "\n")
+            _write_runs(RUNS, ran)  # after each run: an interrupted sweep keeps its record
+    total = sum(ran[exp.name][1] for exp in runs if exp.name in ran)
     results = experiments_from_show(json.loads(dvc("exp", "show", "--json", "--rev", baseline)))
 
     choices = {k.slug: choose(k, params, results, seed_list) for k in knobs if k.choose}
@@ -101,7 +96,7 @@ def main(
     world = ", ".join(f"`{key}={value}`" for key, value in SWEEP_WORLD.items())
     text = f"""# Defaults sweep on the embedded world
 
-Written by `make sweep` in {total / 60:.1f} min on this machine ({len(runs)} experiments, run from commit
+Written by `make sweep`: {len(runs)} experiments that took {total / 60:.1f} min on this machine (run from commit
 `{commit}`, whose params.yaml the "params.yaml" column shows). One knob at a time
 around params.yaml, every point over {len(seed_list)} seeds of the embedding and the clustering (`embed.seed` =
 `cluster.seed` = {", ".join(map(str, seed_list))}); each cell is the mean ± sample standard deviation. The sweep
@@ -143,15 +138,22 @@ def _git(*args: str) -> str:
     return done.stdout.strip()
 
 
-def _read_runs(path: Path) -> tuple[dict[str, tuple[list[str], float]], float]:
-    """The stages and seconds of each experiment, as the last full sweep recorded them."""
+def _read_runs(path: Path) -> dict[str, tuple[list[str], float]]:
+    """The stages and seconds of each experiment, as the sweeps so far recorded them."""
     try:
         data = json.loads(path.read_text())
-        return {name: (list(stages), float(sec)) for name, (stages, sec) in data["runs"].items()}, data["total_s"]
+        return {name: (list(stages), float(seconds)) for name, (stages, seconds) in data.items()}
     except FileNotFoundError:
-        raise PipelineError(f"{path}: not found; --report-only needs the record of a full sweep") from None
-    except (ValueError, KeyError, TypeError) as err:
+        raise PipelineError(f"{path}: not found; --report-only needs the record of a sweep that ran") from None
+    except (ValueError, TypeError, AttributeError) as err:
         raise PipelineError(f"{path}: not a sweep record ({type(err).__name__}: {err})") from None
+
+
+def _write_runs(path: Path, ran: dict[str, tuple[list[str], float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({name: [stages, round(seconds, 1)] for name, (stages, seconds) in ran.items()}, indent=1))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

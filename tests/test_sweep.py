@@ -151,3 +151,16 @@ def test_a_knob_judged_by_hungarian_ignores_majority_ap():
         results[f"sweep-k-80-s{seed}"].metrics["hungarian"]["AP"] = 0.01  # hungarian: 80 far behind
     choice = choose(k, {"cluster": {"k": "auto"}}, results, (0, 1))
     assert choice.value == "auto" and "hungarian AP (0.050)" in choice.reason
+
+
+def test_the_run_record_round_trips_and_a_corrupt_one_is_one_error(tmp_path):
+    from stages.sweep import _read_runs, _write_runs
+
+    record = tmp_path / "sweep_runs.json"
+    _write_runs(record, {"sweep-base-s0": (["embed", "cluster"], 24.04)})
+    assert _read_runs(record) == {"sweep-base-s0": (["embed", "cluster"], 24.0)}
+    record.write_text("[1, 2")
+    with pytest.raises(PipelineError, match="sweep_runs.json: not a sweep record"):
+        _read_runs(record)
+    with pytest.raises(PipelineError, match="needs the record of a sweep that ran"):
+        _read_runs(tmp_path / "missing.json")
