@@ -39,6 +39,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
 
             def log_step(step: int, losses: dict[str, float]) -> None:
                 if step % LOG_EVERY == 0:
+                    live.step = step  # the plots' x axis is the training step, not the count of logged points
                     for name, value in losses.items():
                         live.log_metric(f"train/{name}", value)
                     live.next_step()

@@ -127,6 +127,10 @@ def test_repro_runs_every_stage(repo, first_run):
     assert metrics["oracle"]["AP"] >= metrics["hungarian"]["AP"]
     for picture in ("evaluate/poincare_disk.png", "evaluate/ap_by_bucket.png", "cluster/elbow.png"):
         assert (repo / "plots" / picture).stat().st_size > 1000
+    curve = (repo / "dvclive/train_proposer/plots/metrics/train/loss.tsv").read_text().split()
+    steps = [int(v) for v in curve[2::2]]  # header "step loss", then step/value rows
+    trained = json.loads((repo / "dvclive/train_proposer/metrics.json").read_text())["steps"]
+    assert steps == list(range(0, trained, 5))  # x is the training step (a point every 5 steps)
 
 
 @pytest.mark.e2e
