@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 from pipeline.device import pick_device
 from pipeline.errors import PipelineError
 from pipeline.hyperbolic import dist, dist0, expmap0, project
+from pipeline.store import torch_bytes, write_bytes
 
 GEOMETRIES = ("poincare", "euclidean")
 TERMS = ("mask", "object", "hier")
@@ -525,7 +525,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def save_head(head: EmbeddingHead, path: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
-    """Write the head's config, weights (CPU) and JSON-able `meta` atomically (tmp file + os.replace)."""
+    """Write the head's config, weights (CPU) and JSON-able `meta` atomically (temporary file, then rename)."""
     path = Path(path)
     try:
         meta_json = json.loads(json.dumps(dict(meta or {}), default=_jsonable))
@@ -537,13 +537,7 @@ def save_head(head: EmbeddingHead, path: str | Path, meta: Mapping[str, Any] | N
         "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
         "meta": meta_json,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes(path, torch_bytes(payload))
     return path
 
 

@@ -31,8 +31,6 @@ Choices worth knowing:
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +55,7 @@ from pipeline.data.lvis_format import image_path, load_image, load_json
 from pipeline.device import pick_device
 from pipeline.errors import PipelineError
 from pipeline.masks import annotation_rle, paste_masks
+from pipeline.store import torch_bytes, write_bytes
 
 BACKBONES = ("resnet18", "resnet50", "mobilenet_v3")
 LIGHT_BOX_FEATURES = 512  # box-head width of the light heads (torchvision: 1024)
@@ -387,14 +386,7 @@ def save_checkpoint(model: MaskRCNN, path: Path, backbone: str, image_size: int)
         "num_classes": _num_classes(model),
         "light_heads": bool(getattr(model, "light_heads", False)),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(path, torch_bytes(payload))
 
 
 def _key_mismatch(path: Path, missing: list[str], unexpected: list[str], hint: str) -> PipelineError:

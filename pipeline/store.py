@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -48,6 +49,26 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
         final.rename(old)
     tmp.rename(final)
     _remove(old)
+
+
+def write_bytes(path: Path | str, data: bytes) -> None:
+    """Write `data` to `path` atomically (a temporary file beside it, then a rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """`torch.save` of `obj` into memory: the same object always gives the same bytes.
+
+    Saved to a file, torch names the archive's inner folder after the file, so a temporary file name
+    (random, or with the pid) would make every save of identical weights differ, and DVC re-run stages
+    downstream of a model that did not change.
+    """
+    import torch  # here, not at the top: the store module is also used where torch is not needed
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def _remove(path: Path) -> None:

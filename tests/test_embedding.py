@@ -302,6 +302,8 @@ def test_save_load_roundtrip(tmp_path):
     head = EmbeddingHead(32, [16], 4, "poincare", 0.5)
     path = save_head(head, tmp_path / "models" / "embedder.pt", {"epochs": np.int64(3), "loss": np.float32(0.5)})
     assert [p.name for p in path.parent.iterdir()] == ["embedder.pt"]  # no tmp file left
+    again = save_head(head, tmp_path / "other.pt", {"epochs": np.int64(3), "loss": np.float32(0.5)})
+    assert again.read_bytes() == path.read_bytes()  # byte-identical whatever the file name
     loaded = load_head(path)
     assert loaded.config == head.config and loaded.meta == {"epochs": 3, "loss": 0.5}
     x = np.random.default_rng(0).normal(size=(10, 32)).astype(np.float32)

@@ -202,6 +202,9 @@ def test_checkpoint_round_trip(tmp_path):
     path = tmp_path / "models" / "proposer.pt"
     save_checkpoint(model, path, "resnet18", SIZE)
     assert [p.name for p in path.parent.iterdir()] == ["proposer.pt"]
+    again = tmp_path / "elsewhere.pt"
+    save_checkpoint(model, again, "resnet18", SIZE)
+    assert again.read_bytes() == path.read_bytes()  # same weights, same bytes: DVC sees no change
     loaded = load_checkpoint(path, "resnet18", SIZE, score_thresh=0.0)
     after = propose(loaded, images, device="cpu")
     for a, b in zip(before, after, strict=True):
