@@ -162,12 +162,10 @@ def compare(
     'holds' when the mean is higher by more than the larger of the two standard deviations, 'within
     noise' when the difference is smaller than that, 'fails' when it is lower by more than that.
     """
+    better_runs, worse_runs = seed_runs(better, results, seeds), seed_runs(worse, results, seeds)
     parts = []
     for protocol in protocols:
-        (m1, s1), (m2, s2) = (
-            mean_std(seed_runs(better, results, seeds), protocol),
-            mean_std(seed_runs(worse, results, seeds), protocol),
-        )
+        (m1, s1), (m2, s2) = mean_std(better_runs, protocol), mean_std(worse_runs, protocol)
         parts.append(_verdict(protocol, m1, m2, max(s1, s2)))
     return "; ".join(parts)
 
@@ -183,8 +181,9 @@ def compare_rare(
     theirs = seed_runs(supervised, results, seeds)[0].metrics["supervised"]["APr"]
     if theirs is None:
         return "the supervised model's APr is undefined"
+    ours_runs = seed_runs(ours, results, seeds)
     parts = []
     for protocol in protocols:
-        mean, std = mean_std(seed_runs(ours, results, seeds), protocol, "APr")
+        mean, std = mean_std(ours_runs, protocol, "APr")
         parts.append(_verdict(protocol, mean, theirs, std))
     return "; ".join(parts)

@@ -10,12 +10,22 @@ from pipeline.errors import PipelineError
 from pipeline.report import Experiment
 
 
-def dvc(*args: str) -> str:
-    done = subprocess.run(["dvc", *args], capture_output=True, text=True)
+def _run(tool: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `tool args...`; a non-zero exit is a PipelineError quoting the last line it printed."""
+    done = subprocess.run([tool, *args], capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["(no output)"]
-        raise PipelineError(f"dvc {' '.join(args)} failed: {tail[0]}")
+        raise PipelineError(f"{tool} {' '.join(args)} failed: {tail[0]}")
+    return done
+
+
+def dvc(*args: str) -> str:
+    done = _run("dvc", *args)
     return done.stdout + done.stderr
+
+
+def git(*args: str) -> str:
+    return _run("git", *args).stdout.strip()
 
 
 def run_experiment(exp: Experiment) -> tuple[list[str], float]:

@@ -13,7 +13,6 @@ without running anything.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import typer
@@ -21,9 +20,10 @@ import yaml
 
 from pipeline.errors import PipelineError
 from pipeline.report import SEEDS, experiments_from_show
+from pipeline.store import atomic_path, write_json
 from pipeline.sweep import KNOBS, SWEEP_WORLD, choose, experiments, geometry_by_dim, knob_table
 from stages.common import clean_errors
-from stages.experiments import dvc, run_experiment
+from stages.experiments import dvc, git, run_experiment
 
 REPORT = Path("reports/sweep.md")
 RUNS = Path("reports/sweep_runs.json")  # per experiment: the stages that ran and the seconds it took
@@ -38,8 +38,8 @@ def main(
     report_only: bool = typer.Option(False, help="run nothing: rewrite the report from experiments that ran"),
     baseline: str = typer.Option("HEAD", help="the commit the experiments were run from (for --report-only)"),
 ) -> None:
-    commit = _git("rev-parse", "--short", baseline)
-    params = yaml.safe_load(_git("show", f"{commit}:params.yaml") if report_only else Path("params.yaml").read_text())
+    commit = git("rev-parse", "--short", baseline)
+    params = yaml.safe_load(git("show", f"{commit}:params.yaml") if report_only else Path("params.yaml").read_text())
     unknown = set(knob) - {k.slug for k in KNOBS}
     if unknown:
         raise PipelineError(f"unknown knob(s) {', '.join(sorted(unknown))} (known: {', '.join(k.slug for k in KNOBS)})")
@@ -124,18 +124,9 @@ The rest were restored from DVC's run cache.
 
 {stages_ran}
 """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
     print(text)
-
-
-def _git(*args: str) -> str:
-    done = subprocess.run(["git", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise PipelineError(f"git {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return done.stdout.strip()
 
 
 def _read_runs(path: Path) -> dict[str, tuple[list[str], float]]:
@@ -150,10 +141,7 @@ def _read_runs(path: Path) -> dict[str, tuple[list[str], float]]:
 
 
 def _write_runs(path: Path, ran: dict[str, tuple[list[str], float]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({name: [stages, round(seconds, 1)] for name, (stages, seconds) in ran.items()}, indent=1))
-    tmp.replace(path)
+    write_json(path, {name: [stages, round(seconds, 1)] for name, (stages, seconds) in ran.items()})
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pipeline.report import (
     provenance,
     table,
 )
+from pipeline.store import atomic_path
 from stages.common import clean_errors
 from stages.experiments import dvc, run_experiment
 
@@ -95,8 +96,8 @@ Stages each row ran (the rest were restored from DVC's run cache):
 
 {stages_ran}
 """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
     print(text)
 
 
