@@ -1,4 +1,9 @@
-"""Run the proposer over a split and assemble the proposals store (DESIGN.md's contract)."""
+"""Run the proposer over a split and assemble the proposals store (DESIGN.md's contract).
+
+`propose_parts` runs a split part by part (`pipeline.parts`): each part of whole images is saved as
+soon as it is done, a rerun after a kill goes on from the first missing part, and memory holds one
+part. `StoreProposals` reads a finished store back image by image, a block of images at a time.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from tqdm import tqdm
 
 from pipeline.data.lvis_format import image_path, load_image
 from pipeline.errors import PipelineError
+from pipeline.parts import Column, ImageParts
 from pipeline.store import offsets_from_counts
 
 log = logging.getLogger(__name__)
@@ -107,3 +113,71 @@ def propose_split(
         masks=np.concatenate([r["masks"] for r in filled]).astype(np.uint8) if filled else empty["masks"],
         skipped=skipped,
     )
+
+
+def proposal_columns(mask_size: int) -> dict[str, Column]:
+    """The arrays of a proposals store (besides image_offsets), as `ImageParts` columns."""
+    return {
+        "image_ids": Column("int64", (), per_image=True),
+        "image_hw": Column("int64", (2,), per_image=True),
+        "boxes": Column("float32", (4,)),
+        "scores": Column("float32", ()),
+        "masks": Column("uint8", (mask_size, mask_size)),
+    }
+
+
+def propose_parts(
+    parts: ImageParts,
+    images: list[dict],
+    image_root: Path,
+    infer: Callable[[list[np.ndarray]], list[dict]],
+    *,
+    batch_size: int,
+    mask_size: int,
+    on_missing_image: str = "error",
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> None:
+    """Propose for every part of `parts` not yet on disk (this rank's share), saving each when done."""
+    todo = parts.pending(rank, world_size)
+    n_todo = sum(stop - start for start, stop in todo)
+    bar = tqdm(total=n_todo, desc="propose", unit="img", disable=not progress, dynamic_ncols=True)
+    for start, stop in todo:
+        result = propose_split(
+            images[start:stop],
+            image_root,
+            infer,
+            batch_size=batch_size,
+            mask_size=mask_size,
+            on_missing_image=on_missing_image,
+            progress=False,
+        )
+        counts = np.diff(result.image_offsets)
+        arrays = {name: value for name, value in result.arrays().items() if name != "image_offsets"}
+        parts.write(start, stop, counts, arrays, meta={"skipped": result.skipped})
+        bar.update(stop - start)
+    bar.close()
+
+
+class StoreProposals:
+    """The proposals of a store image by image (dicts of boxes, scores, masks), read `block` images at a time.
+
+    A sequence for `evaluate_proposals` and friends that never holds more than one block of masks.
+    """
+
+    def __init__(self, group, block: int = 256) -> None:
+        self.group, self.block = group, max(1, int(block))
+        self.offsets = np.asarray(group["image_offsets"][...])
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __iter__(self):
+        for first in range(0, len(self), self.block):
+            last = min(first + self.block, len(self))
+            lo, hi = int(self.offsets[first]), int(self.offsets[last])
+            boxes, scores, masks = (np.asarray(self.group[name][lo:hi]) for name in ("boxes", "scores", "masks"))
+            for i in range(first, last):
+                rows = slice(int(self.offsets[i]) - lo, int(self.offsets[i + 1]) - lo)
+                yield {"boxes": boxes[rows], "scores": scores[rows], "masks": masks[rows]}

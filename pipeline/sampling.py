@@ -3,7 +3,9 @@ and cut the three crops; pool every crop with the frozen backbone in batches tha
 
 Pair indices come back global (rows of the proposals store), so `pairs/object` and `pairs/hier` index the
 feature arrays directly. Images are independent, so a split can be processed as disjoint image ranges
-(`start`, `stop`) whose outputs concatenate (the shard layout DESIGN.md asks for).
+(`start`, `stop`) whose outputs concatenate (the shard layout DESIGN.md asks for): `sample_parts` runs
+a split part by part (`pipeline.parts`), reading one part's boxes and masks from the proposals store at a
+time and saving each part's features (in `dtype`) and pairs as soon as they are done.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline.features import crop_views, pool_features
 from pipeline.masks import paste_masks
+from pipeline.parts import Column, ImageParts
 from pipeline.relations import relations
 
 VIEWS = ("box", "fg", "bg")
@@ -117,3 +120,67 @@ def sample_split(
         object_pairs=np.concatenate(obj_parts).astype(np.int64) if obj_parts else empty,
         hier_pairs=np.concatenate(hier_parts).astype(np.int64) if hier_parts else empty,
     )
+
+
+def sample_columns(dim: int, dtype: str) -> dict[str, Column]:
+    """The arrays of a samples store (besides image_offsets), as `ImageParts` columns."""
+    return {
+        **{f"features/{view}": Column(dtype, (dim,)) for view in VIEWS},
+        "pairs/object": Column("int64", (2,)),
+        "pairs/hier": Column("int64", (2,)),
+    }
+
+
+PAIR_COLUMNS = ("pairs/object", "pairs/hier")
+
+
+def sample_parts(
+    parts: ImageParts,
+    proposals,
+    load_image: Callable[[int], np.ndarray],
+    backbone: nn.Module,
+    *,
+    dtype: str,
+    crop_size: int,
+    object_iou: float,
+    hier_containment: float,
+    relation_max_side: int | None,
+    batch_size: int,
+    device: str = "cpu",
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> None:
+    """`sample_split` over every part of `parts` not yet on disk (this rank's share), one part in memory.
+
+    `proposals` is the proposals store (a zarr group: image_offsets, image_hw, boxes, masks);
+    `load_image(i)` returns image i of the store. Pairs are saved part-local; `ImageParts.assemble`
+    makes them rows of the whole store.
+    """
+    offsets = np.asarray(proposals["image_offsets"][...])
+    image_hw = np.asarray(proposals["image_hw"][...])
+    todo = parts.pending(rank, world_size)
+    total = sum(int(offsets[stop] - offsets[start]) for start, stop in todo)
+    bar = tqdm(total=total, desc="sample", unit="proposal", disable=not progress, dynamic_ncols=True)
+    for start, stop in todo:
+        lo, hi = int(offsets[start]), int(offsets[stop])
+        result = sample_split(
+            lambda i, first=start: load_image(first + i),
+            image_hw[start:stop],
+            offsets[start : stop + 1] - lo,
+            np.asarray(proposals["boxes"][lo:hi]),
+            np.asarray(proposals["masks"][lo:hi]),
+            backbone,
+            crop_size=crop_size,
+            object_iou=object_iou,
+            hier_containment=hier_containment,
+            relation_max_side=relation_max_side,
+            batch_size=batch_size,
+            device=device,
+            progress=False,
+        )
+        arrays = {f"features/{view}": result.features[view].astype(dtype) for view in VIEWS}
+        arrays.update({"pairs/object": result.object_pairs, "pairs/hier": result.hier_pairs})
+        parts.write(start, stop, np.diff(offsets[start : stop + 1]), arrays)
+        bar.update(hi - lo)
+    bar.close()

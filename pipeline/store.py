@@ -2,8 +2,9 @@
 
 A store is a directory written to a temporary sibling and renamed into place when complete, so a
 killed stage never leaves a store that looks finished. The root group's attrs describe the store:
-its `kind`, the params and code version that made it, the split, counts, and a `fingerprint` (a hash
-of every array's bytes) that downstream stores record to detect a mismatched input.
+its `kind`, the params that made it, the split, counts, and a `fingerprint` (a hash of every array's
+bytes) that downstream stores record to detect a mismatched input. Nothing in a store depends on the git
+commit or the clock (dvc.lock records the code), so the same inputs and params give the same bytes.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import hashlib
 import io
 import json
 import math
-import os
 import shutil
-import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,22 +28,38 @@ CHUNK_BYTES = 1 << 20  # about 1 MB per chunk along the first axis
 MAX_SHARDS_PER_ARRAY = 32  # keeps a store at a few hundred files (DVC hashes each one)
 
 
+def temporary_path(final: Path | str) -> Path:
+    """The one temporary path of `final` (`.name.tmp` beside it): a killed run's leftover is found and reused."""
+    final = Path(final)
+    return final.parent / f".{final.name}.tmp"
+
+
+def clean_leftovers(final: Path | str) -> None:
+    """Remove what a killed writer of `final` left behind: its temporary path and an old copy mid-rename."""
+    final = Path(final)
+    if final.parent.is_dir():
+        for pattern in (f".{final.name}.tmp*", f".{final.name}.old*"):
+            for leftover in final.parent.glob(pattern):
+                _remove(leftover)
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success replace `final` with it, on error remove it.
 
-    Whatever was at `final` before stays untouched until the new output is complete.
+    Whatever was at `final` before stays untouched until the new output is complete. The temporary
+    path does not depend on the process, so the leftovers of a killed run are removed by the next one.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    _remove(tmp)
+    clean_leftovers(final)
+    tmp = temporary_path(final)
     try:
         yield tmp
     except BaseException:
         _remove(tmp)
         raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    old = final.parent / f".{final.name}.old"
     if final.exists():
         final.rename(old)
     tmp.rename(final)
@@ -100,54 +115,132 @@ def _layout(shape: tuple[int, ...], itemsize: int) -> tuple[tuple[int, ...], tup
     return (rows, *rest), (shard_rows, *rest)
 
 
+def _update_digest(h: Any, rows: np.ndarray) -> None:
+    """Feed an array's bytes to a hash without copying a contiguous array."""
+    rows = np.ascontiguousarray(rows)
+    h.update(memoryview(rows.reshape(-1)).cast("B") if rows.size else b"")
+
+
 def array_digest(array: np.ndarray) -> str:
-    """sha256 of an array's dtype, shape and bytes."""
+    """sha256 of an array's dtype, shape and bytes (what `ArrayWriter` computes row block by row block)."""
+    array = np.asarray(array)
     h = hashlib.sha256()
     h.update(f"{array.dtype.str}{array.shape}".encode())
-    h.update(np.ascontiguousarray(array).tobytes())
+    _update_digest(h, array)
     return h.hexdigest()
 
 
-def code_version() -> str:
-    """The git commit of the code that ran (with '-dirty' for uncommitted changes), or 'unknown'."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "pipeline", "stages"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
+class ArrayWriter:
+    """Rows of one array of a store, written in order: buffered to whole shards, hashed as they pass.
+
+    The final shape is declared up front; `write(rows)` appends rows, `close()` checks the count and
+    returns the array's digest (equal to `array_digest` of the whole array). Memory: one shard's rows.
+    """
+
+    def __init__(self, group: zarr.Group, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.name, self.shape, self.dtype = name, tuple(int(s) for s in shape), np.dtype(dtype)
+        self._hash = hashlib.sha256()
+        self._hash.update(f"{self.dtype.str}{self.shape}".encode())
+        if not self.shape:
+            chunks, shards = (), None
+        else:
+            chunks, shards = _layout(self.shape, self.dtype.itemsize)
+        self._array = group.create_array(
+            name, shape=self.shape, dtype=self.dtype, chunks=chunks, shards=shards, fill_value=0
+        )
+        self._block = shards[0] if shards else max(1, self.shape[0] if self.shape else 1)
+        self._pending: list[np.ndarray] = []
+        self._n_pending = 0
+        self._written = 0
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows)
+        if rows.dtype != self.dtype or rows.shape[1:] != self.shape[1:]:
+            raise PipelineError(
+                f"store array {self.name!r}: rows of {rows.dtype} {rows.shape[1:]} do not fit {self.dtype} {self.shape}"
+            )
+        if self._written + self._n_pending + len(rows) > self.shape[0]:
+            raise PipelineError(f"store array {self.name!r}: more than the {self.shape[0]} rows declared")
+        self._pending.append(rows)
+        self._n_pending += len(rows)
+        while self._n_pending >= self._block:
+            self._flush(self._block)
+
+    def _flush(self, n: int) -> None:
+        buffer = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        head, rest = buffer[:n], buffer[n:]
+        self._array[self._written : self._written + n] = head
+        _update_digest(self._hash, head)
+        self._written += n
+        self._pending = [rest] if len(rest) else []
+        self._n_pending = len(rest)
+
+    def close(self) -> str:
+        if not self.shape:  # a scalar array
+            value = np.concatenate(self._pending).reshape(()) if self._pending else np.zeros((), self.dtype)
+            self._array[...] = value
+            _update_digest(self._hash, value)
+            return self._hash.hexdigest()
+        if self._n_pending:
+            self._flush(self._n_pending)
+        if self._written != self.shape[0]:
+            raise PipelineError(f"store array {self.name!r}: {self._written} rows written of {self.shape[0]} declared")
+        return self._hash.hexdigest()
+
+
+class StoreWriter:
+    """A Zarr v3 store written array by array (each streamed by rows), then finished with its attrs.
+
+    The fingerprint (sha256 over the sorted array names and each array's digest, first 16 hex digits)
+    is the same as `write_store` computes from in-memory arrays. Write into a temporary path (see
+    `atomic_path`); nothing in the store depends on the commit or the clock.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.root = zarr.open_group(str(path), mode="w", zarr_format=3)
+        self.digests: dict[str, str] = {}
+
+    def array(self, name: str, shape: tuple[int, ...], dtype: Any) -> ArrayWriter:
+        return ArrayWriter(self.root, name, shape, np.dtype(dtype))
+
+    def write_array(self, name: str, value: np.ndarray, block_rows: int | None = None) -> None:
+        """A whole (or memory-mapped) array, written `block_rows` at a time."""
+        value = np.asarray(value) if not hasattr(value, "shape") else value
+        writer = self.array(name, tuple(value.shape), value.dtype)
+        if not value.shape:
+            writer.write(np.asarray(value).reshape(1))
+        else:
+            step = block_rows or max(1, writer._block)
+            for start in range(0, value.shape[0], step):
+                writer.write(np.asarray(value[start : start + step]))
+        self.close(writer)
+
+    def close(self, writer: ArrayWriter) -> None:
+        self.digests[writer.name] = writer.close()
+
+    def finish(self, attrs: Mapping[str, Any], kind: str) -> str:
+        """Write the root attrs (kind, fingerprint, `attrs`); returns the fingerprint."""
+        digest = hashlib.sha256()
+        for name in sorted(self.digests):
+            digest.update(name.encode())
+            digest.update(self.digests[name].encode())
+        fingerprint = digest.hexdigest()[:16]
+        full_attrs = {"kind": kind, "fingerprint": fingerprint, **attrs}
+        self.root.attrs.update(json.loads(json.dumps(full_attrs)))
+        return fingerprint
 
 
 def write_store(path: Path | str, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any], kind: str) -> str:
     """Write `arrays` (names may contain '/' for groups) and `attrs` as a Zarr v3 store, atomically.
 
-    Returns the store's fingerprint, also saved in its attrs.
+    Returns the store's fingerprint, also saved in its attrs. For arrays too large for memory, use
+    `StoreWriter` (or `ImageParts`) and write rows as they are made.
     """
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        digest.update(name.encode())
-        digest.update(array_digest(np.asarray(arrays[name])).encode())
-    fingerprint = digest.hexdigest()[:16]
-    full_attrs = {"kind": kind, "code_version": code_version(), "fingerprint": fingerprint, **attrs}
     with atomic_path(path) as tmp:
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        writer = StoreWriter(tmp)
         for name, value in arrays.items():
-            value = np.asarray(value)
-            chunks, shards = _layout(value.shape, value.dtype.itemsize)
-            if not value.shape:
-                chunks, shards = (), None
-            root.create_array(name, data=value, chunks=chunks, shards=shards)
-        root.attrs.update(json.loads(json.dumps(full_attrs)))
-    return fingerprint
+            writer.write_array(name, np.asarray(value))
+        return writer.finish(attrs, kind)
 
 
 def open_store(path: Path | str, kind: str) -> zarr.Group:

@@ -48,9 +48,9 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
         read_array(proposals, "image_ids"),
         read_array(proposals, "image_hw"),
         read_array(proposals, "image_offsets"),
-        read_array(proposals, "boxes"),
+        proposals["boxes"],  # zarr arrays: masks are pasted block by block, never all in memory
         read_array(proposals, "scores"),
-        read_array(proposals, "masks"),
+        proposals["masks"],
         assignment,
         k,
         iou_threshold=cfg.match_iou,

@@ -7,6 +7,7 @@ for base and novel categories) into metrics/propose_<split>.json.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import typer
@@ -15,16 +16,31 @@ from pipeline.config import as_dict
 from pipeline.data.dataset import read_manifest
 from pipeline.data.lvis_format import load_json
 from pipeline.device import pick_device
-from pipeline.proposals import propose_split
+from pipeline.parts import IMAGES_PER_PART, ImageParts
+from pipeline.proposals import StoreProposals, proposal_columns, propose_parts
 from pipeline.proposer import evaluate_proposals, load_checkpoint, propose
-from pipeline.store import write_json, write_store
+from pipeline.store import open_store, write_json
 from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, params, split_dir, summary
+
+log = logging.getLogger("propose")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read 1 MB at a time (first 16 hex digits)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 @clean_errors
 def main(
     split: str = typer.Option(..., help="train or val"),
     params_file: str = typer.Option("params.yaml", help="params file"),
+    images_per_part: int = typer.Option(
+        IMAGES_PER_PART, min=1, help="images per resumable part (memory and resume granularity; not the result)"
+    ),
 ) -> None:
     timer = Timer()
     p = params(params_file)
@@ -40,37 +56,49 @@ def main(
         max_proposals=cfg.max_proposals,
     ).to(device)
     images = sorted(gt["images"], key=lambda r: r["id"])
-    result = propose_split(
+    mask_size = model.roi_heads.mask_roi_pool.output_size[0] * 2
+    out = split_dir(split) / "proposals.zarr"
+    proposer_digest = file_digest(PROPOSER_CHECKPOINT)
+    key = {
+        "split": split,
+        "propose": as_dict(cfg),
+        "device": device,
+        "proposer_digest": proposer_digest,
+        "annotations": manifest.files.get(str(gt_path), str(gt_path)),
+    }
+    parts = ImageParts(out, key, proposal_columns(mask_size), len(images), images_per_part=images_per_part)
+    if parts.n_done:
+        print(f"[propose] resuming: {parts.n_done} of {len(parts.ranges)} parts already done", flush=True)
+    propose_parts(
+        parts,
         images,
         Path(manifest.image_root),
         lambda batch: propose(model, batch, device=device),
         batch_size=cfg.batch_size,
-        mask_size=model.roi_heads.mask_roi_pool.output_size[0] * 2,
+        mask_size=mask_size,
         on_missing_image=cfg.on_missing_image,
     )
-    n_props = len(result.scores)
-    n_empty = int(((result.image_offsets[1:] - result.image_offsets[:-1]) == 0).sum())
+    skipped = [i for meta in parts.metas() for i in meta["skipped"]]
+    if skipped:
+        log.warning("skipped %d missing or unreadable images (first id %d)", len(skipped), skipped[0])
+    counts = parts.row_counts()
+    n_props, n_empty = int(counts.sum()), int((counts == 0).sum())
     attrs = {
         "split": split,
         "params": {"propose": as_dict(cfg), "device": device},
         "proposer_checkpoint": str(PROPOSER_CHECKPOINT),
-        "proposer_digest": hashlib.sha256(PROPOSER_CHECKPOINT.read_bytes()).hexdigest()[:16],
+        "proposer_digest": proposer_digest,
         "annotations": str(gt_path),
         "mask_format": "uint8 probability x255, box-relative, paste into the box and threshold at 0.5",
-        "counts": {
-            "images": len(images),
-            "proposals": n_props,
-            "empty_images": n_empty,
-            "skipped": len(result.skipped),
-        },
-        "skipped_image_ids": result.skipped,
+        "counts": {"images": len(images), "proposals": n_props, "empty_images": n_empty, "skipped": len(skipped)},
+        "skipped_image_ids": skipped,
     }
-    out = split_dir(split) / "proposals.zarr"
-    write_store(out, result.arrays(), attrs, kind="proposals")
+    parts.assemble(attrs, kind="proposals")
+    store = open_store(out, "proposals")
     metrics = evaluate_proposals(
-        result.per_image(),
+        StoreProposals(store),
         gt_path,
-        [int(i) for i in result.image_ids],
+        [int(i) for i in store["image_ids"][...]],
         set(manifest.base_category_ids),
         k=cfg.max_proposals,
     )
@@ -80,7 +108,7 @@ def main(
     recall = {group: metrics.get(f"recall@{k}/{group}", float("nan")) for group in ("base", "novel")}
     summary(
         "propose",
-        f"{split}: {n_props} proposals on {len(images)} images ({n_empty} with none, {len(result.skipped)} skipped), "
+        f"{split}: {n_props} proposals on {len(images)} images ({n_empty} with none, {len(skipped)} skipped), "
         f"{rate:.1f} img/s on {device}; mask recall@{k} base {recall['base']:.3f} novel {recall['novel']:.3f}; "
         f"wrote {out}",
         timer,

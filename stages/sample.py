@@ -12,8 +12,9 @@ from pipeline.config import as_dict
 from pipeline.data.dataset import read_manifest
 from pipeline.device import pick_device
 from pipeline.features import build_backbone
-from pipeline.sampling import sample_split
-from pipeline.store import open_store, read_array, write_store
+from pipeline.parts import IMAGES_PER_PART, ImageParts
+from pipeline.sampling import PAIR_COLUMNS, sample_columns, sample_parts
+from pipeline.store import open_store, read_array
 from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, image_loader, params, split_dir, summary
 
 
@@ -21,6 +22,9 @@ from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, im
 def main(
     split: str = typer.Option(..., help="train or val"),
     params_file: str = typer.Option("params.yaml", help="params file"),
+    images_per_part: int = typer.Option(
+        IMAGES_PER_PART, min=1, help="images per resumable part (memory and resume granularity; not the result)"
+    ),
 ) -> None:
     timer = Timer()
     p = params(params_file)
@@ -29,16 +33,35 @@ def main(
     source = split_dir(split) / "proposals.zarr"
     proposals = open_store(source, "proposals")
     image_ids = read_array(proposals, "image_ids")
-    offsets = read_array(proposals, "image_offsets")
+    n = int(proposals["image_offsets"][-1])
     device = pick_device(p.device)
     backbone = build_backbone(cfg.backbone, cfg.backbone_init, seed=p.seed, proposer_checkpoint=PROPOSER_CHECKPOINT)
-    result = sample_split(
+    out = split_dir(split) / "samples.zarr"
+    key = {
+        "split": split,
+        "sample": as_dict(cfg),
+        "seed": p.seed,
+        "device": device,
+        "proposals": proposals.attrs["fingerprint"],
+        "backbone": backbone.init,
+        "proposer": proposals.attrs.get("proposer_digest"),
+    }
+    parts = ImageParts(
+        out,
+        key,
+        sample_columns(backbone.dim, cfg.dtype),
+        len(image_ids),
+        images_per_part=images_per_part,
+        index_columns=PAIR_COLUMNS,
+    )
+    if parts.n_done:
+        print(f"[sample] resuming: {parts.n_done} of {len(parts.ranges)} parts already done", flush=True)
+    sample_parts(
+        parts,
+        proposals,
         image_loader(manifest, split, image_ids),
-        read_array(proposals, "image_hw"),
-        offsets,
-        read_array(proposals, "boxes"),
-        read_array(proposals, "masks"),
         backbone,
+        dtype=cfg.dtype,
         crop_size=cfg.crop_size,
         object_iou=cfg.object_iou,
         hier_containment=cfg.hier_containment,
@@ -46,24 +69,23 @@ def main(
         batch_size=cfg.batch_size,
         device=device,
     )
-    n = int(offsets[-1])
     counts = {
         "images": len(image_ids),
         "proposals": n,
-        "object_pairs": len(result.object_pairs),
-        "hier_pairs": len(result.hier_pairs),
+        "object_pairs": parts.n_rows("pairs/object"),
+        "hier_pairs": parts.n_rows("pairs/hier"),
     }
     attrs = {
         "split": split,
         "params": {"sample": as_dict(cfg), "seed": p.seed, "device": device},
         "backbone": backbone.init,
-        "feature_dim": int(result.features["box"].shape[1]),
+        "feature_dim": int(backbone.dim),
+        "feature_dtype": cfg.dtype,
         "source": str(source),
         "source_fingerprint": proposals.attrs["fingerprint"],
         "counts": counts,
     }
-    out = split_dir(split) / "samples.zarr"
-    write_store(out, {"image_offsets": offsets, **result.arrays()}, attrs, kind="samples")
+    parts.assemble(attrs, kind="samples")
     summary(
         "sample",
         f"{split}: {n} proposals x 3 views ({cfg.backbone}, {attrs['backbone']}), {counts['object_pairs']} object "

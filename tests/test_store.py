@@ -108,3 +108,64 @@ def test_rle_and_iou():
     assert np.allclose(np.diag(iou), 1) and np.isclose(iou[0, 1], 25 / 75)
     rle = encode_rle(a[0])
     assert isinstance(rle["counts"], str) and rle["size"] == [10, 10]
+
+
+def _file_digests(path):
+    import hashlib
+
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+def _reference_store(path, arrays):
+    """What zarr writes from whole in-memory arrays, with the store's chunk/shard layout (the pre-streaming writer)."""
+    from pipeline.store import _layout
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for name, value in arrays.items():
+        chunks, shards = _layout(value.shape, value.dtype.itemsize)
+        root.create_array(name, data=value, chunks=chunks, shards=shards)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 1000, 100_000])
+def test_streamed_arrays_are_the_bytes_of_whole_arrays(tmp_path, block_rows):
+    from pipeline.store import StoreWriter, array_digest
+
+    rng = np.random.default_rng(1)
+    arrays = ragged(rng, list(rng.integers(0, 20, size=300)))
+    _reference_store(tmp_path / "ref.zarr", arrays)
+    writer = StoreWriter(tmp_path / "s.zarr")
+    for name, value in arrays.items():
+        writer.write_array(name, value, block_rows=block_rows)
+    fingerprint = writer.finish({}, kind="proposals")
+    ref, streamed = _file_digests(tmp_path / "ref.zarr"), _file_digests(tmp_path / "s.zarr")
+    assert {k: v for k, v in ref.items() if k != "zarr.json"} == {k: v for k, v in streamed.items() if k != "zarr.json"}
+    assert fingerprint == write_store(tmp_path / "w.zarr", arrays, {}, kind="proposals")
+    assert writer.digests["masks"] == array_digest(arrays["masks"])
+
+
+def test_store_attrs_do_not_depend_on_the_commit(tmp_path):
+    write_store(tmp_path / "a.zarr", {"x": np.arange(3)}, {"split": "val"}, kind="proposals")
+    attrs = dict(open_store(tmp_path / "a.zarr", "proposals").attrs)
+    assert set(attrs) == {"kind", "fingerprint", "split"}
+
+
+def test_array_writer_refuses_wrong_rows(tmp_path):
+    from pipeline.store import StoreWriter
+
+    writer = StoreWriter(tmp_path / "s.zarr")
+    array = writer.array("x", (4, 2), np.float32)
+    with pytest.raises(PipelineError, match="do not fit"):
+        array.write(np.zeros((1, 3), np.float32))
+    array.write(np.zeros((3, 2), np.float32))
+    with pytest.raises(PipelineError, match="3 rows written of 4"):
+        array.close()
+
+
+def test_a_killed_writers_leftovers_are_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "out.zarr"
+    (tmp_path / ".out.zarr.tmp").mkdir()
+    (tmp_path / ".out.zarr.tmp-12345").mkdir()  # the per-process name of earlier versions
+    write_store(target, {"x": np.arange(3)}, {}, kind="proposals")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]

@@ -61,9 +61,10 @@ def proposal_rles(
     in blocks of about READ_BLOCK proposals aligned to image boundaries.
     """
     image_hw = np.asarray(image_hw)
-    offsets = check_offsets(image_offsets, len(image_hw), len(boxes))
-    if len(masks) != len(boxes):
-        raise PipelineError(f"{len(masks)} masks for {len(boxes)} boxes")
+    n_boxes, n_masks = int(np.shape(boxes)[0]), int(np.shape(masks)[0])
+    offsets = check_offsets(image_offsets, len(image_hw), n_boxes)
+    if n_masks != n_boxes:
+        raise PipelineError(f"{n_masks} masks for {n_boxes} boxes")
     out: list[dict] = []
     start, stop = 0, 0
     block_boxes = block_masks = None

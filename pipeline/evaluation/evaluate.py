@@ -49,9 +49,9 @@ def evaluate_clusters(
     image_ids: Sequence[int],
     image_hw: np.ndarray,
     image_offsets: np.ndarray,
-    boxes: np.ndarray,
+    boxes: np.ndarray,  # or any array-like read by row ranges (a zarr array)
     scores: np.ndarray,
-    masks: np.ndarray,
+    masks: np.ndarray,  # likewise: read in blocks of images, never whole
     assignment: np.ndarray,
     k: int,
     *,
@@ -72,9 +72,10 @@ def evaluate_clusters(
     if len(image_hw) != len(image_ids):
         raise PipelineError(f"{len(image_hw)} image sizes for {len(image_ids)} images")
     offsets = check_offsets(image_offsets, len(image_ids), n)
-    if len(boxes) != n or len(masks) != n or len(assignment) != n:
+    n_boxes, n_masks = int(np.shape(boxes)[0]), int(np.shape(masks)[0])  # zarr arrays have a shape, not a len
+    if n_boxes != n or n_masks != n or len(assignment) != n:
         raise PipelineError(
-            f"{len(boxes)} boxes, {len(masks)} masks, {n} scores and {len(assignment)} assignments do not match"
+            f"{n_boxes} boxes, {n_masks} masks, {n} scores and {len(assignment)} assignments do not match"
         )
     if k < 1 or (n and (assignment.min() < 0 or assignment.max() >= k)):
         raise PipelineError(f"cluster assignments must lie in [0, k={k})")
