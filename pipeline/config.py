@@ -1,12 +1,22 @@
 """Typed params: params.yaml parsed into frozen dataclasses, with one-line errors naming the key.
 
-Every group of params.yaml is a dataclass below; an unknown key, a missing key or a value of the
-wrong type is rejected with a message such as ``params.yaml: proposer.epochs: expected int, got 'ten'``.
+Every group of params.yaml is a dataclass below; an unknown key, a missing key, a value of the wrong
+type or out of its range (`RANGES`, plus the few rules between keys in `_check_together`) is rejected
+with a message such as ``params.yaml: proposer.epochs: expected int, got 'ten'`` or
+``params.yaml: propose.score_thresh: must be in [0, 1), got 2``.
+
+Numbers as people write them: the loader reads floats the YAML 1.2 way, so ``1e-4``, ``5E3`` and ``-.5``
+are numbers (PyYAML's YAML 1.1 reads ``1e-4`` as a string); a float field also takes a string holding a
+plain decimal or exponent number (``'1e-4'``, as a tool may quote it). String fields never become numbers.
+An int field takes an integral float (``max_dets: 1e3`` is 1000) and rejects any other (``2.5``, ``nan``).
+NaN and infinities are rejected everywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +43,7 @@ class LvisData:
     val_json: str = ""
     image_root: str = ""
     coco_json: str = ""
+    coco_image_root: str | None = None  # COCO's file_name folder; None: <image_root>/train2017
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,7 @@ class Proposer:
     epochs: int = 8
     batch_size: int = 4
     lr: float = 0.02
+    checkpoint_every: int = 100
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,7 @@ class Sample:
     hier_containment: float = 0.95
     relation_max_side: int | None = None
     batch_size: int = 128
+    dtype: Literal["float16", "float32"] = "float16"
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,8 @@ class Embed:
     batch_size: int = 256
     lr: float = 1e-4
     weight_decay: float = 1e-5
+    num_workers: int = 0
+    checkpoint_every: int = 100
 
 
 @dataclass(frozen=True)
@@ -123,14 +138,124 @@ class Params:
     evaluate: Evaluate = field(default_factory=Evaluate)
 
 
+SEED = "[0, 2147483647]"  # numpy, torch and faiss (a C int) all take it
+
+# The allowed range of every numeric param, keyed by its dotted name: ">= a", "> a", or an interval with
+# [ ] closed and ( ) open ends. None (an unset optional) and the choice "auto" are not checked here.
+RANGES: dict[str, str] = {
+    "seed": SEED,
+    "data.synthetic.n_train": ">= 1",
+    "data.synthetic.n_val": ">= 1",  # propose@val and evaluate need val images
+    "data.synthetic.image_size": ">= 32",  # pipeline/data/synthetic.py's minimum
+    "data.synthetic.n_categories": "[1, 400]",  # pipeline/data/synthetic.py's limits
+    "data.synthetic.max_objects": ">= 1",
+    "proposer.image_size": ">= 64",  # pipeline/proposer.py's build_model minimum
+    "proposer.epochs": ">= 1",
+    "proposer.batch_size": ">= 1",
+    "proposer.lr": "> 0",
+    "proposer.checkpoint_every": ">= 1",
+    "propose.score_thresh": "[0, 1)",  # kept when score > thresh: 1 keeps nothing
+    "propose.nms_thresh": "[0, 1]",  # 0 suppresses any overlap, 1 none
+    "propose.max_proposals": ">= 1",
+    "propose.batch_size": ">= 1",
+    "sample.crop_size": ">= 32",  # the backbone's stride: smaller crops pool less than one feature cell
+    "sample.object_iou": "[0, 1)",  # pairs with IoU > this: 1 makes none (pipeline/relations.py)
+    "sample.hier_containment": "(0, 1]",  # fraction >= this: 0 pairs every larger mask (pipeline/relations.py)
+    "sample.relation_max_side": ">= 1",
+    "sample.batch_size": ">= 1",
+    "embed.seed": SEED,
+    "embed.curvature": "> 0",
+    "embed.hidden": ">= 1",
+    "embed.dim": ">= 2",  # the disk plot needs two directions
+    "embed.epochs": ">= 1",
+    "embed.batch_size": ">= 1",
+    "embed.lr": "> 0",
+    "embed.weight_decay": ">= 0",
+    "embed.num_workers": ">= 0",
+    "embed.checkpoint_every": ">= 1",
+    "loss.mask": ">= 0",
+    "loss.object": ">= 0",
+    "loss.hier": ">= 0",
+    "loss.margin": ">= 0",
+    "cluster.seed": SEED,
+    "cluster.k": ">= 1",
+    "cluster.max_iter": ">= 1",
+    "cluster.tol": ">= 0",
+    "evaluate.match_iou": "(0, 1]",  # matched at IoU >= this: 0 would match anything (evaluation/matching.py)
+    "evaluate.max_dets": ">= 1",
+}
+
+_BOUND = re.compile(r"(>=|>) (-?[0-9.]+)")
+_INTERVAL = re.compile(r"([\[(])(-?[0-9.]+), (-?[0-9.]+)([\])])")
+# YAML 1.2 floats (plus YAML 1.1's underscores): exponents without a dot or a sign, and -.5, are numbers
+_YAML_FLOAT = re.compile(
+    r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    | [-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    | [-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    | [-+]?\.(?:inf|Inf|INF)
+    | \.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_FLOAT_TEXT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")  # a float field's string
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """SafeLoader whose implicit floats follow YAML 1.2: ``1e-4`` is 0.0001, not the string '1e-4'."""
+
+
+ParamsLoader.yaml_implicit_resolvers = {  # our own copy: SafeLoader's resolvers stay as they are
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789."))
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
+def _show(value: float) -> str:
+    """A number as written in a message: 2 rather than 2.0."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() and abs(value) < 1e16 else str(value)
+
+
+def _within(value: float, rule: str) -> bool:
+    if m := _BOUND.fullmatch(rule):
+        return value >= float(m[2]) if m[1] == ">=" else value > float(m[2])
+    m = _INTERVAL.fullmatch(rule)
+    if m is None:
+        raise ValueError(f"bad range rule {rule!r}")
+    lo, hi = float(m[2]), float(m[3])
+    return (value >= lo if m[1] == "[" else value > lo) and (value <= hi if m[4] == "]" else value < hi)
+
+
+def _check_range(value: Any, key: str, source: str) -> None:
+    rule = RANGES.get(key)
+    if rule is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not _within(value, rule):
+        what = f"in {rule}" if rule[0] in "[(" else rule
+        raise PipelineError(f"{source}: {key}: must be {what}, got {_show(value)}")
+
+
+def _coerce_float(value: Any, key: str, source: str) -> float:
+    number_text = isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip())
+    if number_text or (isinstance(value, int) and not isinstance(value, bool)):
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond any float
+            value = math.inf
+    if type(value) is not float:
+        raise PipelineError(f"{source}: {key}: expected float, got {value!r}")
+    if not math.isfinite(value):
+        raise PipelineError(f"{source}: {key}: must be a finite number, got {value}")
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    """Check `value` against the annotation `tp` (ints and number strings pass as floats, integral floats as ints)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -158,8 +283,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 errors.append(err)
         names = " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
         raise PipelineError(f"{source}: {key}: expected {names}, got {value!r}")
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float:
+        return _coerce_float(value, key, source)
+    if tp is int and type(value) is float and value.is_integer():
+        return int(value)  # 1e3 reads as the float 1000.0
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise PipelineError(f"{source}: {key}: expected {tp.__name__}, got {value!r}")
     return value
@@ -178,23 +305,42 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
         if f.name not in data:
             raise PipelineError(f"{source}: missing key {where!r}")
         kwargs[f.name] = _coerce(data[f.name], hints[f.name], where, source)
+        _check_range(kwargs[f.name], where, source)
     return cls(**kwargs)
 
 
+def _check_together(p: Params, source: str) -> None:
+    """The rules that involve more than one value."""
+    k_range = p.cluster.k_range
+    ok = len(k_range) == 3 and 1 <= k_range[0] <= k_range[1] and k_range[2] >= 1
+    if not ok or len(range(k_range[0], k_range[1] + 1, k_range[2])) < 3:
+        raise PipelineError(
+            f"{source}: cluster.k_range: must be [start, stop, step] with 1 <= start <= stop, step >= 1 "
+            f"and at least 3 values of k (the elbow needs 3), got {k_range}"
+        )
+    if not (p.loss.mask or p.loss.object or p.loss.hier):
+        raise PipelineError(f"{source}: loss: mask, object and hier are all 0; at least one weight must be > 0")
+    n_images = p.data.synthetic.n_train + p.data.synthetic.n_val
+    if n_images > 999_999:  # pipeline/data/synthetic.py's limit
+        raise PipelineError(f"{source}: data.synthetic: n_train + n_val must be at most 999999, got {n_images}")
+
+
 def parse_params(data: dict, source: str = "params.yaml") -> Params:
-    """Typed params from an already-parsed mapping."""
+    """Typed params from an already-parsed mapping, every value checked against its type and range."""
     if not isinstance(data, dict):
         raise PipelineError(f"{source}: expected a mapping at the top level")
-    return _build(Params, data, "", source)
+    params = _build(Params, data, "", source)
+    _check_together(params, source)
+    return params
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
-    """Read and validate params.yaml."""
+    """Read and validate params.yaml (floats the YAML 1.2 way: ``1e-4`` is a number)."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=ParamsLoader)  # a SafeLoader: plain data only
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

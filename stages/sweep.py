@@ -18,6 +18,7 @@ from pathlib import Path
 import typer
 import yaml
 
+from pipeline.config import ParamsLoader
 from pipeline.errors import PipelineError
 from pipeline.report import SEEDS, experiments_from_show
 from pipeline.store import atomic_path, write_json
@@ -39,7 +40,8 @@ def main(
     baseline: str = typer.Option("HEAD", help="the commit the experiments were run from (for --report-only)"),
 ) -> None:
     commit = git("rev-parse", "--short", baseline)
-    params = yaml.safe_load(git("show", f"{commit}:params.yaml") if report_only else Path("params.yaml").read_text())
+    text = git("show", f"{commit}:params.yaml") if report_only else Path("params.yaml").read_text()
+    params = yaml.load(text, Loader=ParamsLoader)  # YAML 1.2 floats (1e-4), as the stages read them
     unknown = set(knob) - {k.slug for k in KNOBS}
     if unknown:
         raise PipelineError(f"unknown knob(s) {', '.join(sorted(unknown))} (known: {', '.join(k.slug for k in KNOBS)})")
