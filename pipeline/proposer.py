@@ -24,14 +24,20 @@ Choices worth knowing:
   a random permutation of the colour channels (so that objectness is not learnt as "one of the base
   categories' colours"); the seed fixes the initial RNG state, the DataLoader order, the flips and the
   permutations, so a CPU run is reproducible;
+- resumable training: with a `pipeline.checkpoint.Checkpoint`, the whole training state (weights,
+  optimizer, step, history and every RNG) is saved every `checkpoint_every` steps and resumed from
+  after a kill; the batch order is DataLoader(shuffle=True)'s, reproduced by `_EpochBatches` so that an
+  epoch can start at any batch, and a resumed CPU run ends with the uninterrupted run's weights, bit
+  for bit; images listed in `exclude_image_ids` (the LVIS val images) are never trained on;
 - `propose` returns the mask head's own 28 x 28 box-relative probabilities (uint8, round(255 p)),
   not pasted masks; `pipeline.masks.paste_masks` turns them into full-resolution masks.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +57,7 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops import misc as misc_nn_ops
 from tqdm import tqdm
 
+from pipeline.checkpoint import Checkpoint, rng_state, set_rng_state
 from pipeline.data.lvis_format import image_path, load_image, load_json
 from pipeline.device import pick_device
 from pipeline.errors import PipelineError
@@ -64,6 +71,7 @@ GRAD_CLIP_NORM = 10.0  # a randomly initialised detector's first steps can blow 
 MASK_SIZE = 28  # the mask head's native output resolution (14 x 14 RoIAlign, upsampled x2)
 _COCO_ANCHORS = ((32,), (64,), (128,), (256,), (512,))  # torchvision's maskrcnn_resnet50_fpn anchors
 _MOBILENET_LEVELS = [2, 3, 4]  # strides 8, 16, 32 (+ max-pool level at 64): small objects need stride 8
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,17 +212,28 @@ class CocoInstances(torch.utils.data.Dataset):
     class-aware detector such as the supervised baseline), `masks` (n, H, W) uint8,
     `image_id` int. Crowd annotations and boxes narrower or lower than one pixel (after clipping to
     the image) are dropped; with `skip_empty`, images left without annotations are dropped.
+    Images whose id is in `exclude_image_ids` are left out altogether (the COCO-trained proposer must not
+    see the LVIS val images, which come from COCO train2017 too); `n_excluded` counts those of the file.
     """
 
     def __init__(
-        self, coco_json: Path, image_root: Path, *, skip_empty: bool = True, label_map: dict[int, int] | None = None
+        self,
+        coco_json: Path,
+        image_root: Path,
+        *,
+        skip_empty: bool = True,
+        label_map: dict[int, int] | None = None,
+        exclude_image_ids: Iterable[int] = (),
     ):
         self.coco_json = Path(coco_json)
         self.label_map = label_map
         self.image_root = Path(image_root)
         data = load_json(self.coco_json, "COCO annotation file")
+        excluded = {int(i) for i in exclude_image_ids}
         try:
             images = {int(img["id"]): img for img in data["images"]}
+            self.n_excluded = len(excluded & images.keys())
+            images = {i: img for i, img in images.items() if i not in excluded}
             by_image: dict[int, list[dict]] = {i: [] for i in images}
             for ann in data["annotations"]:
                 if ann.get("iscrowd", 0) or int(ann["image_id"]) not in by_image:
@@ -289,6 +308,45 @@ def _lr_at(step: int, total: int, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+class _EpochBatches(torch.utils.data.Sampler):
+    """The batches of `DataLoader(shuffle=True, generator=g)`, reproduced draw for draw, that can start mid-epoch.
+
+    Per epoch, torch's RandomSampler draws `randperm(n, generator=g)` and, once exhausted, one more
+    `randperm(n)` that it throws away (its tail for `num_samples % n`); BatchSampler cuts the first
+    permutation into consecutive batches. Both draws are made here when the epoch's iteration starts, so
+    the generator's state after them is the next epoch's start. The DataLoader itself draws one int64
+    (the workers' base seed) from `g` before that, when it is iterated. Setting `skip` makes the next
+    epoch start at its `skip`-th batch: the same permutation, without loading the skipped images.
+    """
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        torch.randperm(self.n, generator=self.generator)  # RandomSampler's empty tail draw
+        skip, self.skip = self.skip, 0
+        for start in range(skip * self.batch_size, self.n, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+
+_RESUME_KEYS = {"model", "optimizer", "step", "total", "n_images", "history", "rng", "flip_gen", "epoch_start"}
+
+
+class TrainHistory(list):
+    """What `train_proposer` returns: one dict of floats per step (all steps, resumed or not), and
+    `resumed_from` (the step a checkpoint let it start at, 0 for a fresh run), `n_images` (training
+    images) and `n_excluded` (images of the file left out by `exclude_image_ids`)."""
+
+    resumed_from: int = 0
+    n_images: int = 0
+    n_excluded: int = 0
+
+
 def train_proposer(
     model: MaskRCNN,
     coco_json: Path,
@@ -302,36 +360,78 @@ def train_proposer(
     log_step: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
     label_map: dict[int, int] | None = None,
-) -> list[dict]:
+    exclude_image_ids: Iterable[int] = (),
+    checkpoint: Checkpoint | None = None,
+    checkpoint_every: int = 100,
+) -> TrainHistory:
     """Train `model` in place on the instances of `coco_json`; returns one dict of floats per step.
 
     Each dict holds torchvision's losses (loss_classifier, loss_box_reg, loss_mask, loss_objectness,
     loss_rpn_box_reg), their sum `loss` and the step's `lr`. `log_step(step, that dict)` is called
-    after every step. Seeds torch's global RNG with `seed` (the RoI samplers draw from it).
+    once for every step, in order, 0 to the last (after a resume: first for the saved steps, at once).
+    Seeds torch's global RNG with `seed` (the RoI samplers draw from it). Images whose id is in
+    `exclude_image_ids` are never trained on.
+
+    With `checkpoint`, the full training state (weights, optimizer, step, history, every RNG: torch's
+    global and CUDA ones, the batch order's and the augmentations' generators) is saved every
+    `checkpoint_every` steps, and a saved state of the same key is resumed from: the run then ends with
+    the same weights as an uninterrupted one (bit for bit on the CPU). The caller clears the checkpoint
+    once it has saved the model. The key must cover everything that changes training (params, seed,
+    inputs, excluded ids, device type); the step count and the number of images are checked here too.
     """
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise PipelineError(
             f"proposer training needs epochs >= 1, batch_size >= 1, lr > 0 (got {epochs}, {batch_size}, {lr})"
         )
+    if checkpoint is not None and checkpoint_every < 1:
+        raise PipelineError(f"proposer checkpoint_every must be at least 1, got {checkpoint_every}")
     device = pick_device(device)
-    dataset = CocoInstances(coco_json, image_root, skip_empty=True, label_map=label_map)
+    dataset = CocoInstances(
+        coco_json, image_root, skip_empty=True, label_map=label_map, exclude_image_ids=exclude_image_ids
+    )
     if len(dataset) == 0:
         raise PipelineError(f"{coco_json}: no image with a usable annotation to train the proposer on")
     torch.manual_seed(seed)
     shuffle_gen = torch.Generator().manual_seed(seed)
     flip_gen = torch.Generator().manual_seed(seed + 1)
+    batches = _EpochBatches(len(dataset), batch_size, shuffle_gen)
+    # generator=shuffle_gen: the loader draws its base seed from it, as with shuffle=True (same order)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, generator=shuffle_gen, num_workers=0, collate_fn=_collate
+        dataset, batch_sampler=batches, generator=shuffle_gen, num_workers=0, collate_fn=_collate
     )
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
-    total = epochs * len(loader)
-    history: list[dict] = []
+    per_epoch = len(batches)
+    total = epochs * per_epoch
+    history = TrainHistory()
+    history.n_images, history.n_excluded = len(dataset), dataset.n_excluded
     step = 0
-    bar = tqdm(total=total, desc="train proposer", unit="step", disable=not progress, dynamic_ncols=True)
+    epoch_start = shuffle_gen.get_state()  # the batch order's generator when the current epoch began
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None and not (
+        state.keys() >= _RESUME_KEYS and state["total"] == total and state["n_images"] == len(dataset)
+    ):
+        log.warning("%s: checkpoint of another schedule, data set or format; starting from scratch", checkpoint.path)
+        state = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        history.extend(state["history"])
+        set_rng_state(state["rng"])
+        flip_gen.set_state(state["flip_gen"])
+        epoch_start = state["epoch_start"]
+        history.resumed_from = step
+        log.info("%s: resumed from step %d of %d", checkpoint.path, step, total)
+        if log_step is not None:
+            for done, record in enumerate(history):
+                log_step(done, record)
+    first_epoch, batches.skip = divmod(step, per_epoch)
+    bar = tqdm(total=total, initial=step, desc="train proposer", unit="step", disable=not progress, dynamic_ncols=True)
     try:
-        for epoch in range(epochs):
+        for epoch in range(first_epoch, epochs):
+            shuffle_gen.set_state(epoch_start)
             for images, targets in loader:
                 flips = torch.rand(len(images), generator=flip_gen) < 0.5
                 flipped = zip(images, targets, flips.tolist(), strict=True)
@@ -365,6 +465,24 @@ def train_proposer(
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{step_lr:.2g}", refresh=False)
                 bar.update(1)
                 step += 1
+                if checkpoint is not None and step % checkpoint_every == 0 and step < total:
+                    # the epoch the next step belongs to: this one, or (after its last batch) the next, whose
+                    # start is the generator's state now (the sampler made all of its draws at the start)
+                    next_start = shuffle_gen.get_state() if step % per_epoch == 0 else epoch_start
+                    checkpoint.save(
+                        {
+                            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                            "optimizer": optimizer.state_dict(),
+                            "step": step,
+                            "total": total,
+                            "n_images": len(dataset),
+                            "history": list(history),
+                            "rng": rng_state(),
+                            "flip_gen": flip_gen.get_state(),
+                            "epoch_start": next_start,
+                        }
+                    )
+            epoch_start = shuffle_gen.get_state()
     finally:
         bar.close()
     model.eval()

@@ -1,7 +1,16 @@
 """train_proposer: the class-agnostic Mask R-CNN, trained on base-category annotations only.
 
 With `proposer.weights` set, that local checkpoint is loaded (class-agnostic) instead of training.
-Writes models/proposer.pt; training curves go to dvclive/train_proposer.
+Writes models/proposer.pt; training curves go to dvclive/train_proposer. The images listed in the
+manifest's `proposer_excluded_image_ids` (the LVIS val images, which are COCO train2017 images too) are
+left out of training.
+
+Training saves a resumable state to checkpoints/train_proposer/ every `proposer.checkpoint_every` steps;
+a rerun after a kill goes on from there (same final weights) when nothing that changes training did
+(see `checkpoint_key`), and the checkpoint is removed once models/proposer.pt is written. dvclive: the
+Live directory starts afresh (resume=False) and a resumed run first re-logs the saved steps (train_proposer
+calls `log_step` for them), so the curves and the summary are those of an uninterrupted run; with
+Live(resume=True) the steps logged between the last checkpoint and the kill would appear twice.
 """
 
 from __future__ import annotations
@@ -12,13 +21,36 @@ import torch
 import typer
 from dvclive import Live
 
-from pipeline.data.dataset import read_manifest
+from pipeline.checkpoint import Checkpoint
+from pipeline.config import Params
+from pipeline.data.dataset import Manifest, read_manifest
 from pipeline.device import pick_device
 from pipeline.proposer import build_model, load_checkpoint, save_checkpoint, train_proposer
 from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, params, summary
 
 LIVE_DIR = "dvclive/train_proposer"
 LOG_EVERY = 5  # steps between dvclive points
+
+
+def checkpoint_key(p: Params, manifest: Manifest, device: str) -> dict:
+    """What a resumable training state depends on: the training params (not `checkpoint_every`), the seed,
+    the training file and its images (the manifest's input digests), the excluded ids, the device type."""
+    cfg = p.proposer
+    return {
+        "proposer": {
+            "backbone": cfg.backbone,
+            "image_size": cfg.image_size,
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+        },
+        "seed": p.seed,
+        "proposer_json": str(manifest.proposer_json),
+        "image_root": str(manifest.proposer_images()),
+        "files": dict(sorted(manifest.files.items())),
+        "excluded": sorted(int(i) for i in manifest.proposer_excluded_image_ids),
+        "device": str(torch.device(device).type),
+    }
 
 
 @clean_errors
@@ -29,6 +61,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
     manifest = read_manifest(MANIFEST)
     device = pick_device(p.device)
     torch.manual_seed(p.seed)
+    checkpoint: Checkpoint | None = None
     with Live(LIVE_DIR, save_dvc_exp=False, dvcyaml=None) as live:
         if cfg.weights:
             model = load_checkpoint(Path(cfg.weights), cfg.backbone, cfg.image_size)
@@ -44,23 +77,35 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
                         live.log_metric(f"train/{name}", value)
                     live.next_step()
 
+            checkpoint = Checkpoint("train_proposer", checkpoint_key(p, manifest, device))
             history = train_proposer(
                 model,
                 Path(manifest.proposer_json),
-                Path(manifest.image_root),
+                manifest.proposer_images(),
                 epochs=cfg.epochs,
                 batch_size=cfg.batch_size,
                 lr=cfg.lr,
                 seed=p.seed,
                 device=device,
                 log_step=log_step,
+                exclude_image_ids=manifest.proposer_excluded_image_ids,
+                checkpoint=checkpoint,
+                checkpoint_every=cfg.checkpoint_every,
             )
             live.summary["steps"] = len(history)
             final = history[-1]["loss"] if history else float("nan")
             live.summary["final_loss"] = final
-            text = f"trained {cfg.backbone} FPN for {len(history)} steps on {device}, final loss {final:.3f}"
+            live.summary["train_images"] = history.n_images
+            live.summary["excluded_images"] = history.n_excluded
+            text = (
+                f"trained {cfg.backbone} FPN for {len(history)} steps on {device}"
+                + (f" (resumed from step {history.resumed_from})" if history.resumed_from else "")
+                + f", final loss {final:.3f}; {history.n_images} images, {history.n_excluded} excluded (LVIS val)"
+            )
         live.summary["train_seconds"] = round(timer.seconds, 1)
     save_checkpoint(model, PROPOSER_CHECKPOINT, cfg.backbone, cfg.image_size)
+    if checkpoint is not None:
+        checkpoint.clear()  # the weights are saved: nothing left to resume
     summary("train_proposer", text + f"; wrote {PROPOSER_CHECKPOINT}", timer)
 
 

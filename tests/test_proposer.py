@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +22,9 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops import roi_align
 
+from pipeline.checkpoint import Checkpoint
+from pipeline.config import Params, Proposer
+from pipeline.data.dataset import Manifest
 from pipeline.errors import PipelineError
 from pipeline.proposer import (
     BACKBONES,
@@ -23,6 +32,7 @@ from pipeline.proposer import (
     CocoInstances,
     _ClassAgnosticRoIHeads,
     _decode_segmentation,
+    _EpochBatches,
     build_model,
     evaluate_proposals,
     load_checkpoint,
@@ -205,6 +215,10 @@ def test_checkpoint_round_trip(tmp_path):
     again = tmp_path / "elsewhere.pt"
     save_checkpoint(model, again, "resnet18", SIZE)
     assert again.read_bytes() == path.read_bytes()  # same weights, same bytes: DVC sees no change
+    # nothing from the clock: the archive's entries carry zip's fixed epoch, the payload no time field
+    assert {info.date_time for info in zipfile.ZipFile(path).infolist()} == {(1980, 0, 0, 0, 0, 0)}
+    payload = torch.load(path, weights_only=True)
+    assert set(payload) == {"state_dict", "backbone", "image_size", "num_classes", "light_heads"}
     loaded = load_checkpoint(path, "resnet18", SIZE, score_thresh=0.0)
     after = propose(loaded, images, device="cpu")
     for a, b in zip(before, after, strict=True):
@@ -321,3 +335,201 @@ def test_dataset_with_a_label_map_is_class_aware(world):
     assert target["labels"].tolist() == [5, 7]  # category 1 -> 5, category 2 -> 7
     with pytest.raises(PipelineError, match="not a COCO instances file"):
         CocoInstances(path, root, label_map={1: 5})  # category 2 has no label
+
+
+# --------------------------------------------------------------------------------------------------
+# resumable training and left-out images
+
+RUN = {"epochs": 4, "batch_size": 4, "lr": 0.01, "seed": 3}  # 6 images: batches of 4 and 2, 8 steps
+REPO = Path(__file__).resolve().parents[1]
+
+# a run in its own process, killed for real: it blocks in log_step at step `block_at` (after the
+# checkpoint of step 3, with step 3's and 4's updates only in memory) until SIGKILL
+_KILLABLE = """
+import json, logging, sys, time
+from pathlib import Path
+import torch
+from pipeline.checkpoint import Checkpoint
+from pipeline.proposer import build_model, train_proposer
+torch.set_num_threads(1)
+logging.basicConfig(level=logging.INFO)
+coco_json, root, block_at, run = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+seen = []
+def log_step(step, record):
+    seen.append(step)
+    if step == block_at:
+        Path("blocked").write_text(str(step))
+        time.sleep(300)
+torch.manual_seed(0)
+model = build_model("resnet18", 64)
+history = train_proposer(model, coco_json, root, device="cpu", progress=False, log_step=log_step,
+                         checkpoint=Checkpoint("train_proposer", {"run": 1}), checkpoint_every=3, **run)
+torch.save(model.state_dict(), "final.pt")
+Path("history.json").write_text(json.dumps({"history": list(history), "seen": seen,
+                                            "resumed_from": history.resumed_from}))
+"""
+
+
+def _train(path, root, **kw):
+    torch.manual_seed(0)
+    model = build_model("resnet18", SIZE)
+    seen = []
+    history = train_proposer(
+        model, path, root, device="cpu", progress=False, log_step=lambda step, _: seen.append(step), **{**RUN, **kw}
+    )
+    return model.state_dict(), history, seen
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[0]}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world):
+    path, root = world
+    return _train(path, root)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(6, 2), (7, 2), (7, 3), (7, 7), (5, 1)])
+def test_epoch_batches_are_a_shuffled_dataloader_s(n, batch_size):
+    """Draw for draw the batches (and generator states) of DataLoader(shuffle=True); `skip` starts mid-epoch."""
+    data = list(range(n))
+    reference = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(4)
+    )
+    gen = torch.Generator().manual_seed(4)
+    batches = _EpochBatches(n, batch_size, gen)
+    ours = torch.utils.data.DataLoader(data, batch_sampler=batches, generator=gen)
+    assert len(ours) == len(reference)
+    for _ in range(3):
+        start = gen.get_state()
+        expected = [b.tolist() for b in reference]
+        assert [b.tolist() for b in ours] == expected
+        assert torch.equal(gen.get_state(), reference.generator.get_state())
+        end = gen.get_state()
+        for skip in range(len(expected)):  # resume at every batch of the epoch
+            gen.set_state(start)
+            batches.skip = skip
+            assert [b.tolist() for b in ours] == expected[skip:]
+            assert torch.equal(gen.get_state(), end)
+
+
+def test_training_resumes_after_sigkill_with_the_same_weights(world, uninterrupted, tmp_path):
+    path, root = world
+    ref_state, ref_history, _ = uninterrupted
+    argv = [sys.executable, "-c", _KILLABLE, str(path), str(root), "4", json.dumps(RUN)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state_file = tmp_path / "checkpoints" / "train_proposer" / "state.pt"
+    deadline = time.monotonic() + 120
+    try:
+        while not (tmp_path / "blocked").exists():  # steps 0-4 done, the checkpoint of step 3 written
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the run never reached step 4"
+            time.sleep(0.05)
+        saved = torch.load(state_file, weights_only=False)
+        assert saved["state"]["step"] == 3  # mid-epoch (epoch 1, after its first batch)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "final.pt").exists()
+    (tmp_path / "blocked").unlink()
+    done = subprocess.run(argv[:5] + ["-1", argv[6]], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from step 3 of 8" in done.stderr  # logged when it resumes
+    _assert_same_weights(torch.load(tmp_path / "final.pt", weights_only=True), ref_state)
+    result = json.loads((tmp_path / "history.json").read_text())
+    assert result["resumed_from"] == 3
+    assert result["seen"] == list(range(8))  # the saved steps are logged again, then the new ones
+    assert result["history"] == list(ref_history)
+
+
+def test_training_resumes_at_an_epoch_boundary_with_complete_history(world, uninterrupted, tmp_path):
+    path, root = world
+    ref_state, ref_history, _ = uninterrupted
+    checkpoint = Checkpoint("train_proposer", {"run": 2}, root=tmp_path)
+
+    def stop_at_7(step, _):
+        if step == 7:
+            raise _Stop
+
+    torch.manual_seed(0)
+    with pytest.raises(_Stop):
+        train_proposer(build_model("resnet18", SIZE), path, root, device="cpu", progress=False, log_step=stop_at_7,
+                       checkpoint=checkpoint, checkpoint_every=3, **RUN)  # fmt: skip
+    assert checkpoint.load()["step"] == 6  # the end of epoch 2 (2 batches per epoch)
+    state, history, seen = _train(path, root, checkpoint=checkpoint, checkpoint_every=3)
+    assert history.resumed_from == 6
+    assert seen == list(range(8)) and len(history) == 8
+    assert list(history) == list(ref_history)  # every step's losses and lr, the saved ones included
+    _assert_same_weights(state, ref_state)
+
+
+def test_a_checkpoint_of_another_key_is_ignored(world, uninterrupted, tmp_path):
+    path, root = world
+    ref_state, ref_history, _ = uninterrupted
+
+    def stop_at_2(step, _):
+        if step == 2:
+            raise _Stop
+
+    torch.manual_seed(0)
+    with pytest.raises(_Stop):
+        train_proposer(build_model("resnet18", SIZE), path, root, device="cpu", progress=False, log_step=stop_at_2,
+                       checkpoint=Checkpoint("train_proposer", {"lr": 0.5}, root=tmp_path), checkpoint_every=2,
+                       **RUN)  # fmt: skip
+    other = Checkpoint("train_proposer", {"lr": 0.01}, root=tmp_path)
+    assert other.path.is_file() and other.load() is None  # same file, another key: not resumed from
+    state, history, _ = _train(path, root, epochs=1, checkpoint=other, checkpoint_every=100)
+    assert history.resumed_from == 0 and len(history) == 2
+    assert list(history) == list(ref_history)[:2]  # started from scratch: the same first steps as a fresh run
+
+
+def test_checkpoint_key_covers_what_changes_training():
+    from stages.train_proposer import checkpoint_key
+
+    manifest = Manifest(
+        source="synthetic", train_json="t.json", val_json="v.json", image_root="img", proposer_json="p.json",
+        base_category_ids=[1], files={"p.json": "abc"}, proposer_excluded_image_ids=[3, 1],
+    )  # fmt: skip
+    base = checkpoint_key(Params(), manifest, "cpu")
+    assert checkpoint_key(Params(proposer=Proposer(checkpoint_every=7)), manifest, "cpu") == base
+    changed = [
+        checkpoint_key(Params(proposer=Proposer(lr=0.5)), manifest, "cpu"),
+        checkpoint_key(Params(proposer=Proposer(epochs=2)), manifest, "cpu"),
+        checkpoint_key(Params(seed=1), manifest, "cpu"),
+        checkpoint_key(Params(), manifest, "cuda"),
+        checkpoint_key(Params(), Manifest(**{**manifest.__dict__, "files": {"p.json": "abd"}}), "cpu"),
+        checkpoint_key(Params(), Manifest(**{**manifest.__dict__, "proposer_excluded_image_ids": [1]}), "cpu"),
+        checkpoint_key(Params(), Manifest(**{**manifest.__dict__, "proposer_image_root": "coco"}), "cpu"),
+    ]
+    assert all(key != base for key in changed)
+
+
+def test_excluded_images_are_left_out(world, tmp_path):
+    """LVIS val images (listed in the manifest) are never loaded: here their files do not even exist."""
+    path, root = world
+    data = json.loads(path.read_text())
+    data["images"].append({"id": 77, "file_name": "missing/77.png", "height": SIZE, "width": SIZE})
+    data["annotations"].append(
+        {"id": 500, "image_id": 77, "category_id": 1, "bbox": [2, 2, 20, 20], "segmentation": [[2, 2, 22, 2, 22, 22]],
+         "iscrowd": 0}
+    )  # fmt: skip
+    with_missing = tmp_path / "coco.json"
+    with_missing.write_text(json.dumps(data))
+    dataset = CocoInstances(with_missing, root, exclude_image_ids=[77, 2, 12345])
+    assert len(dataset) == 5 and dataset.n_excluded == 2  # 12345 is not in the file
+    assert {dataset[i][1]["image_id"] for i in range(len(dataset))} == {1, 3, 4, 5, 6}
+    torch.manual_seed(0)
+    history = train_proposer(build_model("resnet18", SIZE), with_missing, root, epochs=1, batch_size=3, lr=0.01,
+                             seed=0, device="cpu", progress=False, exclude_image_ids=[77, 2])  # fmt: skip
+    assert len(history) == 2 and history.n_images == 5 and history.n_excluded == 2
+    with pytest.raises(PipelineError, match="77.png"):  # without the exclusion, the missing file is read
+        train_proposer(build_model("resnet18", SIZE), with_missing, root, epochs=1, batch_size=7, lr=0.01,
+                       seed=0, device="cpu", progress=False)  # fmt: skip
