@@ -63,7 +63,12 @@ def summary(stage: str, text: str, timer: Timer) -> None:
 
 
 def image_loader(manifest: Manifest, split: str, image_ids: np.ndarray) -> Callable[[int], np.ndarray]:
-    """`load(i)`: the pixels of image `image_ids[i]` of `split`, read through the manifest's annotations."""
+    """`load(i)`: the pixels of image `image_ids[i]` of `split`, read through the manifest's annotations.
+
+    Split images resolve under manifest.image_root with `image_path`: real LVIS v1 records through their
+    coco_url (<image_root>/train2017/... or val2017/...), the synthetic world through its file_name. The
+    proposer's COCO images are not split images; they live under `manifest.proposer_images()`.
+    """
     gt_path = manifest.split_json(split)
     records = {int(r["id"]): r for r in load_json(gt_path, "LVIS annotations")["images"]}
     missing = [int(i) for i in image_ids if int(i) not in records]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -27,6 +27,12 @@ class Manifest:
     proposer_json: str
     base_category_ids: list[int]
     files: dict[str, str]  # path -> size/mtime or content digest, so a changed input changes the manifest
+    proposer_image_root: str = ""  # folder of the proposer file's file_names ("" means image_root)
+    proposer_excluded_image_ids: list[int] = field(default_factory=list)  # images the proposer must not train on
+
+    def proposer_images(self) -> Path:
+        """Where the proposer file's images live (COCO: <image_root>/train2017 by default)."""
+        return Path(self.proposer_image_root or self.image_root)
 
     def split_json(self, split: str) -> Path:
         if split not in SPLITS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -154,36 +155,93 @@ def validate_coco(path: Path, what: str = "COCO annotations") -> dict:
 def image_path(image: dict, image_root: Path) -> Path:
     """Where an image record's file lives under image_root.
 
-    root/file_name when the record has a file_name (the synthetic world: "train/000001.png"), else
-    root/<last two components of coco_url> (real LVIS v1:
-    "http://images.cocodataset.org/train2017/000000391895.jpg" -> root/train2017/000000391895.jpg).
+    root/file_name when the record has a file_name: the synthetic world ("train/000001.png" under
+    data/prepared/world/images) and COCO 2017 ("000000397133.jpg"; the caller passes the COCO image
+    folder, <coco>/train2017, as the root). Otherwise root/<folder>/<file>, the last two components
+    of coco_url's path: real LVIS v1 ("http://images.cocodataset.org/train2017/000000391895.jpg" ->
+    root/train2017/000000391895.jpg; LVIS v1 val mixes train2017 and val2017 images).
     """
     root = Path(image_root)
-    if image.get("file_name"):
-        return root / image["file_name"]
-    url = image.get("coco_url")
+    name, url = image.get("file_name"), image.get("coco_url")
+    for key, value in (("file_name", name), ("coco_url", url)):
+        if value is not None and not isinstance(value, str):
+            raise PipelineError(f"image id {image.get('id')}: {key!r} must be a string, got {value!r}")
+    if name:
+        return root / name
     if not url:
         raise PipelineError(f"image id {image.get('id')}: record has neither 'file_name' nor 'coco_url'")
-    parts = [p for p in str(url).split("/") if p]
-    return root.joinpath(*parts[-2:])
+    parts = [p for p in urlsplit(url).path.replace("\\", "/").split("/") if p]
+    if len(parts) < 2 or any(p in (".", "..") for p in parts[-2:]):
+        raise PipelineError(f"image id {image.get('id')}: coco_url {url!r} does not end in <folder>/<file>")
+    return root / parts[-2] / parts[-1]
 
 
-def check_images_exist(images: Sequence[dict], image_root: Path, sample: int = 50, seed: int = 0) -> int:
-    """Check that a seeded sample of `sample` image files exist under image_root; returns how many were checked."""
+def _shown(path: Path, root: Path) -> str:
+    """`path` relative to `root` when it lies under it (for messages that also name the root)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _sample(n: int, sample: int, seed: int) -> np.ndarray:
+    k = min(sample, n)
+    return np.sort(np.random.Generator(np.random.PCG64(seed)).choice(n, size=k, replace=False))
+
+
+def check_sampled_images(
+    images: Sequence[dict], image_root: Path, what: str, source: Path, sample: int = 50, seed: int = 0
+) -> int:
+    """Check a seeded sample of an annotation file's images: present, readable, and of the recorded size.
+
+    `what source` names the annotation file in the one-line error ("COCO annotations /x/instances_train2017.json:
+    image 000000000009.jpg not found under /x/train2017 (3 of 50 sampled images missing)"); image paths are
+    resolved with `image_path` under image_root. Every missing file of the sample is counted before the first is
+    reported; then each present one is decoded and its width x height compared with the record's (a JPEG of
+    the wrong size is the classic mismatch between an annotation file and an image folder). Returns how many
+    images were checked.
+    """
     root = Path(image_root)
+    head = f"{what} {source}"
     if not root.is_dir():
-        raise PipelineError(f"image root {root}: folder not found")
+        raise PipelineError(f"{head}: image folder {root} not found")
     n = len(images)
     if n == 0:
         return 0
-    k = min(sample, n)
-    idx = np.sort(np.random.Generator(np.random.PCG64(seed)).choice(n, size=k, replace=False))
-    missing = [image_path(images[i], root) for i in idx if not image_path(images[i], root).is_file()]
+    idx = _sample(n, sample, seed)
+    paths = [image_path(images[i], root) for i in idx]
+    missing = [path for path in paths if not path.is_file()]
     if missing:
         raise PipelineError(
-            f"image file not found: {missing[0]} ({len(missing)} of {k} sampled images missing under {root})"
+            f"{head}: image {_shown(missing[0], root)} not found under {root} "
+            f"({len(missing)} of {len(idx)} sampled images missing)"
         )
-    return k
+    for i, path in zip(idx, paths, strict=True):
+        record = images[i]
+        try:
+            with Image.open(path) as im:
+                size = im.size
+                im.load()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            detail = " ".join(str(err).split()) or type(err).__name__
+            raise PipelineError(f"{head}: image {_shown(path, root)} under {root} cannot be read ({detail})") from None
+        expected = (record.get("width"), record.get("height"))
+        if size != expected:
+            raise PipelineError(
+                f"{head}: image {_shown(path, root)} under {root} is {size[0]}x{size[1]} pixels "
+                f"but image id {record.get('id')} says {expected[0]}x{expected[1]}"
+            )
+    return len(idx)
+
+
+def excluded_image_ids(held_out: Iterable[dict], training: Iterable[dict]) -> list[int]:
+    """Sorted ids of the `training` images that are also `held_out` images (LVIS v1 ids are COCO ids).
+
+    LVIS v1 val draws images from COCO train2017 too, so a proposer trained on COCO train2017 must leave these
+    out, or val is scored on images the proposer was trained on.
+    """
+    held = {int(im["id"]) for im in held_out}
+    return sorted({int(im["id"]) for im in training} & held)
 
 
 def load_image(path: Path) -> np.ndarray:

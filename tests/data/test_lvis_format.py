@@ -19,7 +19,8 @@ from PIL import Image
 from pipeline.config import Data, LvisData, Params, as_dict, parse_params
 from pipeline.data.dataset import Manifest, base_categories_by_name
 from pipeline.data.lvis_format import (
-    check_images_exist,
+    check_sampled_images,
+    excluded_image_ids,
     image_path,
     load_image,
     load_json,
@@ -27,7 +28,7 @@ from pipeline.data.lvis_format import (
     validate_lvis,
 )
 from pipeline.errors import PipelineError
-from stages.prepare import prepare_lvis
+from stages.prepare import coco_image_folder, prepare_lvis
 
 # ---------------------------------------------------------------------------------------------
 # tiny hand-made files
@@ -86,6 +87,7 @@ def lvis_train() -> dict:
 
 
 def lvis_val() -> dict:
+    """Two images, as in LVIS v1 val: one from COCO val2017, one from COCO train2017 (also in the COCO file)."""
     return {
         "images": [
             {
@@ -95,17 +97,35 @@ def lvis_val() -> dict:
                 "coco_url": "http://images.cocodataset.org/val2017/000000000139.jpg",
                 "neg_category_ids": [],
                 "not_exhaustive_category_ids": [],
-            }
+            },
+            {
+                "id": 9,
+                "width": 8,
+                "height": 6,
+                "coco_url": "http://images.cocodataset.org/train2017/000000000009.jpg",
+                "neg_category_ids": [],
+                "not_exhaustive_category_ids": [],
+            },
         ],
-        "annotations": [_ann(7, 139, 2)],
+        "annotations": [_ann(7, 139, 2), _ann(8, 9, 1)],
         "categories": copy.deepcopy(LVIS_CATEGORIES),
     }
 
 
+EXCLUDED_IDS = [9]  # the LVIS val image the COCO file also holds
+
+
 def coco_base() -> dict:
+    """COCO 2017 instances: bare file_names under <image_root>/train2017; image 9 is an LVIS val image."""
     return {
-        "images": [{"id": 1, "width": 8, "height": 6, "file_name": "train/000001.png"}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 10, "bbox": [1, 1, 3, 2], "area": 6, "iscrowd": 0}],
+        "images": [
+            {"id": 2, "width": 8, "height": 6, "file_name": "000000000002.jpg"},
+            {"id": 9, "width": 8, "height": 6, "file_name": "000000000009.jpg"},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 2, "category_id": 10, "bbox": [1, 1, 3, 2], "area": 6, "iscrowd": 0},
+            {"id": 2, "image_id": 9, "category_id": 1, "bbox": [1, 1, 3, 2], "area": 6, "iscrowd": 0},
+        ],
         "categories": copy.deepcopy(COCO_CATEGORIES),
     }
 
@@ -116,13 +136,15 @@ def _write_json(path: Path, data: object) -> Path:
     return path
 
 
-def _write_image(path: Path, fmt: str = "PNG", mode: str = "RGB") -> Path:
+def _write_image(path: Path, fmt: str = "PNG", mode: str = "RGB", size: tuple[int, int] = (8, 6)) -> Path:
+    """A noise image of `size` (width, height)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
+    width, height = size
     if mode == "L":
-        Image.fromarray(rng.integers(0, 255, (6, 8), dtype=np.uint8), mode="L").save(path, format=fmt)
+        Image.fromarray(rng.integers(0, 255, (height, width), dtype=np.uint8), mode="L").save(path, format=fmt)
     else:
-        Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).save(path, format=fmt)
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path, format=fmt)
     return path
 
 
@@ -142,6 +164,7 @@ def dataset(tmp_path: Path) -> dict[str, Path]:
     root = tmp_path / "images"
     _write_image(root / "train" / "000001.png")
     _write_image(root / "train2017" / "000000000002.jpg", fmt="JPEG")
+    _write_image(root / "train2017" / "000000000009.jpg", fmt="JPEG")
     _write_image(root / "val2017" / "000000000139.jpg", fmt="JPEG")
     return {
         "train": _write_json(tmp_path / "ann" / "lvis_v1_train.json", lvis_train()),
@@ -151,13 +174,14 @@ def dataset(tmp_path: Path) -> dict[str, Path]:
     }
 
 
-def _params(dataset: dict[str, Path], **override: Path) -> Params:
+def _params(dataset: dict[str, Path], coco_image_root: Path | None = None, **override: Path) -> Params:
     paths = {**dataset, **override}
     lvis = LvisData(
         train_json=str(paths["train"]),
         val_json=str(paths["val"]),
         image_root=str(paths["root"]),
         coco_json=str(paths["coco"]),
+        coco_image_root=None if coco_image_root is None else str(coco_image_root),
     )
     return Params(data=Data(source="lvis", lvis=lvis))
 
@@ -350,7 +374,7 @@ def test_lvis_unhashable_id_is_a_pipeline_error(tmp_path: Path, case: str) -> No
 COCO_ERRORS = {
     "missing annotations": (_del("annotations"), ["'annotations'"]),
     "unknown category_id": (_set_ann("category_id", 5, 0), ["annotation id 1", "unknown category_id 5"]),
-    "unknown image_id": (_set_ann("image_id", 9, 0), ["annotation id 1", "unknown image_id 9"]),
+    "unknown image_id": (_set_ann("image_id", 99, 0), ["annotation id 1", "unknown image_id 99"]),
     "duplicate category id": (_dup("categories"), ["duplicate category id 10"]),
     "category missing name": (lambda d: d["categories"][0].pop("name"), ["category id 10", "'name'"]),
 }
@@ -389,57 +413,132 @@ def test_image_path_coco_url() -> None:
     assert image_path(rec, "root") == Path("root") / "val2017" / "000000000139.jpg"
 
 
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://images.cocodataset.org/train2017/000000391895.jpg", "train2017/000000391895.jpg"),
+        ("http://images.cocodataset.org/val2017/000000000139.jpg", "val2017/000000000139.jpg"),
+        ("https://images.cocodataset.org/train2017/000000391895.jpg?raw=1#x", "train2017/000000391895.jpg"),
+        ("http://images.cocodataset.org//val2017//000000000139.jpg/", "val2017/000000000139.jpg"),
+        ("http://mirror.example/coco/2017/train2017/000000391895.jpg", "train2017/000000391895.jpg"),
+        ("train2017/000000391895.jpg", "train2017/000000391895.jpg"),
+    ],
+)
+def test_image_path_lvis_record_is_the_last_two_url_components(url: str, expected: str) -> None:
+    """Real LVIS v1 records carry no file_name: coco_url says which COCO folder (train2017 or val2017)."""
+    rec = {"id": 1, "width": 640, "height": 480, "coco_url": url, "neg_category_ids": []}
+    assert image_path(rec, Path("/data/coco")) == Path("/data/coco") / expected
+
+
+@pytest.mark.parametrize("url", ["http://images.cocodataset.org/", "000000391895.jpg", "http://x/../a.jpg"])
+def test_image_path_coco_url_without_a_folder(url: str) -> None:
+    with pytest.raises(PipelineError) as err:
+        image_path({"id": 7, "coco_url": url}, Path("root"))
+    _one_line(err, "image id 7", "coco_url", repr(url))
+
+
+def test_image_path_coco_bare_file_name_under_the_coco_folder() -> None:
+    """A COCO 2017 record's bare file_name lives in the folder the caller passes (<coco>/train2017)."""
+    rec = {"id": 397133, "width": 640, "height": 427, "file_name": "000000397133.jpg"}
+    assert image_path(rec, Path("/data/coco/train2017")) == Path("/data/coco/train2017/000000397133.jpg")
+
+
+def test_image_path_synthetic_record() -> None:
+    rec = {"id": 1, "file_name": "train/000001.png", "coco_url": "http://synthetic.local/train/000001.png"}
+    root = Path("data/prepared/world/images")
+    assert image_path(rec, root) == root / "train" / "000001.png"
+
+
 def test_image_path_neither() -> None:
     with pytest.raises(PipelineError) as err:
         image_path({"id": 5, "file_name": ""}, Path("root"))
     _one_line(err, "image id 5", "file_name", "coco_url")
 
 
-def test_check_images_exist_passes(dataset: dict[str, Path]) -> None:
-    images = lvis_train()["images"]
-    assert check_images_exist(images, dataset["root"]) == len(images)
-    assert check_images_exist(lvis_val()["images"], dataset["root"]) == 1
-    assert check_images_exist(images, dataset["root"], sample=1) == 1
-    assert check_images_exist([], dataset["root"]) == 0
+@pytest.mark.parametrize("key", ["file_name", "coco_url"])
+def test_image_path_non_string(key: str) -> None:
+    with pytest.raises(PipelineError) as err:
+        image_path({"id": 5, key: 17}, Path("root"))
+    assert str(err.value) == f"image id 5: {key!r} must be a string, got 17"
 
 
-def test_check_images_exist_missing_file(dataset: dict[str, Path]) -> None:
+def _check(images: list[dict], root: Path, **kw: int) -> int:
+    return check_sampled_images(images, root, "LVIS train annotations", Path("/ann/lvis_v1_train.json"), **kw)
+
+
+def test_check_sampled_images_passes(dataset: dict[str, Path]) -> None:
     root = dataset["root"]
-    images = lvis_train()["images"] + [{"id": 3, "file_name": "train/000003.png"}]
+    images = lvis_train()["images"]
+    assert _check(images, root) == len(images)
+    assert _check(lvis_val()["images"], root) == 2
+    assert _check(coco_base()["images"], root / "train2017") == 2
+    assert _check(images, root, sample=1) == 1
+    assert _check([], root) == 0
+
+
+def test_check_sampled_images_missing_file(dataset: dict[str, Path]) -> None:
+    root = dataset["root"]
+    images = lvis_train()["images"] + [{"id": 3, "width": 8, "height": 6, "file_name": "train/000003.png"}]
     (root / "train2017" / "000000000002.jpg").unlink()
     with pytest.raises(PipelineError) as err:
-        check_images_exist(images, root)
-    msg = _one_line(err, root / "train2017" / "000000000002.jpg", "2 of 3", root)
-    # the first missing file is named, not the second
-    assert str(root / "train" / "000003.png") not in msg
+        _check(images, root)
+    # every missing file of the sample is counted; the first one is named, relative to the folder named
+    assert str(err.value) == (
+        f"LVIS train annotations /ann/lvis_v1_train.json: image train2017/000000000002.jpg not found under {root} "
+        "(2 of 3 sampled images missing)"
+    )
 
 
-def test_check_images_exist_missing_root(tmp_path: Path) -> None:
+def test_check_sampled_images_missing_root(tmp_path: Path) -> None:
     root = tmp_path / "no_images"
     with pytest.raises(PipelineError) as err:
-        check_images_exist(lvis_train()["images"], root)
-    _one_line(err, root, "folder not found")
+        _check(lvis_train()["images"], root)
+    assert str(err.value) == f"LVIS train annotations /ann/lvis_v1_train.json: image folder {root} not found"
 
 
-def test_check_images_exist_root_is_a_file(tmp_path: Path) -> None:
+def test_check_sampled_images_root_is_a_file(tmp_path: Path) -> None:
     root = tmp_path / "images"
     root.write_text("not a folder")
     with pytest.raises(PipelineError) as err:
-        check_images_exist(lvis_train()["images"], root)
-    _one_line(err, root)
+        _check(lvis_train()["images"], root)
+    _one_line(err, root, "not found")
 
 
-def test_check_images_exist_is_seeded(tmp_path: Path) -> None:
+def test_check_sampled_images_is_seeded(tmp_path: Path) -> None:
     """Sampling is deterministic for a given seed: the same file is reported each time."""
     root = tmp_path / "images"
     root.mkdir()
-    images = [{"id": i, "file_name": f"{i:03d}.png"} for i in range(40)]
+    images = [{"id": i, "width": 8, "height": 6, "file_name": f"{i:03d}.png"} for i in range(40)]
     msgs = set()
     for _ in range(3):
         with pytest.raises(PipelineError) as err:
-            check_images_exist(images, root, sample=5, seed=7)
+            _check(images, root, sample=5, seed=7)
         msgs.add(_one_line(err, "5 of 5"))
     assert len(msgs) == 1
+
+
+def test_check_sampled_images_wrong_size(dataset: dict[str, Path]) -> None:
+    """A JPEG whose size is not the record's width x height: the classic annotation/folder mismatch."""
+    root = dataset["root"]
+    _write_image(root / "val2017" / "000000000139.jpg", fmt="JPEG", size=(6, 8))  # rotated: 6 wide, 8 high
+    with pytest.raises(PipelineError) as err:
+        _check(lvis_val()["images"], root)
+    assert str(err.value) == (
+        f"LVIS train annotations /ann/lvis_v1_train.json: image val2017/000000000139.jpg under {root} "
+        "is 6x8 pixels but image id 139 says 8x6"
+    )
+
+
+def test_check_sampled_images_unreadable(dataset: dict[str, Path]) -> None:
+    root = dataset["root"]
+    path = root / "val2017" / "000000000139.jpg"
+    path.write_bytes(path.read_bytes()[:60])  # a JPEG header and no pixels
+    with pytest.raises(PipelineError) as err:
+        _check(lvis_val()["images"], root)
+    msg = _one_line(err, "/ann/lvis_v1_train.json", "val2017/000000000139.jpg", "cannot be read")
+    assert msg.startswith(
+        f"LVIS train annotations /ann/lvis_v1_train.json: image val2017/000000000139.jpg under {root}"
+    )
 
 
 def test_non_string_file_name_is_a_pipeline_error(tmp_path: Path) -> None:
@@ -448,8 +547,17 @@ def test_non_string_file_name_is_a_pipeline_error(tmp_path: Path) -> None:
     path = _write_json(tmp_path / "lvis_v1_train.json", data)
     (tmp_path / "images").mkdir()
     with pytest.raises(PipelineError) as err:
-        check_images_exist(validate_lvis(path)["images"], tmp_path / "images")
+        _check(validate_lvis(path)["images"], tmp_path / "images")
     _one_line(err)
+
+
+def test_excluded_image_ids() -> None:
+    """LVIS val images that the proposer's COCO file also holds, by id, sorted; nothing else."""
+    assert excluded_image_ids(lvis_val()["images"], coco_base()["images"]) == EXCLUDED_IDS
+    val = [{"id": i} for i in (30, 5, 139, 7)]
+    coco = [{"id": i} for i in (7, 1, 30, 2, 5)]
+    assert excluded_image_ids(val, coco) == [5, 7, 30]
+    assert excluded_image_ids(val, []) == [] and excluded_image_ids([], coco) == []
 
 
 def test_load_image_ok(tmp_path: Path) -> None:
@@ -518,7 +626,12 @@ def test_prepare_lvis_valid(dataset: dict[str, Path]) -> None:
     assert manifest.proposer_json == str(dataset["coco"].resolve())
     assert manifest.image_root == str(dataset["root"].resolve())
     assert set(manifest.files) == {str(dataset[k].resolve()) for k in ("train", "val", "coco")}
-    assert "\n" not in text and "2 train / 1 val images" in text and "2 matched" in text
+    # COCO's bare file_names live in <image_root>/train2017; LVIS val image 9 is also a COCO train image
+    assert manifest.proposer_image_root == str((dataset["root"] / "train2017").resolve())
+    assert manifest.proposer_images() == (dataset["root"] / "train2017").resolve()
+    assert manifest.proposer_excluded_image_ids == EXCLUDED_IDS
+    assert "\n" not in text and "2 train / 2 val images" in text and "2 matched" in text
+    assert "proposer: 1 of 2 COCO images, 1 left out as LVIS val images" in text
 
 
 def test_prepare_lvis_from_parsed_params(dataset: dict[str, Path]) -> None:
@@ -553,11 +666,85 @@ def test_prepare_lvis_missing_json(dataset: dict[str, Path], tmp_path: Path) -> 
 
 
 def test_prepare_lvis_missing_image_file(dataset: dict[str, Path]) -> None:
-    missing = dataset["root"] / "val2017" / "000000000139.jpg"
-    missing.unlink()
+    root = dataset["root"]
+    (root / "val2017" / "000000000139.jpg").unlink()
     with pytest.raises(PipelineError) as err:
         prepare_lvis(_params(dataset))
-    _one_line(err, missing)
+    assert str(err.value) == (
+        f"LVIS val annotations {dataset['val']}: image val2017/000000000139.jpg not found under {root} "
+        "(1 of 2 sampled images missing)"
+    )
+
+
+def test_prepare_lvis_missing_val_image_from_train2017(dataset: dict[str, Path]) -> None:
+    """LVIS v1 val images from COCO train2017 are looked up in train2017/, through coco_url."""
+    root = dataset["root"]
+    (root / "train2017" / "000000000009.jpg").unlink()
+    with pytest.raises(PipelineError) as err:
+        prepare_lvis(_params(dataset))
+    assert str(err.value) == (
+        f"LVIS val annotations {dataset['val']}: image train2017/000000000009.jpg not found under {root} "
+        "(1 of 2 sampled images missing)"
+    )
+
+
+def test_prepare_lvis_missing_coco_image(dataset: dict[str, Path]) -> None:
+    data = coco_base()
+    data["images"].append({"id": 30, "width": 8, "height": 6, "file_name": "000000000030.jpg"})
+    _write_json(dataset["coco"], data)
+    with pytest.raises(PipelineError) as err:
+        prepare_lvis(_params(dataset))
+    assert str(err.value) == (
+        f"COCO annotations {dataset['coco']}: image 000000000030.jpg not found under {dataset['root'] / 'train2017'} "
+        "(1 of 3 sampled images missing)"
+    )
+
+
+def test_prepare_lvis_coco_image_root_param(dataset: dict[str, Path], tmp_path: Path) -> None:
+    """data.lvis.coco_image_root moves the COCO folder; its images are checked there, sizes included."""
+    coco_root = tmp_path / "elsewhere" / "coco_train"
+    _write_image(coco_root / "000000000002.jpg", fmt="JPEG")
+    _write_image(coco_root / "000000000009.jpg", fmt="JPEG", size=(8, 7))
+    with pytest.raises(PipelineError) as err:
+        prepare_lvis(_params(dataset, coco_image_root=coco_root))
+    assert str(err.value) == (
+        f"COCO annotations {dataset['coco']}: image 000000000009.jpg under {coco_root} is 8x7 pixels "
+        "but image id 9 says 8x6"
+    )
+    _write_image(coco_root / "000000000009.jpg", fmt="JPEG")
+    manifest, _ = prepare_lvis(_params(dataset, coco_image_root=coco_root))
+    assert manifest.proposer_image_root == str(coco_root.resolve())
+    assert manifest.image_root == str(dataset["root"].resolve())
+
+
+def test_prepare_lvis_wrong_image_size(dataset: dict[str, Path]) -> None:
+    root = dataset["root"]
+    _write_image(root / "train2017" / "000000000002.jpg", fmt="JPEG", size=(16, 12))
+    with pytest.raises(PipelineError) as err:
+        prepare_lvis(_params(dataset))
+    assert str(err.value) == (
+        f"LVIS train annotations {dataset['train']}: image train2017/000000000002.jpg under {root} is 16x12 pixels "
+        "but image id 2 says 8x6"
+    )
+
+
+def test_prepare_lvis_missing_coco_folder(dataset: dict[str, Path], tmp_path: Path) -> None:
+    root = dataset["root"]
+    (root / "train2017").rename(tmp_path / "moved")
+    with pytest.raises(PipelineError) as err:
+        prepare_lvis(_params(dataset))
+    assert str(err.value) == (
+        f"data.lvis.image_root: {root} has no train2017 folder for the COCO file's images "
+        f"({root / 'train2017'} not found; set data.lvis.coco_image_root to where they are)"
+    )
+    missing = tmp_path / "nowhere"
+    with pytest.raises(PipelineError) as err:
+        prepare_lvis(_params(dataset, coco_image_root=missing))
+    assert str(err.value) == f"data.lvis.coco_image_root: {missing}: folder not found"
+
+
+def test_coco_image_folder_default(dataset: dict[str, Path]) -> None:
+    assert coco_image_folder(_params(dataset).data.lvis) == dataset["root"] / "train2017"
 
 
 def test_prepare_lvis_invalid_structure(dataset: dict[str, Path]) -> None:
@@ -567,3 +754,59 @@ def test_prepare_lvis_invalid_structure(dataset: dict[str, Path]) -> None:
     with pytest.raises(PipelineError) as err:
         prepare_lvis(_params(dataset))
     _one_line(err, dataset["train"], "category id 1", "frequency 'x'")
+
+
+# ---------------------------------------------------------------------------------------------
+# stages.prepare.main: nothing is written before every check has passed
+
+
+def _run_prepare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p: Params) -> None:
+    import yaml
+
+    import stages.prepare
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(as_dict(p), sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    stages.prepare.main(params_file="params.yaml")
+
+
+def test_prepare_main_keeps_the_old_output_on_error(
+    dataset: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    prepared = tmp_path / "data" / "prepared"
+    _write_json(prepared / "dataset.json", {"old": True})
+    (dataset["root"] / "train2017" / "000000000009.jpg").unlink()
+    with pytest.raises(SystemExit) as code:
+        _run_prepare(tmp_path, monkeypatch, _params(dataset))
+    assert code.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: LVIS val annotations ") and "\n" not in err
+    assert json.loads((prepared / "dataset.json").read_text()) == {"old": True}
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["prepared"]  # no temporary leftovers
+    assert not (tmp_path / "plots" / "prepare" / "preview.png").exists()
+
+
+def test_prepare_main_writes_the_manifest(
+    dataset: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    _write_json(tmp_path / "data" / "prepared" / "dataset.json", {"old": True})
+    _run_prepare(tmp_path, monkeypatch, _params(dataset))
+    manifest = json.loads((tmp_path / "data" / "prepared" / "dataset.json").read_text())
+    assert manifest["proposer_excluded_image_ids"] == EXCLUDED_IDS
+    assert manifest["proposer_image_root"] == str((dataset["root"] / "train2017").resolve())
+    assert (tmp_path / "plots" / "prepare" / "preview.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "[prepare] LVIS: 2 train / 2 val images" in out and "1 left out as LVIS val images" in out
+
+
+def test_image_loader_resolves_lvis_records_through_coco_url(dataset: dict[str, Path]) -> None:
+    """stages.common.image_loader reads a split's images under manifest.image_root: val2017 and train2017."""
+    from stages.common import image_loader
+
+    manifest, _ = prepare_lvis(_params(dataset))
+    load = image_loader(manifest, "val", np.array([9, 139]))
+    for i, folder, name in ((0, "train2017", "000000000009.jpg"), (1, "val2017", "000000000139.jpg")):
+        assert np.array_equal(load(i), load_image(dataset["root"] / folder / name))
+    with pytest.raises(PipelineError) as err:
+        image_loader(manifest, "val", np.array([2]))
+    _one_line(err, dataset["val"].resolve(), "image id 2")
