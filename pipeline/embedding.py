@@ -1,4 +1,4 @@
-"""Self-supervised embedding of mask proposals: head, triplet losses, training loop, saving.
+"""Self-supervised embedding of mask proposals: head, triplet losses, negative sampling, inference, saving.
 
 Inputs are the `sample` stage's arrays: pooled backbone features of three crops of every proposal
 (`box`: the square crop around the box, `fg`: the same crop with the background masked out, `bg`: with
@@ -9,20 +9,25 @@ The three terms (Weng et al., CVPR 2021), each a hinge with margin m on distance
 
 - mask:   mean max(0, d(box, fg) - d(box, bg) + m), the three views of one proposal;
 - object: mean max(0, d(a, p) - d(a, n) + m), (a, p) an object pair and n a proposal that is not
-  an object pair of a: from the same image (probability `same_image_negatives`) or another image;
+  an object pair of a: from the same image (probability `same_image_negatives`) or another image of
+  the same block;
 - hier:   mean max(0, d0(parent) - d0(child) + m), d0 the distance to the origin.
 
 The object and hier terms embed the *box* view of each proposal, the same view `embed_features` returns
 for clustering; only the mask term uses the fg and bg views.
+
+Training (`pipeline.embedding_train.train_embedder`) streams the split from the samples store by blocks
+of whole images (`pipeline.embedding_data`): batches, pair cycles and negatives are drawn within the
+block in memory, and only a batch goes to the device; a split that fits one block (the embedded world)
+trains exactly as when the whole split was held in memory. Inference (`embed_batches`) is batch by
+batch, so the embeddings can be written as they are made.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
-import warnings
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +45,6 @@ GEOMETRIES = ("poincare", "euclidean")
 TERMS = ("mask", "object", "hier")
 HEAD_FORMAT = "embedding-head/1"
 _SAMPLE_CELLS = 1 << 22  # candidate cells per chunk when sampling same-image negatives
-_EVAL_BATCH = 8192
 
 DistFn = Callable[[Tensor, Tensor], Tensor]
 NormFn = Callable[[Tensor], Tensor]
@@ -224,290 +228,65 @@ def sample_object_negatives(
     return negative
 
 
-class _Cycler:
-    """Batch-sized slices of a shuffled range(n); reshuffled (seeded) each time it runs out."""
-
-    def __init__(self, n: int, generator: torch.Generator) -> None:
-        self.n, self.generator = n, generator
-        self.order = np.zeros(0, dtype=np.int64)
-        self.pos = 0
-
-    def take(self, k: int) -> np.ndarray:
-        k = min(k, self.n)
-        out = []
-        while k > 0:
-            if self.pos >= self.order.size:
-                self.order = torch.randperm(self.n, generator=self.generator).numpy()
-                self.pos = 0
-            part = self.order[self.pos : self.pos + k]
-            self.pos += part.size
-            k -= part.size
-            out.append(part)
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-
-
-# ------------------------------------------------------------------------------------------- training
-
-
-def _check_pairs(name: str, pairs: Any, n: int) -> np.ndarray:
-    arr = np.asarray(pairs if pairs is not None else np.zeros((0, 2)), dtype=np.int64)
-    if arr.size == 0:
-        return np.zeros((0, 2), dtype=np.int64)
-    if arr.ndim != 2 or arr.shape[1] != 2:
-        raise PipelineError(f"embedding: {name} pairs must have shape (P, 2), got {arr.shape}")
-    if arr.min() < 0 or arr.max() >= n:
-        raise PipelineError(f"embedding: {name} pairs index proposals outside 0..{n - 1}")
-    return arr
-
-
-def _check_inputs(
-    features: Mapping[str, np.ndarray], image_offsets: Any, needed: Sequence[str]
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    missing = [k for k in needed if k not in features]
-    if missing:
-        raise PipelineError(f"embedding: features lack the {', '.join(missing)} view(s) (expected keys box, fg, bg)")
-    views = {k: np.require(np.asarray(features[k], dtype=np.float32), requirements=["C", "W"]) for k in needed}
-    shape = views["box"].shape
-    for k, v in views.items():
-        if v.ndim != 2 or v.shape != shape:
-            raise PipelineError(f"embedding: features[{k!r}] has shape {v.shape}, expected (N, D) like box {shape}")
-    n = shape[0]
-    if n == 0:
-        raise PipelineError("embedding: no proposals to train on (features are empty)")
-    offsets = np.asarray(image_offsets, dtype=np.int64)
-    if offsets.ndim != 1 or offsets.size < 2 or offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
-        raise PipelineError(f"embedding: image_offsets must rise from 0 to N={n} (got {offsets.size} entries)")
-    return views, offsets
-
-
-def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
-    unknown = sorted(set(weights) - set(TERMS))
-    missing = [t for t in TERMS if t not in weights]
-    if unknown or missing:
-        raise PipelineError(
-            f"embedding: loss weights need exactly the keys {', '.join(TERMS)} (missing: {missing}, unknown: {unknown})"
-        )
-    out = {t: float(weights[t]) for t in TERMS}
-    bad = [t for t, w in out.items() if not (math.isfinite(w) and w >= 0)]
-    if bad:
-        raise PipelineError(f"embedding: loss weight(s) {', '.join(bad)} must be finite and >= 0")
-    if not any(out.values()):
-        raise PipelineError("embedding: every loss weight is 0, nothing to train")
-    return out
-
-
-def _d0_stats(head: EmbeddingHead, box: Tensor, pairs: np.ndarray, device: torch.device) -> dict[str, float]:
-    """Mean distance to the origin of the parents and of the children of `pairs` (box view)."""
-    ids, inverse = np.unique(pairs, return_inverse=True)
-    inverse = inverse.reshape(pairs.shape)
-    d0 = torch.empty(ids.size, dtype=torch.float64)
-    ids_t = torch.from_numpy(ids)
-    with torch.no_grad():
-        for i in range(0, ids.size, _EVAL_BATCH):
-            rows = box[ids_t[i : i + _EVAL_BATCH].to(device)]
-            d0[i : i + _EVAL_BATCH] = head.norm_distance(head(rows)).double().cpu()
-    d0_np = d0.numpy()
-    return {"d0_parent": float(d0_np[inverse[:, 0]].mean()), "d0_child": float(d0_np[inverse[:, 1]].mean())}
-
-
-def train_embedder(
-    features: Mapping[str, np.ndarray],
-    image_offsets: np.ndarray,
-    object_pairs: np.ndarray | None,
-    hier_pairs: np.ndarray | None,
-    *,
-    hidden: int | Sequence[int] = 256,
-    dim: int = 256,
-    geometry: str = "poincare",
-    c: float = 1.0,
-    margin: float = 0.2,
-    weights: Mapping[str, float],
-    lr: float = 1e-4,
-    weight_decay: float = 1e-5,
-    epochs: int,
-    batch_size: int,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    log: Callable[[int, dict[str, float]], None] | None = None,
-    progress: bool = True,
-    same_image_negatives: float = 0.25,
-    max_eval_pairs: int = 100_000,
-) -> tuple[EmbeddingHead, list[dict[str, float]]]:
-    """Train an `EmbeddingHead` with the weighted mask/object/hier triplet terms; return (head, history).
-
-    `features` maps "box", "fg", "bg" to (N, D) float arrays ("fg"/"bg" only needed when the mask term
-    is on). An epoch visits every proposal once in seeded shuffled batches of `batch_size`; each step
-    adds the mask term on its proposals, the object term on the next `batch_size` object pairs (a
-    seeded, reshuffled cycle over all pairs) with freshly sampled negatives, and the hier term on the
-    next `batch_size` hier pairs. A zero weight skips its term and its sampling (the term is then absent
-    from the history); a non-zero weight without pairs warns once and contributes zero. Adam with a
-    cosine schedule over all steps. NaN/inf in a term raises PipelineError naming the step and term.
-
-    history[e] (also passed to `log(e, metrics)` after each epoch): the mean of each active term over
-    the epoch's steps, "total" (weighted sum), "d0_parent"/"d0_child" (mean distance to the origin over
-    the hier pairs, at most `max_eval_pairs` of them, at the end of the epoch; absent without hier
-    pairs), "lr" (at the end of the epoch), "triplets" (triplets trained on) and "seconds".
-    The head is returned in eval mode on `device`. Deterministic on the CPU for a fixed seed.
-    """
-    w = _check_weights(weights)
-    needed = ["box", "fg", "bg"] if w["mask"] > 0 else ["box"]
-    views, offsets = _check_inputs(features, image_offsets, needed)
-    n, in_dim = views["box"].shape
-    obj = _check_pairs("object", object_pairs, n)
-    hier = _check_pairs("hier", hier_pairs, n)
-    if int(epochs) < 1 or int(batch_size) < 1:
-        raise PipelineError(f"embedding: epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    if not (math.isfinite(margin) and margin >= 0):
-        raise PipelineError(f"embedding: margin must be >= 0, got {margin}")
-    epochs, batch_size = int(epochs), int(batch_size)
-    dev = torch.device(pick_device(device))
-
-    for term, count in (("object", len(obj)), ("hier", len(hier))):
-        if w[term] > 0 and count == 0:
-            warnings.warn(
-                f"embedding: loss.{term} = {w[term]:g} but there are no {term} pairs; the {term} term contributes 0",
-                stacklevel=2,
-            )
-    active = [t for t in TERMS if w[t] > 0]
-    use_obj = w["object"] > 0 and len(obj) > 0
-    use_hier = w["hier"] > 0 and len(hier) > 0
-    if not (w["mask"] > 0 or use_obj or use_hier):
-        raise PipelineError(f"embedding: nothing to train: the active term(s) {', '.join(active)} have no pairs")
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = EmbeddingHead(in_dim, hidden, dim, geometry, c)
-    head.to(dev).train()
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {k: torch.from_numpy(v).to(dev) for k, v in views.items()}
-    box = tensors["box"]
-    keys = object_pair_keys(obj, n) if use_obj else np.zeros(0, dtype=np.int64)
-    obj_cycle = _Cycler(len(obj), generator) if use_obj else None
-    hier_cycle = _Cycler(len(hier), generator) if use_hier else None
-    eval_pairs = hier
-    if len(hier) > max_eval_pairs:
-        eval_pairs = hier[np.sort(np.random.default_rng(seed).choice(len(hier), max_eval_pairs, replace=False))]
-
-    steps_per_epoch = -(-n // batch_size)
-    total_steps = epochs * steps_per_epoch
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    sizes = [min(batch_size, n - s * batch_size) for s in range(steps_per_epoch)]
-    planned = sum(b * (w["mask"] > 0) + min(b, len(obj)) * use_obj + min(b, len(hier)) * use_hier for b in sizes)
-    bar = tqdm(
-        total=planned * epochs, unit="triplet", unit_scale=True, disable=not progress, desc="embed", dynamic_ncols=True
-    )
-    zero = torch.zeros((), device=dev)
-    history: list[dict[str, float]] = []
-    step = 0
-    try:
-        for epoch in range(epochs):
-            started = time.perf_counter()
-            sums = dict.fromkeys(active, 0.0)
-            total_sum, triplets = 0.0, 0
-            perm = torch.randperm(n, generator=generator)
-            for s in range(steps_per_epoch):
-                idx = perm[s * batch_size : (s + 1) * batch_size].to(dev)
-                chunks: dict[str, list[Tensor]] = {}
-                if w["mask"] > 0:
-                    chunks["mask"] = [box[idx], tensors["fg"][idx], tensors["bg"][idx]]
-                if use_obj:
-                    pairs = obj[obj_cycle.take(len(idx))]
-                    negatives = sample_object_negatives(pairs, offsets, keys, generator, same_image_negatives)
-                    keep = negatives >= 0
-                    rows = torch.from_numpy(np.stack([pairs[keep, 0], pairs[keep, 1], negatives[keep]])).to(dev)
-                    chunks["object"] = [box[rows[0]], box[rows[1]], box[rows[2]]]
-                if use_hier:
-                    rows = torch.from_numpy(hier[hier_cycle.take(len(idx))].T.copy()).to(dev)
-                    chunks["hier"] = [box[rows[0]], box[rows[1]]]
-                flat = [t for parts in chunks.values() for t in parts]
-                z = head(torch.cat(flat)).split([len(t) for t in flat])
-                emb: dict[str, tuple[Tensor, ...]] = {}
-                pos = 0
-                for term, parts in chunks.items():
-                    emb[term] = z[pos : pos + len(parts)]
-                    pos += len(parts)
-                    triplets += len(parts[0])
-
-                terms: dict[str, Tensor] = {}
-                for term in active:
-                    if term not in emb:
-                        terms[term] = zero
-                    elif term == "mask":
-                        terms[term] = mask_loss(*emb[term], head.distance, margin)
-                    elif term == "object":
-                        terms[term] = object_loss(*emb[term], head.distance, margin)
-                    else:
-                        terms[term] = hier_loss(*emb[term], head.norm_distance, margin)
-                total = sum(w[t] * terms[t] for t in active)
-                values = torch.stack([terms[t].detach() for t in active] + [total.detach()]).tolist()
-                for term, value in zip(active + ["total"], values, strict=True):
-                    if not math.isfinite(value):
-                        raise PipelineError(
-                            f"embedding: the {term} loss is {value} at step {step} (epoch {epoch}, batch {s}); "
-                            "check the features for NaN/inf or lower the learning rate"
-                        )
-                optimizer.zero_grad(set_to_none=True)
-                if total.requires_grad:
-                    total.backward()
-                    optimizer.step()
-                scheduler.step()
-                step += 1
-                for term, value in zip(active, values, strict=False):
-                    sums[term] += value
-                total_sum += values[-1]
-                bar.update(sum(len(parts[0]) for parts in chunks.values()))
-                if s % 20 == 0:
-                    bar.set_postfix(epoch=epoch, loss=f"{values[-1]:.4f}", refresh=False)
-
-            metrics = {t: sums[t] / steps_per_epoch for t in active}
-            metrics["total"] = total_sum / steps_per_epoch
-            if len(eval_pairs):
-                head.eval()
-                metrics.update(_d0_stats(head, box, eval_pairs, dev))
-                head.train()
-            metrics["lr"] = float(scheduler.get_last_lr()[0])
-            metrics["triplets"] = float(triplets)
-            metrics["seconds"] = time.perf_counter() - started
-            history.append(metrics)
-            bar.set_postfix(epoch=epoch, loss=f"{metrics['total']:.4f}", refresh=True)
-            if log is not None:
-                log(epoch, dict(metrics))
-    finally:
-        bar.close()
-    return head.eval(), history
-
-
 # ------------------------------------------------------------------------------------------ inference
 
 
-def embed_features(
+def embed_batches(
     head: EmbeddingHead,
-    features_box: np.ndarray,
+    features_box: Any,
     batch_size: int = 4096,
     device: str | torch.device = "cpu",
     progress: bool = False,
-) -> np.ndarray:
-    """(N, dim) float32 embeddings of the box view of each proposal (strictly inside the ball).
+) -> Iterator[np.ndarray]:
+    """(rows, dim) float32 embeddings of the box view, `batch_size` rows at a time in row order.
 
-    `features_box` may be any array-like sliceable along rows (numpy, zarr): it is read batch by batch.
-    The head is moved to `device` (in place) and put in eval mode.
+    `features_box` may be any array-like sliceable along rows (numpy, zarr, any float dtype): it is read
+    batch by batch, so a caller can write each batch out and hold no more than one. The head is moved to
+    `device` (in place) and put in eval mode. Rows that are NaN/inf raise PipelineError after the last
+    batch (counted over all rows).
     """
     dev = torch.device(pick_device(device))
     shape = getattr(features_box, "shape", None) or np.shape(features_box)
     if len(shape) != 2 or shape[1] != head.in_dim:
         raise PipelineError(f"embedding: features have shape {tuple(shape)}, the head expects (N, {head.in_dim})")
     n = int(shape[0])
-    out = np.empty((n, head.dim), dtype=np.float32)
     head.to(dev).eval()
     batch_size = max(1, int(batch_size))
-    with torch.inference_mode():
+
+    def batches() -> Iterator[np.ndarray]:
+        bad, first_bad = 0, -1
         for i in tqdm(range(0, n, batch_size), desc="embed", unit="batch", disable=not progress):
-            x = torch.from_numpy(np.ascontiguousarray(features_box[i : i + batch_size], dtype=np.float32)).to(dev)
-            out[i : i + batch_size] = head(x).float().cpu().numpy()
-    bad = ~np.isfinite(out).all(axis=1)
-    if bad.any():
-        raise PipelineError(f"embedding: {int(bad.sum())} of {n} embeddings are NaN/inf (first row {np.argmax(bad)})")
+            rows = np.ascontiguousarray(features_box[i : i + batch_size], dtype=np.float32)
+            with torch.inference_mode():
+                out = head(torch.from_numpy(rows).to(dev)).float().cpu().numpy()
+            finite = np.isfinite(out).all(axis=1)
+            if not finite.all():
+                first_bad = i + int(np.argmin(finite)) if first_bad < 0 else first_bad
+                bad += int((~finite).sum())
+            yield out
+        if bad:
+            raise PipelineError(f"embedding: {bad} of {n} embeddings are NaN/inf (first row {first_bad})")
+
+    return batches()
+
+
+def embed_features(
+    head: EmbeddingHead,
+    features_box: Any,
+    batch_size: int = 4096,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> np.ndarray:
+    """(N, dim) float32 embeddings of the box view of each proposal (strictly inside the ball), in memory.
+
+    `embed_batches` without holding the batches: same arguments, same checks.
+    """
+    n = int((getattr(features_box, "shape", None) or np.shape(features_box))[0])
+    out = np.empty((n, head.dim), dtype=np.float32)
+    pos = 0
+    for rows in embed_batches(head, features_box, batch_size, device, progress):
+        out[pos : pos + len(rows)] = rows
+        pos += len(rows)
     return out
 
 

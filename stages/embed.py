@@ -3,22 +3,36 @@
 Reads data/{train,val}/samples.zarr (and the proposals stores, to check the samples were made from them);
 writes models/embedder.pt and data/val/embeddings.zarr; per-epoch loss terms and the mean distance to the
 origin of parents and children go to dvclive/embed.
+
+Both splits are read by blocks, never whole: training streams the train store by blocks of whole images
+(`embed.num_workers` reader processes), and the val embeddings are written batch by batch into the store.
+Training checkpoints every `embed.checkpoint_every` steps under checkpoints/embed/ (keyed by the embed and
+loss params and the train store's fingerprint); a rerun after a kill resumes from there ("resumed from step
+N") and ends with the same head; the checkpoint is removed once the outputs are written. On a resume the
+saved epochs are logged again into a fresh dvclive run (rather than `Live(resume=True)`, which would keep
+twice the epochs logged between the last checkpoint and the kill). models/embedder.pt holds no run times
+(the per-epoch seconds stay in dvclive), so the same inputs and params give the same bytes.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import typer
 from dvclive import Live
 
+from pipeline.checkpoint import Checkpoint
 from pipeline.config import as_dict
 from pipeline.device import pick_device
-from pipeline.embedding import embed_features, save_head, train_embedder
+from pipeline.embedding import embed_batches, save_head
+from pipeline.embedding_train import train_embedder
+from pipeline.errors import PipelineError
 from pipeline.sampling import VIEWS
-from pipeline.store import check_source, open_store, read_array, write_store
+from pipeline.store import StoreWriter, atomic_path, check_source, open_store, read_array
 from stages.common import EMBEDDER_CHECKPOINT, Timer, clean_errors, params, split_dir, summary
 
 LIVE_DIR = "dvclive/embed"
 TRAIN, EVAL = "train", "val"
+RUN_ONLY = ("num_workers", "checkpoint_every")  # embed params that change how a run goes, not what it makes
 
 
 def open_samples(split: str):
@@ -27,6 +41,43 @@ def open_samples(split: str):
     samples = open_store(path, "samples")
     check_source(samples, open_store(source_path, "proposals"), path, source_path)
     return samples
+
+
+def store_array(group, name: str):
+    """An array of a store, to be read by slices; a clear error naming the store if it is absent."""
+    try:
+        return group[name]
+    except KeyError:
+        raise PipelineError(f"{group.store}: array {name!r} is missing from this store") from None
+
+
+def checkpoint_key(embed: dict, loss: dict, train_fingerprint: str) -> dict:
+    """What a training checkpoint must have been made from: the params that shape training and the inputs."""
+    return {
+        "embed": {k: v for k, v in embed.items() if k not in RUN_ONLY},
+        "loss": loss,
+        "train": train_fingerprint,
+    }
+
+
+def head_meta(embed: dict, loss: dict, history: list[dict[str, float]]) -> dict:
+    """The meta saved with the head (a hashed output): the params that shape it and the per-epoch history,
+    without run times or the params of how the run went (`RUN_ONLY`), so equal heads give equal bytes."""
+    timeless = [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+    shaping = {k: v for k, v in embed.items() if k not in RUN_ONLY}
+    return {"params": {"embed": shaping, "loss": loss}, "history": timeless}
+
+
+def write_embeddings(out, head, features, image_offsets: np.ndarray, attrs: dict, device: str) -> str:
+    """The embeddings store of `features` (N, D), written batch by batch (one shard in memory); its fingerprint."""
+    with atomic_path(out) as tmp:
+        writer = StoreWriter(tmp)
+        rows = writer.array("embeddings", (int(features.shape[0]), head.dim), np.float32)
+        for batch in embed_batches(head, features, device=device):
+            rows.write(batch)
+        writer.close(rows)
+        writer.write_array("image_offsets", image_offsets)
+        return writer.finish(attrs, "embeddings")
 
 
 @clean_errors
@@ -38,19 +89,21 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
     train = open_samples(TRAIN)
     val = open_samples(EVAL)
     weights = {"mask": loss.mask, "object": loss.object, "hier": loss.hier}
+    checkpoint = Checkpoint("embed", checkpoint_key(as_dict(cfg), as_dict(loss), train.attrs["fingerprint"]))
     with Live(LIVE_DIR, save_dvc_exp=False, dvcyaml=None) as live:
 
         def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            live.step = epoch  # also right when a resumed run logs the saved epochs again
             for name, value in metrics.items():
                 if name not in ("lr", "triplets", "seconds"):
                     live.log_metric(f"train/{name}", value)
             live.next_step()
 
         head, history = train_embedder(
-            {view: read_array(train, f"features/{view}") for view in VIEWS},
+            {view: store_array(train, f"features/{view}") for view in VIEWS},
             read_array(train, "image_offsets"),
-            read_array(train, "pairs/object"),
-            read_array(train, "pairs/hier"),
+            store_array(train, "pairs/object"),
+            store_array(train, "pairs/hier"),
             hidden=[cfg.hidden],
             dim=cfg.dim,
             geometry=cfg.geometry,
@@ -64,14 +117,19 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
             seed=cfg.seed,
             device=device,
             log=log_epoch,
+            num_workers=cfg.num_workers,
+            checkpoint=checkpoint,
+            checkpoint_every=cfg.checkpoint_every,
         )
         triplets = sum(h["triplets"] for h in history)
         train_seconds = sum(h["seconds"] for h in history)
         live.summary.update({k: v for k, v in history[-1].items() if k not in ("lr", "seconds")})
         live.summary["triplets_per_second"] = triplets / max(train_seconds, 1e-9)
-    meta = {"params": {"embed": as_dict(cfg), "loss": as_dict(loss)}, "history": history}
+    meta = head_meta(as_dict(cfg), as_dict(loss), history)
     save_head(head, EMBEDDER_CHECKPOINT, meta)
-    embeddings = embed_features(head, read_array(val, "features/box"), device=device)
+
+    features = store_array(val, "features/box")
+    n_val = int(features.shape[0])
     attrs = {
         "split": EVAL,
         "geometry": cfg.geometry,
@@ -80,16 +138,17 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
         "params": meta["params"],
         "source": str(split_dir(EVAL) / "samples.zarr"),
         "source_fingerprint": val.attrs["fingerprint"],
-        "counts": {"proposals": len(embeddings), "train_proposals": int(train["features/box"].shape[0])},
+        "counts": {"proposals": n_val, "train_proposals": int(train["features/box"].shape[0])},
     }
     out = split_dir(EVAL) / "embeddings.zarr"
-    write_store(out, {"embeddings": embeddings, "image_offsets": read_array(val, "image_offsets")}, attrs, "embeddings")
+    write_embeddings(out, head, features, read_array(val, "image_offsets"), attrs, device)
+    checkpoint.clear()
     final = ", ".join(f"{t} {history[-1][t]:.4f}" for t in ("mask", "object", "hier") if t in history[-1])
     summary(
         "embed",
         f"{cfg.geometry} d={cfg.dim}, {len(history)} epochs, {triplets:.0f} triplets at "
         f"{triplets / max(train_seconds, 1e-9):.0f}/s on {device}; final {final}; "
-        f"{len(embeddings)} {EVAL} embeddings -> {out}",
+        f"{n_val} {EVAL} embeddings -> {out}",
         timer,
     )
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import embedding
+from pipeline import embedding, embedding_train
 from pipeline.embedding import (
     EmbeddingHead,
     embed_features,
@@ -19,8 +19,8 @@ from pipeline.embedding import (
     object_loss,
     sample_object_negatives,
     save_head,
-    train_embedder,
 )
+from pipeline.embedding_train import train_embedder
 from pipeline.errors import PipelineError
 
 torch.set_num_threads(1)
@@ -226,7 +226,7 @@ def test_training_is_deterministic():
 @pytest.mark.parametrize("off", ["object", "hier", "mask"])
 def test_zero_weight_skips_term_and_its_sampling(monkeypatch, off):
     calls = {"neg": 0, "hier": 0}
-    real_neg, real_hier = embedding.sample_object_negatives, embedding.hier_loss
+    real_neg, real_hier = embedding_train.sample_object_negatives, embedding_train.hier_loss
 
     def spy_neg(*a, **k):
         calls["neg"] += 1
@@ -236,8 +236,8 @@ def test_zero_weight_skips_term_and_its_sampling(monkeypatch, off):
         calls["hier"] += 1
         return real_hier(*a, **k)
 
-    monkeypatch.setattr(embedding, "sample_object_negatives", spy_neg)
-    monkeypatch.setattr(embedding, "hier_loss", spy_hier)
+    monkeypatch.setattr(embedding_train, "sample_object_negatives", spy_neg)
+    monkeypatch.setattr(embedding_train, "hier_loss", spy_hier)
     weights = {"mask": 1.0, "object": 1.0, "hier": 1.0, off: 0.0}
     features, offsets, object_pairs, hier = synthetic()
     if off == "mask":  # fg/bg are then not needed at all
@@ -331,3 +331,19 @@ def test_load_errors_name_the_file(tmp_path):
     torch.save(payload, wrong)
     with pytest.raises(PipelineError, match="wrong.pt.*incompatible"):
         load_head(wrong)
+
+
+def test_embed_batches_streams_rows_in_order_and_reports_nan_after_the_last_batch():
+    head = EmbeddingHead(4, 8, 2)
+    x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float16)  # a float16 store's rows
+    batches = list(embedding.embed_batches(head, x, batch_size=4))
+    assert [len(b) for b in batches] == [4, 4, 2] and all(b.dtype == np.float32 for b in batches)
+    np.testing.assert_array_equal(np.concatenate(batches), embed_features(head, x.astype(np.float32), batch_size=4))
+    bad = x.astype(np.float32)
+    bad[[5, 9]] = np.nan
+    stream = embedding.embed_batches(head, bad, batch_size=4)
+    assert [len(next(stream)) for _ in range(3)] == [4, 4, 2]  # every row comes out before the check
+    with pytest.raises(PipelineError, match=r"2 of 10 embeddings are NaN/inf \(first row 5\)"):
+        next(stream)
+    with pytest.raises(PipelineError, match="expects"):
+        embedding.embed_batches(head, x[:, :3])  # shape errors at the call, not at the first batch
