@@ -141,6 +141,60 @@ def test_second_repro_runs_nothing(repo, first_run):
     assert "up to date" in run([str(BIN / "dvc"), "status", "dvc.yaml"], repo)
 
 
+def lock_outs(repo: Path) -> dict[str, str]:
+    """Every output's hash in dvc.lock (md5 of a file, or of a directory's listing)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+def tree_bytes(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.e2e
+def test_stores_do_not_depend_on_the_commit(repo, first_run):
+    """A commit that changes no stage's code or params re-runs nothing; forced re-runs at the new commit give
+    byte-identical stores and models (nothing in them records the commit or the clock)."""
+    before = lock_outs(repo)
+    (repo / "README.md").write_text((repo / "README.md").read_text() + "\nanother commit\n")
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "docs only"], repo)
+    assert ran_stages(run([str(BIN / "dvc"), "repro"], repo)) == set()
+    output = run([str(BIN / "dvc"), "repro", "-f"], repo)
+    assert ran_stages(output) == STAGES
+    after = lock_outs(repo)
+    assert after == before, {path: (before.get(path), md5) for path, md5 in after.items() if before.get(path) != md5}
+
+
+@pytest.mark.e2e
+def test_killed_propose_resumes_from_its_last_part(repo, first_run):
+    """SIGKILL `propose` after some parts of images are saved: the rerun computes only the missing parts, leaves
+    no temporary folder, and writes the same store as the uninterrupted run."""
+    import signal
+    import time
+
+    store = repo / "data" / "train" / "proposals.zarr"
+    original = tree_bytes(store)
+    cmd = [str(BIN / "python"), "-m", "stages.propose", "--split", "train", "--images-per-part", "2"]
+    run(cmd, repo)  # uninterrupted, with the same parts (batches never span two parts)
+    reference = tree_bytes(store)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    work = store.parent / ".proposals.zarr.parts"
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.glob("part-*/done"))) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(work.glob("part-*/done")))
+    assert 3 <= done < 12, f"{done} parts were done when killed"
+    output = run(cmd, repo)
+    assert f"resuming: {done} of 12 parts already done" in output
+    assert tree_bytes(store) == reference
+    assert sorted(p.name for p in store.parent.iterdir() if p.name.startswith(".")) == []
+    run(cmd[:-2], repo)  # back to the default parts: the store dvc.lock knows
+    assert tree_bytes(store) == original
+
+
 @pytest.mark.e2e
 def test_param_change_reruns_only_downstream(repo, first_run):
     params = yaml.safe_load((repo / "params.yaml").read_text())
