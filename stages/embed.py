@@ -10,8 +10,9 @@ Training checkpoints every `embed.checkpoint_every` steps under checkpoints/embe
 loss params and the train store's fingerprint); a rerun after a kill resumes from there ("resumed from step
 N") and ends with the same head; the checkpoint is removed once the outputs are written. On a resume the
 saved epochs are logged again into a fresh dvclive run (rather than `Live(resume=True)`, which would keep
-twice the epochs logged between the last checkpoint and the kill). models/embedder.pt holds no run times
-(the per-epoch seconds stay in dvclive), so the same inputs and params give the same bytes.
+twice the epochs logged between the last checkpoint and the kill). Neither models/embedder.pt nor the dvclive
+metrics hold run times (the rate is printed in the summary line only), so the same inputs and params give
+the same bytes and the same dvc.lock.
 """
 
 from __future__ import annotations
@@ -124,7 +125,6 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
         triplets = sum(h["triplets"] for h in history)
         train_seconds = sum(h["seconds"] for h in history)
         live.summary.update({k: v for k, v in history[-1].items() if k not in ("lr", "seconds")})
-        live.summary["triplets_per_second"] = triplets / max(train_seconds, 1e-9)
     meta = head_meta(as_dict(cfg), as_dict(loss), history)
     save_head(head, EMBEDDER_CHECKPOINT, meta)
 

@@ -26,8 +26,8 @@ def main() -> None:
         live = Path("dvclive/train_proposer/metrics.json")
         extra = json.loads(live.read_text()) if live.is_file() else {}
         trained = (
-            f", {extra['steps']} steps, final loss {extra['final_loss']:.3f}, {extra['train_seconds']:.0f} s"
-            if {"steps", "final_loss", "train_seconds"} <= extra.keys()
+            f", {extra['steps']} steps, final loss {extra['final_loss']:.3f}"
+            if {"steps", "final_loss"} <= extra.keys()
             else ""
         )
         _line("train_proposer", f"{PROPOSER_CHECKPOINT} ({PROPOSER_CHECKPOINT.stat().st_size / 1e6:.1f} MB{trained})")

@@ -102,7 +102,6 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
                 + (f" (resumed from step {history.resumed_from})" if history.resumed_from else "")
                 + f", final loss {final:.3f}; {history.n_images} images, {history.n_excluded} excluded (LVIS val)"
             )
-        live.summary["train_seconds"] = round(timer.seconds, 1)
     save_checkpoint(model, PROPOSER_CHECKPOINT, cfg.backbone, cfg.image_size)
     if checkpoint is not None:
         checkpoint.clear()  # the weights are saved: nothing left to resume
