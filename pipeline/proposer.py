@@ -41,7 +41,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-import pycocotools.mask as mask_utils
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,10 +57,9 @@ from torchvision.ops import misc as misc_nn_ops
 from tqdm import tqdm
 
 from pipeline.checkpoint import Checkpoint, rng_state, set_rng_state
-from pipeline.data.lvis_format import image_path, load_image, load_json
 from pipeline.device import pick_device
 from pipeline.errors import PipelineError
-from pipeline.masks import annotation_rle, paste_masks
+from pipeline.proposer_data import CocoInstances, _collate, _hflip
 from pipeline.store import torch_bytes, write_bytes
 
 BACKBONES = ("resnet18", "resnet50", "mobilenet_v3")
@@ -194,105 +192,6 @@ def build_model(
 
 def _num_classes(model: MaskRCNN) -> int:
     return int(model.roi_heads.box_predictor.cls_score.out_features)
-
-
-# --------------------------------------------------------------------------------------------------
-# data
-
-
-def _decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
-    """(H, W) uint8 mask of a COCO segmentation: polygons, uncompressed or compressed RLE."""
-    return mask_utils.decode(annotation_rle(segmentation, height, width)).astype(np.uint8)
-
-
-class CocoInstances(torch.utils.data.Dataset):
-    """Instances of a COCO-format file: (image float CxHxW in [0, 1], target dict), class-agnostic by default.
-
-    target: `boxes` (n, 4) float32 xyxy, `labels` (n,) int64 (all 1, or `label_map[category_id]` for a
-    class-aware detector such as the supervised baseline), `masks` (n, H, W) uint8,
-    `image_id` int. Crowd annotations and boxes narrower or lower than one pixel (after clipping to
-    the image) are dropped; with `skip_empty`, images left without annotations are dropped.
-    Images whose id is in `exclude_image_ids` are left out altogether (the COCO-trained proposer must not
-    see the LVIS val images, which come from COCO train2017 too); `n_excluded` counts those of the file.
-    """
-
-    def __init__(
-        self,
-        coco_json: Path,
-        image_root: Path,
-        *,
-        skip_empty: bool = True,
-        label_map: dict[int, int] | None = None,
-        exclude_image_ids: Iterable[int] = (),
-    ):
-        self.coco_json = Path(coco_json)
-        self.label_map = label_map
-        self.image_root = Path(image_root)
-        data = load_json(self.coco_json, "COCO annotation file")
-        excluded = {int(i) for i in exclude_image_ids}
-        try:
-            images = {int(img["id"]): img for img in data["images"]}
-            self.n_excluded = len(excluded & images.keys())
-            images = {i: img for i, img in images.items() if i not in excluded}
-            by_image: dict[int, list[dict]] = {i: [] for i in images}
-            for ann in data["annotations"]:
-                if ann.get("iscrowd", 0) or int(ann["image_id"]) not in by_image:
-                    continue
-                img = images[int(ann["image_id"])]
-                x, y, w, h = (float(v) for v in ann["bbox"])
-                x1, y1 = max(0.0, x), max(0.0, y)
-                x2, y2 = min(float(img["width"]), x + w), min(float(img["height"]), y + h)
-                if x2 - x1 < 1.0 or y2 - y1 < 1.0:
-                    continue
-                label = 1 if label_map is None else label_map[int(ann["category_id"])]
-                by_image[int(ann["image_id"])].append(
-                    {"box": (x1, y1, x2, y2), "segmentation": ann["segmentation"], "label": label}
-                )
-        except (KeyError, TypeError, ValueError) as err:
-            raise PipelineError(f"{self.coco_json}: not a COCO instances file (bad or missing field {err})") from None
-        ids = sorted(images)
-        if skip_empty:
-            ids = [i for i in ids if by_image[i]]
-        self.image_ids = ids
-        self._images = images
-        self._anns = by_image
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        image_id = self.image_ids[index]
-        info = self._images[image_id]
-        height, width = int(info["height"]), int(info["width"])
-        path = image_path(info, self.image_root)
-        pixels = load_image(path)
-        if pixels.shape[:2] != (height, width):
-            raise PipelineError(
-                f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]} but {self.coco_json} says {width}x{height}"
-            )
-        anns = self._anns[image_id]
-        masks = np.zeros((len(anns), height, width), dtype=np.uint8)
-        for j, ann in enumerate(anns):
-            masks[j] = _decode_segmentation(ann["segmentation"], height, width)
-        target = {
-            "boxes": torch.tensor([a["box"] for a in anns], dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor([a["label"] for a in anns], dtype=torch.int64),
-            "masks": torch.from_numpy(masks),
-            "image_id": image_id,
-        }
-        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
-        return image, target
-
-
-def _collate(batch):
-    return [b[0] for b in batch], [b[1] for b in batch]
-
-
-def _hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-    width = image.shape[-1]
-    boxes = target["boxes"].clone()
-    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-    return image.flip(-1), {**target, "boxes": boxes, "masks": target["masks"].flip(-1)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -654,124 +553,3 @@ def _propose_batch(model: MaskRCNN, images: list[np.ndarray], device: str) -> li
             }
         )
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# evaluation
-
-
-def _ap_101(tp: np.ndarray, n_pos: int) -> float:
-    """COCO-style AP: 101-point interpolated precision over recall, from TP flags sorted by score."""
-    if n_pos == 0:
-        return float("nan")
-    if len(tp) == 0:
-        return 0.0
-    tp_cum = np.cumsum(tp)
-    fp_cum = np.cumsum(1 - tp)
-    recall = tp_cum / n_pos
-    precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
-    precision = np.maximum.accumulate(precision[::-1])[::-1]  # envelope: best precision at recall >= r
-    thresholds = np.linspace(0.0, 1.0, 101)
-    idx = np.searchsorted(recall, thresholds, side="left")
-    sampled = np.where(idx < len(precision), precision[np.minimum(idx, len(precision) - 1)], 0.0)
-    return float(sampled.mean())
-
-
-def evaluate_proposals(
-    proposals: list[dict],
-    gt_json: Path,
-    image_ids: list[int],
-    base_category_ids: set[int],
-    *,
-    k: int = 20,
-    iou: float = 0.5,
-) -> dict:
-    """Class-agnostic mask recall@k and AP at `iou` of proposals, for base, novel and all GT instances.
-
-    `proposals[i]` (boxes, scores, masks as from `propose`) belongs to `image_ids[i]`; only the top `k`
-    proposals (by score) of an image count. Masks are pasted at full resolution
-    (`pipeline.masks.paste_masks`) and compared with pycocotools' mask IoU.
-    - recall@k/S: fraction of GT instances of subset S covered by some proposal with IoU >= iou;
-    - apXX/S: proposals sorted by score over all images, each greedily matched (COCO-style) to the
-      unmatched GT instance of highest IoU >= iou among all categories; for subset S a match to S is a
-      true positive, a match to another subset is ignored, no match is a false positive; 101-point AP.
-    Crowd GT (COCO `iscrowd`) are not instances: a proposal whose intersection over its own area with
-    a crowd region is >= iou is ignored instead of counted as a false positive.
-    Undefined values (a subset with no GT) are NaN.
-    """
-    if len(proposals) != len(image_ids):
-        raise PipelineError(f"evaluate_proposals: {len(proposals)} proposal sets for {len(image_ids)} images")
-    gt_json = Path(gt_json)
-    data = load_json(gt_json, "ground-truth annotation file")
-    try:
-        images = {int(img["id"]): img for img in data["images"]}
-        anns_by_image: dict[int, list[dict]] = {int(i): [] for i in image_ids}
-        for ann in data["annotations"]:
-            if int(ann["image_id"]) in anns_by_image and ann.get("segmentation"):  # no outline: not an instance
-                anns_by_image[int(ann["image_id"])].append(ann)
-    except (KeyError, TypeError, ValueError) as err:
-        raise PipelineError(f"{gt_json}: not a COCO/LVIS annotation file (bad or missing field {err})") from None
-    base = {int(c) for c in base_category_ids}
-    subsets = ("base", "novel", "all")
-    n_gt = dict.fromkeys(subsets, 0)
-    covered = dict.fromkeys(subsets, 0)
-    det_scores: list[np.ndarray] = []
-    det_match: list[np.ndarray] = []  # per detection: -1 false positive, -2 ignored, 0 base TP, 1 novel TP
-    for props, image_id in zip(proposals, image_ids, strict=True):
-        image_id = int(image_id)
-        if image_id not in images:
-            raise PipelineError(f"{gt_json}: image id {image_id} not found")
-        height, width = int(images[image_id]["height"]), int(images[image_id]["width"])
-        anns = anns_by_image[image_id]
-        crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
-        is_base = np.array([int(a["category_id"]) in base for a in anns], dtype=bool)
-        gt_rles = [annotation_rle(a["segmentation"], height, width) for a in anns]
-        n_inst = int((~crowd).sum())
-        n_base = int((~crowd & is_base).sum())
-        n_gt["all"] += n_inst
-        n_gt["base"] += n_base
-        n_gt["novel"] += n_inst - n_base
-        scores = np.asarray(props["scores"], dtype=np.float64).reshape(-1)
-        order = np.argsort(-scores, kind="stable")[:k]
-        scores = scores[order]
-        if len(order) == 0:
-            continue
-        pasted = paste_masks(np.asarray(props["masks"])[order], np.asarray(props["boxes"])[order], (height, width))
-        dt_rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in pasted]
-        if anns:
-            ious = np.asarray(mask_utils.iou(dt_rles, gt_rles, crowd.astype(np.uint8).tolist()), dtype=np.float64)
-            ious = ious.reshape(len(dt_rles), len(gt_rles))
-        else:
-            ious = np.zeros((len(dt_rles), 0))
-        hit = (ious[:, ~crowd] >= iou).any(axis=0)
-        covered["all"] += int(hit.sum())
-        covered["base"] += int((hit & is_base[~crowd]).sum())
-        covered["novel"] += int((hit & ~is_base[~crowd]).sum())
-        taken = np.zeros(len(anns), dtype=bool)
-        match = np.full(len(order), -1, dtype=np.int64)
-        for d in range(len(order)):  # already in descending score order
-            candidates = np.where(~crowd & ~taken & (ious[d] >= iou))[0]
-            if len(candidates):
-                g = candidates[np.argmax(ious[d, candidates])]
-                taken[g] = True
-                match[d] = 0 if is_base[g] else 1
-            elif (crowd & (ious[d] >= iou)).any():
-                match[d] = -2
-        det_scores.append(scores)
-        det_match.append(match)
-    scores_all = np.concatenate(det_scores) if det_scores else np.zeros(0)
-    match_all = np.concatenate(det_match) if det_match else np.zeros(0, dtype=np.int64)
-    order = np.argsort(-scores_all, kind="stable")
-    match_all = match_all[order]
-    ap_key = f"ap{int(round(iou * 100))}"
-    result: dict[str, float | int] = {}
-    for subset in subsets:
-        wanted = {"base": (0,), "novel": (1,), "all": (0, 1)}[subset]
-        is_tp = np.isin(match_all, wanted)
-        counted = is_tp | (match_all == -1)
-        result[f"recall@{k}/{subset}"] = covered[subset] / n_gt[subset] if n_gt[subset] else float("nan")
-        result[f"{ap_key}/{subset}"] = _ap_101(is_tp[counted].astype(np.float64), n_gt[subset])
-        result[f"n_gt/{subset}"] = n_gt[subset]
-    result["n_images"] = len(image_ids)
-    result["n_proposals"] = len(match_all)
-    return result

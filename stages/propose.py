@@ -17,8 +17,9 @@ from pipeline.data.dataset import read_manifest
 from pipeline.data.lvis_format import load_json
 from pipeline.device import pick_device
 from pipeline.parts import IMAGES_PER_PART, ImageParts
+from pipeline.proposal_metrics import evaluate_proposals
 from pipeline.proposals import StoreProposals, proposal_columns, propose_parts
-from pipeline.proposer import evaluate_proposals, load_checkpoint, propose
+from pipeline.proposer import load_checkpoint, propose
 from pipeline.store import open_store, write_json
 from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, params, split_dir, summary
 

@@ -26,20 +26,19 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.config import Params, Proposer
 from pipeline.data.dataset import Manifest
 from pipeline.errors import PipelineError
+from pipeline.proposal_metrics import evaluate_proposals
 from pipeline.proposer import (
     BACKBONES,
     MASK_SIZE,
-    CocoInstances,
     _ClassAgnosticRoIHeads,
-    _decode_segmentation,
     _EpochBatches,
     build_model,
-    evaluate_proposals,
     load_checkpoint,
     propose,
     save_checkpoint,
     train_proposer,
 )
+from pipeline.proposer_data import CocoInstances, _decode_segmentation
 
 torch.set_num_threads(1)
 
