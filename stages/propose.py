@@ -48,7 +48,7 @@ def main(
     cfg = p.propose
     manifest = read_manifest(MANIFEST)
     gt_path = manifest.split_json(split)
-    gt = load_json(gt_path, "LVIS annotations")
+    images = sorted(load_json(gt_path, "LVIS annotations")["images"], key=lambda r: r["id"])  # not the annotations
     device = pick_device(p.device)
     model = load_checkpoint(
         PROPOSER_CHECKPOINT,
@@ -56,7 +56,6 @@ def main(
         nms_thresh=cfg.nms_thresh,
         max_proposals=cfg.max_proposals,
     ).to(device)
-    images = sorted(gt["images"], key=lambda r: r["id"])
     mask_size = model.roi_heads.mask_roi_pool.output_size[0] * 2
     out = split_dir(split) / "proposals.zarr"
     proposer_digest = file_digest(PROPOSER_CHECKPOINT)

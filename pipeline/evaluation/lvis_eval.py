@@ -10,6 +10,8 @@ What the integrator should know about lvis 0.5.3 (checked in its source):
 - Federated protocol: a detection whose category is neither annotated in its image nor in the image's
   `neg_category_ids` is discarded; an unmatched one of a category in `not_exhaustive_category_ids` is ignored.
 - Empty detections (area 0) and ground truth with `area` 0 are silently dropped by `get_ann_ids`.
+- `LVISEval.evaluate` keeps three dict entries for every (image, category) pair, empty ones included
+  (about 10 GB on LVIS v1 val); `_lean_lvis_eval` gives the same results without them.
 - A metric with no category holding ground truth in its group (e.g. APr without any rare category) is -1
   in LVIS; it is reported here as None (JSON null), consistently, never as -1.
 - `import lvis` runs `logging.basicConfig(level=WARN)` on the root logger and imports cv2 and matplotlib.pyplot
@@ -108,6 +110,41 @@ def cap_per_image(detections: Iterable[dict], max_per_image: int) -> list[dict]:
     return out
 
 
+def _lean_lvis_eval():
+    """LVISEval without the per-(image, category) bookkeeping of pairs that hold nothing (same results).
+
+    lvis 0.5.3's `evaluate` computes IoUs for every (image, category) pair, and its `_get_gt_dt` reads
+    `self._gts[img, cat]` and `self._dts[img, cat]`, defaultdicts that insert an empty list for every pair
+    looked up. Three dict entries (tuple key, empty list) per pair, ~0.43 KB: 0.5 MB per image with LVIS's
+    1,203 categories, ~10 GB on the 19,809 LVIS v1 val images (`benchmarks/bench_memory.py`). Here a
+    missing pair is read without being inserted, and IoUs are computed only for the pairs that hold ground
+    truth or detections, the only ones `evaluate_img` reads. `eval_imgs` keeps its layout (one slot per
+    category, area range and image: 8 bytes each), which `accumulate` indexes.
+    """
+    lvis = _lvis()
+
+    class LeanLVISEval(lvis.LVISEval):
+        def _get_gt_dt(self, img_id, cat_id):
+            if not self.params.use_cats:
+                return super()._get_gt_dt(img_id, cat_id)
+            return self._gts.get((img_id, cat_id), []), self._dts.get((img_id, cat_id), [])
+
+        def evaluate(self):
+            if not self.params.use_cats:
+                return super().evaluate()
+            self.params.img_ids = list(np.unique(self.params.img_ids))
+            self._prepare()
+            self.ious = {pair: self.compute_iou(*pair) for pair in set(self._gts) | set(self._dts)}
+            self.eval_imgs = [
+                self.evaluate_img(img_id, cat_id, area_rng)
+                for cat_id in self.params.cat_ids
+                for area_rng in self.params.area_rng
+                for img_id in self.params.img_ids
+            ]
+
+    return LeanLVISEval
+
+
 def _results(gt: LVIS, detections: list[dict], max_dets: int) -> LVISResults:
     lvis = _lvis()
     light = lvis.LVIS.__new__(
@@ -156,7 +193,7 @@ def run_lvis_eval(
     dets = cap_per_image(dets, max_dets)
     _numpy_float_shim()
     with _quiet_lvis():
-        evaluator = lvis.LVISEval(gt, _results(gt, dets, max_dets), iou_type="segm")
+        evaluator = _lean_lvis_eval()(gt, _results(gt, dets, max_dets), iou_type="segm")
         if image_ids is not None:
             evaluator.params.img_ids = image_ids
         evaluator.params.max_dets = max_dets
