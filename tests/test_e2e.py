@@ -70,9 +70,12 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    dest = tmp_path_factory.mktemp("e2e") / "repo"
+SKIP = ("data/", "models/", "metrics/", "plots/", "dvclive/", "checkpoints/")
+
+
+def copy_repo(dest: Path, params_set: dict, message: str) -> Path:
+    """The repository's tracked and untracked-not-ignored files (no outputs) copied to `dest`, with the params
+    in `params_set` (dotted keys) changed, as a fresh git repository with one commit (dvclive wants a commit)."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -82,17 +85,22 @@ def repo(tmp_path_factory) -> Path:
     ).stdout.split()
     for name in files:
         src = ROOT / name
-        if src.is_file() and not name.startswith(("data/", "models/", "metrics/", "plots/", "dvclive/")):
+        if src.is_file() and not name.startswith(SKIP):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    for key, value in TINY.items():
+    for key, value in params_set.items():
         set_key(params, key, value)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], dest)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny"], dest)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message], dest)
     return dest
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return copy_repo(tmp_path_factory.mktemp("e2e") / "repo", TINY, "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from tests.real_layout import write_real_layout
-from tests.test_e2e import BIN, ROOT, run, set_key
+from tests.test_e2e import BIN, copy_repo, run
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +46,6 @@ STAGES = [
     ["stages.evaluate"],
 ]
 LVIS_METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl")
-SKIP = ("data/", "models/", "metrics/", "plots/", "dvclive/", "checkpoints/")
 
 
 class Pipeline:
@@ -77,30 +73,9 @@ def layout(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, layout) -> Pipeline:
-    dest = tmp_path_factory.mktemp("real_layout_repo") / "repo"
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in files:
-        src = ROOT / name
-        if src.is_file() and not name.startswith(SKIP):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for key, value in TINY_LVIS.items():
-        set_key(params, key, value)
-    for key in ("train_json", "val_json", "image_root", "coco_json"):
-        set_key(params, f"data.lvis.{key}", str(layout[key]))
-    set_key(params, "data.lvis.coco_image_root", None)  # the published layout: <image_root>/train2017
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    # dvclive (train_proposer) looks for the git repository it logs into, and wants a commit
-    run(["git", "init", "-q"], dest)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny lvis"], dest)
+    lvis_paths = {f"data.lvis.{key}": str(layout[key]) for key in ("train_json", "val_json", "image_root", "coco_json")}
+    settings = {**TINY_LVIS, **lvis_paths, "data.lvis.coco_image_root": None}  # published layout: <root>/train2017
+    dest = copy_repo(tmp_path_factory.mktemp("real_layout_repo") / "repo", settings, "tiny lvis")
     return Pipeline(dest)
 
 
