@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.config import Params, load_params
 from pipeline.data.dataset import Manifest
-from pipeline.data.lvis_format import image_path, load_image, load_json
+from pipeline.data.lvis_format import image_path, load_image, load_image_records
 from pipeline.errors import PipelineError
 
 PREPARED = Path("data/prepared")
@@ -70,7 +70,7 @@ def image_loader(manifest: Manifest, split: str, image_ids: np.ndarray) -> Calla
     proposer's COCO images are not split images; they live under `manifest.proposer_images()`.
     """
     gt_path = manifest.split_json(split)
-    records = {int(r["id"]): r for r in load_json(gt_path, "LVIS annotations")["images"]}
+    records = {int(r["id"]): r for r in load_image_records(gt_path, "LVIS annotations")}
     missing = [int(i) for i in image_ids if int(i) not in records]
     if missing:
         raise PipelineError(f"{gt_path}: image id {missing[0]} of the proposals store is not in this file")

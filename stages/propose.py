@@ -14,7 +14,7 @@ import typer
 
 from pipeline.config import as_dict
 from pipeline.data.dataset import read_manifest
-from pipeline.data.lvis_format import load_json
+from pipeline.data.lvis_format import load_image_records
 from pipeline.device import pick_device
 from pipeline.parts import IMAGES_PER_PART, ImageParts
 from pipeline.proposal_metrics import evaluate_proposals
@@ -48,7 +48,7 @@ def main(
     cfg = p.propose
     manifest = read_manifest(MANIFEST)
     gt_path = manifest.split_json(split)
-    images = sorted(load_json(gt_path, "LVIS annotations")["images"], key=lambda r: r["id"])  # not the annotations
+    images = sorted(load_image_records(gt_path, "LVIS annotations"), key=lambda r: r["id"])  # not the annotations
     device = pick_device(p.device)
     model = load_checkpoint(
         PROPOSER_CHECKPOINT,
