@@ -155,7 +155,7 @@ class ImageParts:
         """Rows per image over the whole split (n_images,), once every part is done."""
         return np.concatenate([np.zeros(0, np.int64), *self._counts()])
 
-    def assemble(self, attrs: Mapping[str, Any], kind: str, extra: Mapping[str, np.ndarray] | None = None) -> str:
+    def assemble(self, attrs: Mapping[str, Any], kind: str) -> str:
         """Stream every part into the final store (atomically), then remove the work folder; the fingerprint."""
         missing = [r for r in self.ranges if not self.done(*r)]
         if missing:
@@ -168,11 +168,8 @@ class ImageParts:
         with atomic_path(self.final) as tmp:
             writer = StoreWriter(tmp)
             writer.write_array(OFFSETS, offsets)
-            for name, value in (extra or {}).items():
-                writer.write_array(name, np.asarray(value))
             for name, column in self.columns.items():
-                lengths = [len(self._load(*r, name)) for r in self.ranges]
-                array = writer.array(name, (sum(lengths), *column.row_shape), column.dtype)
+                array = writer.array(name, (self.n_rows(name), *column.row_shape), column.dtype)
                 for r in self.ranges:
                     rows = np.asarray(self._load(*r, name))
                     if name in self.index_columns:

@@ -72,6 +72,15 @@ def write_bytes(path: Path | str, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def file_digest(path: Path | str) -> str:
+    """sha256 of a file's bytes, read 1 MB at a time (first 16 hex digits)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def torch_bytes(obj: Any) -> bytes:
     """`torch.save` of `obj` into memory: the same object always gives the same bytes.
 
@@ -258,12 +267,17 @@ def open_store(path: Path | str, kind: str) -> zarr.Group:
     return group
 
 
-def read_array(group: zarr.Group, name: str) -> np.ndarray:
-    """A whole array of a store as numpy; a clear error naming the store if it is absent."""
+def store_array(group: zarr.Group, name: str) -> zarr.Array:
+    """An array of a store, to be read by slices; a clear error naming the store if it is absent."""
     try:
-        return np.asarray(group[name][...])
+        return group[name]
     except KeyError:
         raise PipelineError(f"{group.store}: array {name!r} is missing from this store") from None
+
+
+def read_array(group: zarr.Group, name: str) -> np.ndarray:
+    """A whole array of a store as numpy (for arrays of one row per image, or small stores)."""
+    return np.asarray(store_array(group, name)[...])
 
 
 def check_source(group: zarr.Group, source: zarr.Group, path: Path | str, source_path: Path | str) -> None:

@@ -26,9 +26,8 @@ from pipeline.config import as_dict
 from pipeline.device import pick_device
 from pipeline.embedding import embed_batches, save_head
 from pipeline.embedding_train import train_embedder
-from pipeline.errors import PipelineError
 from pipeline.sampling import VIEWS
-from pipeline.store import StoreWriter, atomic_path, check_source, open_store, read_array
+from pipeline.store import StoreWriter, atomic_path, check_source, open_store, read_array, store_array
 from stages.common import EMBEDDER_CHECKPOINT, Timer, clean_errors, params, split_dir, summary
 
 LIVE_DIR = "dvclive/embed"
@@ -42,14 +41,6 @@ def open_samples(split: str):
     samples = open_store(path, "samples")
     check_source(samples, open_store(source_path, "proposals"), path, source_path)
     return samples
-
-
-def store_array(group, name: str):
-    """An array of a store, to be read by slices; a clear error naming the store if it is absent."""
-    try:
-        return group[name]
-    except KeyError:
-        raise PipelineError(f"{group.store}: array {name!r} is missing from this store") from None
 
 
 def checkpoint_key(embed: dict, loss: dict, train_fingerprint: str) -> dict:

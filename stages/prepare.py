@@ -8,7 +8,6 @@ data.lvis.coco_image_root) and the COCO images the proposer must leave out becau
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import typer
@@ -25,15 +24,11 @@ from pipeline.data.lvis_format import (
 from pipeline.data.synthetic import WorldSpec, generate_world
 from pipeline.errors import PipelineError
 from pipeline.plots import dataset_preview
-from pipeline.store import atomic_path
+from pipeline.store import atomic_path, file_digest
 from stages.common import MANIFEST, PREPARED, Timer, clean_errors, params, summary
 
 PREVIEW = Path("plots/prepare/preview.png")
 IMAGE_SAMPLE = 50  # images checked per annotation file (present, readable, recorded size)
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def prepare_synthetic(p: Params, out: Path) -> tuple[Manifest, str]:
@@ -62,7 +57,7 @@ def prepare_synthetic(p: Params, out: Path) -> tuple[Manifest, str]:
         image_root=str(world / "images"),
         proposer_json=str(world / "coco_base_train.json"),
         base_category_ids=sorted(int(i) for i in info["base_category_ids"]),
-        files={str(world / n): _digest(world_tmp / n) for n in names},
+        files={str(world / n): file_digest(world_tmp / n) for n in names},
         proposer_image_root=str(world / "images"),
         proposer_excluded_image_ids=excluded,
     )

@@ -6,7 +6,6 @@ for base and novel categories) into metrics/propose_<split>.json.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -20,19 +19,10 @@ from pipeline.parts import IMAGES_PER_PART, ImageParts
 from pipeline.proposal_metrics import evaluate_proposals
 from pipeline.proposals import StoreProposals, proposal_columns, propose_parts
 from pipeline.proposer import load_checkpoint, propose
-from pipeline.store import open_store, write_json
+from pipeline.store import file_digest, open_store, write_json
 from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, params, split_dir, summary
 
 log = logging.getLogger("propose")
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file, read 1 MB at a time (first 16 hex digits)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 @clean_errors
@@ -40,7 +30,7 @@ def main(
     split: str = typer.Option(..., help="train or val"),
     params_file: str = typer.Option("params.yaml", help="params file"),
     images_per_part: int = typer.Option(
-        IMAGES_PER_PART, min=1, help="images per resumable part (memory and resume granularity; not the result)"
+        IMAGES_PER_PART, min=1, help="images per resumable part (the unit of work, memory and resume)"
     ),
 ) -> None:
     timer = Timer()

@@ -23,7 +23,7 @@ def main(
     split: str = typer.Option(..., help="train or val"),
     params_file: str = typer.Option("params.yaml", help="params file"),
     images_per_part: int = typer.Option(
-        IMAGES_PER_PART, min=1, help="images per resumable part (memory and resume granularity; not the result)"
+        IMAGES_PER_PART, min=1, help="images per resumable part (the unit of work, memory and resume)"
     ),
 ) -> None:
     timer = Timer()
