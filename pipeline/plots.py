@@ -15,7 +15,8 @@ import pycocotools.mask as mask_utils  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from pipeline.data.lvis_format import image_path, load_image, load_json  # noqa: E402
+from pipeline.data.annotation_stream import annotations_of, stream_items, top_level_value  # noqa: E402
+from pipeline.data.lvis_format import AnnotationFile, image_path, load_image, load_image_records  # noqa: E402
 from pipeline.masks import annotation_rle  # noqa: E402
 
 _BUCKETS = "f = frequent (> 100 train images), c = common (11-100), r = rare (1-10)"
@@ -41,26 +42,43 @@ def _label_point(mask: np.ndarray) -> tuple[float, float]:
     return float(xs[k]), float(ys[k])
 
 
-def dataset_preview(lvis_json: Path, image_root: Path, out_png: Path, n: int = 12, seed: int = 0) -> None:
-    """A grid of `n` seeded-random annotated images: masks as translucent colours with outlines, category names."""
-    data = load_json(Path(lvis_json), "LVIS annotations")
-    cats = {c["id"]: c for c in data.get("categories", [])}
-    by_image: dict[int, list[dict]] = {}
-    for ann in data.get("annotations", []):
-        by_image.setdefault(ann["image_id"], []).append(ann)
-    images = sorted((im for im in data.get("images", []) if im["id"] in by_image), key=lambda im: im["id"])
+def dataset_preview(
+    lvis_json: Path,
+    image_root: Path,
+    out_png: Path,
+    n: int = 12,
+    seed: int = 0,
+    summary: AnnotationFile | None = None,
+) -> None:
+    """A grid of `n` seeded-random annotated images: masks as translucent colours with outlines, category names.
+
+    The file is streamed, never parsed whole; `summary` (its `validate_lvis` result) saves the passes that
+    would find its images, categories and annotated images again, so only the chosen images' annotations
+    are read.
+    """
+    what = "LVIS annotations"
+    if summary is None:
+        all_images = load_image_records(lvis_json, what)
+        categories = top_level_value(lvis_json, what, "categories", [])
+        annotated = {int(i) for i in stream_items(lvis_json, what, "annotations.item.image_id")}
+    else:
+        all_images, categories = summary.images, summary.categories
+        annotated = set(summary.annotated_image_ids.tolist())
+    cats = {c["id"]: c for c in categories}
+    images = sorted((im for im in all_images if im["id"] in annotated), key=lambda im: im["id"])
     if not images:
-        images = sorted(data.get("images", []), key=lambda im: im["id"])
+        images = sorted(all_images, key=lambda im: im["id"])
     k = min(n, len(images))
     rng = np.random.Generator(np.random.PCG64(seed))
     chosen = [images[i] for i in np.sort(rng.choice(len(images), size=k, replace=False))] if k else []
+    by_image = annotations_of(lvis_json, what, [im["id"] for im in chosen])
 
     cols = min(4, max(1, k))
     rows = max(1, int(np.ceil(k / cols)))
     fig = Figure(figsize=(3.3 * cols, 3.55 * rows + 0.5), dpi=110)
     FigureCanvasAgg(fig)
     fig.patch.set_facecolor("white")
-    n_total = len(data.get("images", []))
+    n_total = len(all_images)
     fig.suptitle(
         f"{Path(lvis_json).name}: {k} of {n_total} images, {len(cats)} categories",
         fontsize=12,

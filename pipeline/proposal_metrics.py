@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pycocotools.mask as mask_utils
 
-from pipeline.data.lvis_format import load_json
+from pipeline.data.annotation_stream import AnnotationIndex
+from pipeline.data.lvis_format import IMAGE_FIELDS, load_image_records
 from pipeline.errors import PipelineError
 from pipeline.masks import annotation_rle, paste_masks
 
@@ -59,13 +60,14 @@ def evaluate_proposals(
     if len(proposals) != len(image_ids):
         raise PipelineError(f"evaluate_proposals: {len(proposals)} proposal sets for {len(image_ids)} images")
     gt_json = Path(gt_json)
-    data = load_json(gt_json, "ground-truth annotation file")
+    what = "ground-truth annotation file"
+    wanted = {int(i) for i in image_ids}
     try:
-        images = {int(img["id"]): img for img in data["images"]}
-        anns_by_image: dict[int, list[dict]] = {int(i): [] for i in image_ids}
-        for ann in data["annotations"]:
-            if int(ann["image_id"]) in anns_by_image and ann.get("segmentation"):  # no outline: not an instance
-                anns_by_image[int(ann["image_id"])].append(ann)
+        images = {int(img["id"]): img for img in load_image_records(gt_json, what, IMAGE_FIELDS)}
+        # no outline: not an instance; the split's annotations wait on disk, indexed by image
+        anns_by_image = AnnotationIndex(
+            gt_json, what, lambda ann: ann if int(ann["image_id"]) in wanted and ann.get("segmentation") else None
+        )
     except (KeyError, TypeError, ValueError) as err:
         raise PipelineError(f"{gt_json}: not a COCO/LVIS annotation file (bad or missing field {err})") from None
     base = {int(c) for c in base_category_ids}

@@ -13,7 +13,7 @@ import typer
 import zarr
 
 from pipeline.data.dataset import read_manifest
-from pipeline.data.lvis_format import image_path, load_image, load_json
+from pipeline.data.lvis_format import IMAGE_FIELDS, image_path, load_image, load_image_records
 from pipeline.errors import PipelineError
 from pipeline.inspect import describe
 from pipeline.masks import paste_masks
@@ -37,8 +37,8 @@ def render(group: zarr.Group, image_id: int, out: Path) -> None:
     hw = tuple(int(v) for v in group["image_hw"][i])
     masks = paste_masks(np.asarray(group["masks"][rows]), boxes, hw)
     manifest = read_manifest(MANIFEST)
-    gt = load_json(Path(group.attrs["annotations"]), "LVIS annotations")
-    record = next(r for r in gt["images"] if r["id"] == image_id)
+    records = load_image_records(Path(group.attrs["annotations"]), "LVIS annotations", IMAGE_FIELDS)
+    record = next(r for r in records if r["id"] == image_id)
     pixels = load_image(image_path(record, Path(manifest.image_root)))
     proposal_overlay(pixels, boxes, scores, masks, out, title=f"image {image_id}: {len(scores)} proposals")
 

@@ -15,9 +15,10 @@ import typer
 from pipeline.config import LvisData, Params
 from pipeline.data.dataset import Manifest, base_categories_by_name, write_manifest
 from pipeline.data.lvis_format import (
+    AnnotationFile,
     check_sampled_images,
     excluded_image_ids,
-    load_json,
+    load_image_records,
     validate_coco,
     validate_lvis,
 )
@@ -47,8 +48,8 @@ def prepare_synthetic(p: Params, out: Path) -> tuple[Manifest, str]:
     names = ("lvis_v1_train.json", "lvis_v1_val.json", "coco_base_train.json")
     # the world's proposer file holds its train images only (val ids follow the train ids): nothing to leave out
     excluded = excluded_image_ids(
-        load_json(world_tmp / "lvis_v1_val.json", "LVIS val annotations")["images"],
-        load_json(world_tmp / "coco_base_train.json", "COCO annotations")["images"],
+        load_image_records(world_tmp / "lvis_v1_val.json", "LVIS val annotations"),
+        load_image_records(world_tmp / "coco_base_train.json", "COCO annotations"),
     )
     manifest = Manifest(
         source="synthetic",
@@ -85,6 +86,12 @@ def coco_image_folder(cfg: LvisData) -> Path:
 
 
 def prepare_lvis(p: Params) -> tuple[Manifest, str]:
+    """`check_lvis` without the train file's summary: (manifest, summary line)."""
+    manifest, text, _ = check_lvis(p)
+    return manifest, text
+
+
+def check_lvis(p: Params) -> tuple[Manifest, str, AnnotationFile]:
     """Check real LVIS v1 + COCO 2017 in their published layout; writes nothing, raises a one-line error.
 
     The three annotation files must parse and be well formed; a seeded sample of each file's images must
@@ -107,10 +114,10 @@ def prepare_lvis(p: Params) -> tuple[Manifest, str]:
     }
     data = {name: validate(path, what) for name, (path, what, validate, _) in inputs.items()}
     for name, (path, what, _, folder) in inputs.items():
-        check_sampled_images(data[name]["images"], folder, what, path, sample=IMAGE_SAMPLE, seed=p.seed)
+        check_sampled_images(data[name].images, folder, what, path, sample=IMAGE_SAMPLE, seed=p.seed)
     train, val, coco = data["train"], data["val"], data["coco"]
-    base = base_categories_by_name(train["categories"], coco["categories"])
-    excluded = excluded_image_ids(val["images"], coco["images"])
+    base = base_categories_by_name(train.categories, coco.categories)
+    excluded = excluded_image_ids(val.images, coco.images)
     files = {}
     for path, *_ in inputs.values():
         stat = path.stat()
@@ -126,18 +133,18 @@ def prepare_lvis(p: Params) -> tuple[Manifest, str]:
         proposer_image_root=str(coco_root.resolve()),
         proposer_excluded_image_ids=excluded,
     )
-    n_coco = len(coco["images"])
+    n_coco = len(coco.images)
     text = (
-        f"LVIS: {len(train['images'])} train / {len(val['images'])} val images, "
-        f"{len(train['categories'])} categories, {len(base)} matched to COCO as base; proposer: "
+        f"LVIS: {len(train.images)} train / {len(val.images)} val images, "
+        f"{len(train.categories)} categories, {len(base)} matched to COCO as base; proposer: "
         f"{n_coco - len(excluded)} of {n_coco} COCO images, {len(excluded)} left out as LVIS val images"
     )
-    return manifest, text
+    return manifest, text, train
 
 
-def _preview(train_json: Path, image_root: Path) -> None:
+def _preview(train_json: Path, image_root: Path, summary: AnnotationFile | None = None) -> None:
     with atomic_path(PREVIEW) as tmp:
-        dataset_preview(train_json, image_root, tmp.with_suffix(".png"))
+        dataset_preview(train_json, image_root, tmp.with_suffix(".png"), summary=summary)
         tmp.with_suffix(".png").rename(tmp)
 
 
@@ -153,11 +160,11 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
             write_manifest(out / MANIFEST.name, manifest)
             _preview(out / "world" / "lvis_v1_train.json", out / "world" / "images")
     else:
-        manifest, text = prepare_lvis(p)
+        manifest, text, train = check_lvis(p)
         with atomic_path(PREPARED) as out:
             out.mkdir(parents=True)
             write_manifest(out / MANIFEST.name, manifest)
-            _preview(Path(manifest.train_json), Path(manifest.image_root))
+            _preview(Path(manifest.train_json), Path(manifest.image_root), train)
     summary("prepare", text + f"; preview {PREVIEW}", timer)
 
 

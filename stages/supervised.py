@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 import typer
 
+from pipeline.data.annotation_stream import top_level_value
 from pipeline.data.dataset import read_manifest
-from pipeline.data.lvis_format import image_path, load_image, load_json
+from pipeline.data.lvis_format import image_path, load_image
 from pipeline.device import pick_device
 from pipeline.evaluation.lvis_eval import load_lvis
 from pipeline.proposer import build_model, propose, save_checkpoint, train_proposer
@@ -35,7 +36,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
     manifest = read_manifest(MANIFEST)
     device = pick_device(p.device)
     train_json = Path(manifest.train_json)
-    label_map = category_labels(load_json(train_json, "LVIS annotations")["categories"])
+    label_map = category_labels(top_level_value(train_json, "LVIS annotations", "categories"))
     torch.manual_seed(p.seed)
     model = build_model(
         cfg.backbone,

@@ -7,13 +7,16 @@ line/column), so a stage can show it as a single line.
 from __future__ import annotations
 
 import json
+from array import array
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.annotation_stream import image_records, stream_items, top_level_value
 from pipeline.errors import PipelineError
 
 LVIS_FREQUENCIES = ("r", "c", "f")
@@ -42,57 +45,55 @@ def load_json(path: Path, what: str) -> dict:
     return data
 
 
-def load_image_records(path: Path, what: str) -> list[dict]:
+def load_image_records(path: Path, what: str, keys: Sequence[str] | None = None) -> list[dict]:
     """The `images` list of a COCO/LVIS file, parsed as a stream: the annotations are never held in memory.
 
     For stages that need only the image records (file, size, id): LVIS v1 train's JSON is about 1 GB, its
-    `images` a few tens of MB. Errors are one line naming the file, as `load_json`'s.
+    `images` a few tens of MB (`keys` keeps only the fields named). Errors are one line naming the file.
     """
-    import ijson  # here: only the stages that read image records need it
-
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{what}: {path}: file not found")
-    try:
-        with path.open("rb") as f:
-            records = list(ijson.items(f, "images.item", use_float=True))
-    except ijson.JSONError as err:
-        raise PipelineError(f"{what}: {path}: not valid JSON ({str(err).splitlines()[0][:200]})") from None
-    except OSError as err:
-        raise PipelineError(f"{what}: {path}: cannot read ({err.strerror or err})") from None
-    if not all(isinstance(r, dict) and "id" in r for r in records):
-        raise PipelineError(f"{what}: {path}: 'images' must be a list of records with an 'id'")
-    return records
+    return image_records(path, what, keys)
 
 
-def _require_list(data: dict, key: str, path: Path, what: str) -> list:
-    if key not in data:
+IMAGE_FIELDS = ("id", "width", "height", "file_name", "coco_url")  # what locating and sizing an image needs
+
+
+def _require_list(value: object, key: str, path: Path, what: str) -> list:
+    if value is _ABSENT:
         raise PipelineError(f"{what}: {path}: missing top-level key {key!r}")
-    if not isinstance(data[key], list):
-        raise PipelineError(f"{what}: {path}: {key!r} must be a list, got {type(data[key]).__name__}")
-    return data[key]
+    if not isinstance(value, list):
+        raise PipelineError(f"{what}: {path}: {key!r} must be a list, got {type(value).__name__}")
+    return value
 
 
-def _require_keys(records: Iterable[dict], keys: Sequence[str], kind: str, path: Path, what: str) -> None:
+def _require_record(rec: object, i: int, keys: Sequence[str], kind: str, path: Path, what: str) -> dict:
+    if not isinstance(rec, dict):
+        raise PipelineError(f"{what}: {path}: {kind} #{i} is not an object")
+    missing = [k for k in keys if k not in rec]
+    if missing:
+        ident = f"id {rec['id']}" if "id" in rec else f"#{i}"
+        raise PipelineError(f"{what}: {path}: {kind} {ident} lacks {', '.join(repr(k) for k in missing)}")
+    return rec
+
+
+def _require_keys(records: Iterable[object], keys: Sequence[str], kind: str, path: Path, what: str) -> None:
     for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise PipelineError(f"{what}: {path}: {kind} #{i} is not an object")
-        missing = [k for k in keys if k not in rec]
-        if missing:
-            ident = f"id {rec['id']}" if "id" in rec else f"#{i}"
-            raise PipelineError(f"{what}: {path}: {kind} {ident} lacks {', '.join(repr(k) for k in missing)}")
+        _require_record(rec, i, keys, kind, path, what)
 
 
 def _is_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _require_int_id(rec: dict, i: int, keys: Sequence[str], kind: str, path: Path, what: str) -> None:
+    for key in keys:
+        if not _is_id(rec[key]):
+            ident = f"id {rec['id']}" if key != "id" and _is_id(rec["id"]) else f"#{i}"
+            raise PipelineError(f"{what}: {path}: {kind} {ident}: {key!r} must be an integer, got {rec[key]!r}")
+
+
 def _require_int_ids(records: list[dict], keys: Sequence[str], kind: str, path: Path, what: str) -> None:
     for i, rec in enumerate(records):
-        for key in keys:
-            if not _is_id(rec[key]):
-                ident = f"id {rec['id']}" if key != "id" and _is_id(rec["id"]) else f"#{i}"
-                raise PipelineError(f"{what}: {path}: {kind} {ident}: {key!r} must be an integer, got {rec[key]!r}")
+        _require_int_id(rec, i, keys, kind, path, what)
 
 
 def _unique_ids(records: list[dict], kind: str, path: Path, what: str) -> set:
@@ -104,16 +105,33 @@ def _unique_ids(records: list[dict], kind: str, path: Path, what: str) -> set:
     return ids
 
 
-def _check_common(data: dict, path: Path, what: str, image_keys: Sequence[str], cat_keys: Sequence[str]) -> None:
-    images = _require_list(data, "images", path, what)
-    anns = _require_list(data, "annotations", path, what)
-    cats = _require_list(data, "categories", path, what)
+@dataclass
+class AnnotationFile:
+    """What a validated file leaves in memory: its image and category records, the ids of the images that have
+    annotations, and the number of annotations. The annotations themselves are only streamed."""
+
+    path: Path
+    images: list[dict]
+    categories: list[dict]
+    annotated_image_ids: np.ndarray  # sorted, unique
+    n_annotations: int
+
+
+_ABSENT = object()
+
+
+def _validate(
+    path: Path, what: str, image_keys: Sequence[str], cat_keys: Sequence[str], ann_keys: Sequence[str]
+) -> AnnotationFile:
+    """Check a COCO/LVIS file's structure in three streamed passes (images, categories, annotations): record keys
+    and integer ids, unique ids, an image file reference, annotations whose category and image exist."""
+    path = Path(path)
+    images = _require_list(top_level_value(path, what, "images", _ABSENT), "images", path, what)
+    cats = _require_list(top_level_value(path, what, "categories", _ABSENT), "categories", path, what)
     _require_keys(images, image_keys, "image", path, what)
     _require_keys(cats, cat_keys, "category", path, what)
-    _require_keys(anns, _ANN_KEYS, "annotation", path, what)
     _require_int_ids(images, ("id",), "image", path, what)
     _require_int_ids(cats, ("id",), "category", path, what)
-    _require_int_ids(anns, ("id", "image_id", "category_id"), "annotation", path, what)
     for im in images:
         if "file_name" not in im and "coco_url" not in im:
             raise PipelineError(f"{what}: {path}: image id {im['id']} has neither 'file_name' nor 'coco_url'")
@@ -122,8 +140,10 @@ def _check_common(data: dict, path: Path, what: str, image_keys: Sequence[str], 
                 raise PipelineError(f"{what}: {path}: image id {im['id']}: {key!r} must be a string, got {im[key]!r}")
     image_ids = _unique_ids(images, "image", path, what)
     cat_ids = _unique_ids(cats, "category", path, what)
-    _unique_ids(anns, "annotation", path, what)
-    for ann in anns:
+    ann_ids, ann_images = array("q"), array("q")
+    for i, ann in enumerate(stream_items(path, what, "annotations.item")):
+        _require_record(ann, i, ann_keys, "annotation", path, what)
+        _require_int_id(ann, i, ("id", "image_id", "category_id"), "annotation", path, what)
         if ann["category_id"] not in cat_ids:
             raise PipelineError(
                 f"{what}: {path}: annotation id {ann['id']} has unknown category_id {ann['category_id']}"
@@ -132,32 +152,40 @@ def _check_common(data: dict, path: Path, what: str, image_keys: Sequence[str], 
             raise PipelineError(f"{what}: {path}: annotation id {ann['id']} has unknown image_id {ann['image_id']}")
         if "segmentation" in ann and not isinstance(ann["segmentation"], list | dict):
             raise PipelineError(f"{what}: {path}: annotation id {ann['id']} has a malformed 'segmentation'")
+        ann_ids.append(ann["id"])
+        ann_images.append(ann["image_id"])
+    if not ann_ids:  # an empty list, or no list at all: read the (small) value to tell
+        _require_list(top_level_value(path, what, "annotations", _ABSENT), "annotations", path, what)
+    ids = np.sort(np.frombuffer(ann_ids, dtype=np.int64))
+    repeated = ids[1:][ids[1:] == ids[:-1]]
+    if repeated.size:
+        raise PipelineError(f"{what}: {path}: duplicate annotation id {int(repeated[0])}")
+    annotated = np.unique(np.frombuffer(ann_images, dtype=np.int64))
+    return AnnotationFile(path, images, cats, annotated, len(ann_ids))
 
 
-def validate_lvis(path: Path, what: str = "LVIS annotations") -> dict:
-    """Load an LVIS v1 file and check its structure; returns the parsed dict.
+def validate_lvis(path: Path, what: str = "LVIS annotations") -> AnnotationFile:
+    """Check an LVIS v1 file's structure, reading its annotations as a stream; returns its `AnnotationFile`.
 
     Checks: images/annotations/categories lists; image width/height and LVIS's neg_category_ids and
     not_exhaustive_category_ids (lists of known category ids); category name and frequency ('r'/'c'/'f');
     annotation segmentation/area/bbox; every annotation's category_id and image_id exist; ids unique.
     """
     path = Path(path)
-    data = load_json(path, what)
-    _check_common(
-        data,
+    data = _validate(
         path,
         what,
         image_keys=(*_IMAGE_KEYS, "neg_category_ids", "not_exhaustive_category_ids"),
         cat_keys=("id", "name", "frequency"),
+        ann_keys=(*_ANN_KEYS, "segmentation", "area"),
     )
-    _require_keys(data["annotations"], ("segmentation", "area"), "annotation", path, what)
-    cat_ids = {c["id"] for c in data["categories"]}
-    for cat in data["categories"]:
+    cat_ids = {c["id"] for c in data.categories}
+    for cat in data.categories:
         if cat["frequency"] not in LVIS_FREQUENCIES:
             raise PipelineError(
                 f"{what}: {path}: category id {cat['id']} has frequency {cat['frequency']!r} (expected r, c or f)"
             )
-    for im in data["images"]:
+    for im in data.images:
         for key in ("neg_category_ids", "not_exhaustive_category_ids"):
             if not isinstance(im[key], list):
                 raise PipelineError(f"{what}: {path}: image id {im['id']}: {key!r} must be a list")
@@ -167,12 +195,10 @@ def validate_lvis(path: Path, what: str = "LVIS annotations") -> dict:
     return data
 
 
-def validate_coco(path: Path, what: str = "COCO annotations") -> dict:
-    """Load a COCO instances file and check its structure (ids unique, references resolve); returns the dict."""
-    path = Path(path)
-    data = load_json(path, what)
-    _check_common(data, path, what, image_keys=_IMAGE_KEYS, cat_keys=("id", "name"))
-    return data
+def validate_coco(path: Path, what: str = "COCO annotations") -> AnnotationFile:
+    """Check a COCO instances file's structure (ids unique, references resolve), streaming its annotations;
+    returns its `AnnotationFile`."""
+    return _validate(Path(path), what, image_keys=_IMAGE_KEYS, cat_keys=("id", "name"), ann_keys=_ANN_KEYS)
 
 
 def image_path(image: dict, image_root: Path) -> Path:
