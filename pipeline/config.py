@@ -35,6 +35,7 @@ class SyntheticData:
     image_size: int = 128
     n_categories: int = 40
     max_objects: int = 6
+    hierarchy: Literal["flat", "deep"] = "flat"  # deep: super-categories, object > part > sub-part
 
 
 @dataclass(frozen=True)

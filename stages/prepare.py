@@ -41,6 +41,7 @@ def prepare_synthetic(p: Params, out: Path) -> tuple[Manifest, str]:
         n_categories=s.n_categories,
         max_objects=s.max_objects,
         seed=p.seed,
+        hierarchy=s.hierarchy,
     )
     world_tmp = out / "world"
     info = generate_world(spec, world_tmp)
