@@ -695,7 +695,8 @@ CASES = [
         COCO_TRAIN_IMAGES,
         setup_train_proposer,
         "COCO JSON",
-        "all but 8 images excluded through the manifest: 2 steps of 4 images at 64 px; the file is streamed into an on-disk index",
+        "all but 8 images excluded through the manifest: 2 steps of 4 images at 64 px; "
+        "the file is streamed into an on-disk index",
     ),
     Case(
         "propose@train",

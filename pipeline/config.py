@@ -80,7 +80,8 @@ class Sample:
     backbone: Literal["resnet18", "resnet50"] = "resnet18"
     backbone_init: str = "proposer"  # random | proposer | a local weights file
     object_iou: float = 0.4
-    hier_containment: float = 0.95
+    hier_containment: float = 1.0
+    hier_exclude_objects: bool = True
     relation_max_side: int | None = None
     batch_size: int = 128
     dtype: Literal["float16", "float32"] = "float16"
@@ -95,10 +96,13 @@ class Embed:
     dim: int = 32
     epochs: int = 30
     batch_size: int = 256
-    lr: float = 1e-4
+    lr: float = 1e-3
     weight_decay: float = 1e-5
     num_workers: int = 0
     checkpoint_every: int = 100
+    view: Literal["fg", "box"] = "fg"
+    init: Literal["released", "torch"] = "released"
+    schedule: Literal["cosine", "constant"] = "cosine"
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class Loss:
     object: float = 1.0
     hier: float = 1.0
     margin: float = 0.2
+    euclidean_margin: Literal["half", "same"] = "half"
 
 
 @dataclass(frozen=True)

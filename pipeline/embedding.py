@@ -13,8 +13,15 @@ The three terms (Weng et al., CVPR 2021), each a hinge with margin m on distance
   the same block;
 - hier:   mean max(0, d0(parent) - d0(child) + m), d0 the distance to the origin.
 
-The object and hier terms embed the *box* view of each proposal, the same view `embed_features` returns
-for clustering; only the mask term uses the fg and bg views.
+The object and hier terms embed one view of each proposal, the same view that is embedded for clustering
+(`embed.view`): the foreground crop `fg` by default, as the released code (`crop(image, box, mask)` for
+every proposal's feature), or the square `box` crop (the earlier choice, kept as an ablation: two
+overlapping proposals then have nearly the same crop, and a child's box crop is a zoomed piece of its
+parent's context). The mask term always uses all three views.
+
+The head starts as the released code's (`init="released"`: weights U(-1e-4, 1e-4), zero biases, so every
+embedding starts at the origin and every triplet starts active) or with PyTorch's default initialisation
+(`init="torch"`).
 
 Training (`pipeline.embedding_train.train_embedder`) streams the split from the samples store by blocks
 of whole images (`pipeline.embedding_data`): batches, pair cycles and negatives are drawn within the
@@ -43,6 +50,9 @@ from pipeline.store import torch_bytes, write_bytes
 
 GEOMETRIES = ("poincare", "euclidean")
 TERMS = ("mask", "object", "hier")
+EMBEDDED_VIEWS = ("fg", "box")  # what `embed.view` may choose for the object and hier terms and clustering
+INITS = ("released", "torch")
+RELEASED_INIT_BOUND = 1e-4  # the released head's U(-1e-4, 1e-4) weights
 HEAD_FORMAT = "embedding-head/1"
 _SAMPLE_CELLS = 1 << 22  # candidate cells per chunk when sampling same-image negatives
 
@@ -73,8 +83,11 @@ class EmbeddingHead(nn.Module):
         dim: int = 256,
         geometry: str = "poincare",
         c: float = 1.0,
+        init: str = "torch",
     ) -> None:
         super().__init__()
+        if init not in INITS:
+            raise PipelineError(f"embedding head init must be one of {', '.join(INITS)}, got {init!r}")
         if geometry not in GEOMETRIES:
             raise PipelineError(f"embedding geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
         if geometry == "poincare" and not (isinstance(c, int | float) and math.isfinite(c) and c > 0):
@@ -89,6 +102,11 @@ class EmbeddingHead(nn.Module):
             prev = width
         layers.append(nn.Linear(prev, int(dim)))
         self.mlp = nn.Sequential(*layers)
+        if init == "released":  # the released HResNet._init_embedding_weights
+            for layer in self.mlp:
+                if isinstance(layer, nn.Linear):
+                    nn.init.uniform_(layer.weight, -RELEASED_INIT_BOUND, RELEASED_INIT_BOUND)
+                    nn.init.zeros_(layer.bias)
         self.in_dim = int(in_dim)
         self.hidden: int | list[int] = int(hidden) if isinstance(hidden, int) else widths
         self.dim = int(dim)
@@ -125,6 +143,24 @@ class EmbeddingHead(nn.Module):
 
 # --------------------------------------------------------------------------------------------- losses
 
+MARGIN_RULES = ("half", "same")
+
+
+def geometry_margin(margin: float, geometry: str, rule: str = "half") -> float:
+    """The triplet margin in the units of `geometry`'s distances, for a `margin` given in the ball's.
+
+    Both heads map the same MLP output u: the ball's to expmap0(u), whose distance to the origin is exactly
+    2|u| (any curvature), the Euclidean one to u itself, at distance |u|; near the origin the ball's metric is
+    twice the Euclidean one (ds = 2|dx| / (1 - c|x|^2)). So `rule="half"` trains the Euclidean head with
+    margin / 2, the same margin measured at the origin, where the released initialisation starts every
+    embedding; `rule="same"` uses one number for both (the released code: 0.2), which makes the ball's
+    triplets satisfied sooner and compares the geometries at different effective margins.
+    """
+    if rule not in MARGIN_RULES:
+        raise PipelineError(f"euclidean margin rule must be one of {', '.join(MARGIN_RULES)}, got {rule!r}")
+    return margin / 2 if geometry == "euclidean" and rule == "half" else margin
+
+
 
 def _hinge_mean(x: Tensor) -> Tensor:
     """mean(max(0, x)); 0 (still attached to the graph) for an empty x; NaN propagates."""
@@ -133,9 +169,24 @@ def _hinge_mean(x: Tensor) -> Tensor:
     return torch.relu(x).mean()
 
 
+def triplet_hinges(anchor: Tensor, positive: Tensor, negative: Tensor, dist_fn: DistFn, margin: float) -> Tensor:
+    """d(anchor, positive) - d(anchor, negative) + margin per row: a triplet is active (has a gradient) when > 0."""
+    return dist_fn(anchor, positive) - dist_fn(anchor, negative) + margin
+
+
+def hier_hinges(parent: Tensor, child: Tensor, d0_fn: NormFn, margin: float) -> Tensor:
+    """d0(parent) - d0(child) + margin per pair: active when > 0."""
+    return d0_fn(parent) - d0_fn(child) + margin
+
+
+def hinge_mean(hinges: Tensor) -> Tensor:
+    """The loss of a term from its hinges: mean max(0, h) (0, still attached to the graph, when empty)."""
+    return _hinge_mean(hinges)
+
+
 def triplet_loss(anchor: Tensor, positive: Tensor, negative: Tensor, dist_fn: DistFn, margin: float) -> Tensor:
     """mean max(0, d(anchor, positive) - d(anchor, negative) + margin) over rows."""
-    return _hinge_mean(dist_fn(anchor, positive) - dist_fn(anchor, negative) + margin)
+    return _hinge_mean(triplet_hinges(anchor, positive, negative, dist_fn, margin))
 
 
 def mask_loss(box: Tensor, fg: Tensor, bg: Tensor, dist_fn: DistFn, margin: float) -> Tensor:
@@ -150,7 +201,7 @@ def object_loss(anchor: Tensor, positive: Tensor, negative: Tensor, dist_fn: Dis
 
 def hier_loss(parent: Tensor, child: Tensor, d0_fn: NormFn, margin: float) -> Tensor:
     """Hierarchy term: mean max(0, d0(parent) - d0(child) + margin); parents sit nearer the origin."""
-    return _hinge_mean(d0_fn(parent) - d0_fn(child) + margin)
+    return _hinge_mean(hier_hinges(parent, child, d0_fn, margin))
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -238,7 +289,8 @@ def embed_batches(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> Iterator[np.ndarray]:
-    """(rows, dim) float32 embeddings of the box view, `batch_size` rows at a time in row order.
+    """(rows, dim) float32 embeddings of one view's features (`embed.view`), `batch_size` rows at a time in row
+    order.
 
     `features_box` may be any array-like sliceable along rows (numpy, zarr, any float dtype): it is read
     batch by batch, so a caller can write each batch out and hold no more than one. The head is moved to
@@ -277,7 +329,7 @@ def embed_features(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> np.ndarray:
-    """(N, dim) float32 embeddings of the box view of each proposal (strictly inside the ball), in memory.
+    """(N, dim) float32 embeddings of one view's features (strictly inside the ball), in memory.
 
     `embed_batches` without holding the batches: same arguments, same checks.
     """

@@ -31,18 +31,20 @@ from tqdm.auto import tqdm
 from pipeline.checkpoint import Checkpoint, rng_state, set_rng_state
 from pipeline.device import pick_device
 from pipeline.embedding import (
+    EMBEDDED_VIEWS,
     TERMS,
     EmbeddingHead,
-    hier_loss,
-    mask_loss,
-    object_loss,
+    hier_hinges,
+    hinge_mean,
     object_pair_keys,
     sample_object_negatives,
+    triplet_hinges,
 )
 from pipeline.embedding_data import Block, SampleBlocks, batch_sizes, block_loader, block_order, block_plan
 from pipeline.errors import PipelineError
 
-TRAIN_STATE_FORMAT = "embedding-train/1"
+TRAIN_STATE_FORMAT = "embedding-train/2"
+SCHEDULES = ("cosine", "constant")
 _EVAL_BATCH = 8192
 
 _log = logging.getLogger(__name__)
@@ -102,9 +104,9 @@ def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
 def _d0_stats(
     head: EmbeddingHead, rows: Callable[[np.ndarray], Tensor], pairs: np.ndarray, device: torch.device
 ) -> dict[str, float]:
-    """Mean distance to the origin of the parents and of the children of `pairs` (box view).
+    """Mean distance to the origin of the parents and of the children of `pairs` (the embedded view).
 
-    `rows(ids)` returns the box features of the sorted rows `ids` (CPU, any float dtype); they go to the
+    `rows(ids)` returns the embedded view's features of the sorted rows `ids` (CPU, any float dtype); they go to the
     device `_EVAL_BATCH` rows at a time.
     """
     ids, inverse = np.unique(pairs, return_inverse=True)
@@ -116,6 +118,15 @@ def _d0_stats(
             d0[i : i + _EVAL_BATCH] = head.norm_distance(head(x)).double().cpu()
     d0_np = d0.numpy()
     return {"d0_parent": float(d0_np[inverse[:, 0]].mean()), "d0_child": float(d0_np[inverse[:, 1]].mean())}
+
+
+def initial_head(
+    in_dim: int, hidden: int | Sequence[int], dim: int, geometry: str, c: float, *, seed: int, init: str
+) -> EmbeddingHead:
+    """The head `train_embedder` starts from for these arguments (seeded, global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return EmbeddingHead(in_dim, hidden, dim, geometry, c, init=init)
 
 
 def _compatible(state: Mapping[str, Any], plan: Mapping[str, Any]) -> bool:
@@ -148,6 +159,9 @@ def train_embedder(
     num_workers: int = 0,
     checkpoint: Checkpoint | None = None,
     checkpoint_every: int = 100,
+    view: str = "box",
+    init: str = "torch",
+    schedule: str = "cosine",
 ) -> tuple[EmbeddingHead, list[dict[str, float]]]:
     """Train an `EmbeddingHead` with the weighted mask/object/hier triplet terms; return (head, history).
 
@@ -167,13 +181,18 @@ def train_embedder(
     the next `batch_size` hier pairs of the block. When the split is one block (N <= block_rows) this
     is exactly the former whole-split training: same draws, same weights and history for a seed.
     A zero weight skips its term and its sampling (the term is then absent from the history); a
-    non-zero weight without pairs warns once and contributes zero. Adam with a cosine schedule over all
-    steps. NaN/inf in a term raises PipelineError naming the step and term.
+    non-zero weight without pairs warns once and contributes zero. The object and hier terms embed the
+    `view` ("fg" or "box") features; the head starts with `init` ("released" or "torch", see
+    `EmbeddingHead`). Adam, with the learning rate decayed to 0 over all steps by a cosine
+    (`schedule="cosine"`) or held (`"constant"`: the released code's CosineAnnealingLR(T_max=60000) stepped
+    once per epoch is constant to 1e-3 relative over its 80 epochs). NaN/inf in a term raises
+    PipelineError naming the step and term.
 
     history[e] (also passed to `log(e, metrics)` after each epoch): the mean of each active term over
     the epoch's steps, "total" (weighted sum), "d0_parent"/"d0_child" (mean distance to the origin over
     the hier pairs, at most `max_eval_pairs` of them, at the end of the epoch; absent without hier
-    pairs), "lr" (at the end of the epoch), "triplets" (triplets trained on) and "seconds".
+    pairs), "active/<term>" (the share of the term's triplets whose hinge was > 0, i.e. that had a gradient),
+    "lr" (at the end of the epoch), "triplets" (triplets trained on) and "seconds".
 
     With a `checkpoint` (`pipeline.checkpoint.Checkpoint`), the full training state (head, optimizer,
     scheduler, position, shuffles, pair cycles, generator and global RNG states, epoch sums, history) is
@@ -184,7 +203,11 @@ def train_embedder(
     fixed seed, whatever `num_workers`.
     """
     w = _check_weights(weights)
-    needed = ["box", "fg", "bg"] if w["mask"] > 0 else ["box"]
+    if view not in EMBEDDED_VIEWS:
+        raise PipelineError(f"embedding: view must be one of {', '.join(EMBEDDED_VIEWS)}, got {view!r}")
+    if schedule not in SCHEDULES:
+        raise PipelineError(f"embedding: schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    needed = ["box", "fg", "bg"] if w["mask"] > 0 else [view]
     missing = [k for k in needed if k not in features]
     if missing:
         raise PipelineError(f"embedding: features lack the {', '.join(missing)} view(s) (expected keys box, fg, bg)")
@@ -216,9 +239,7 @@ def train_embedder(
     if not (w["mask"] > 0 or use_obj or use_hier):
         raise PipelineError(f"embedding: nothing to train: the active term(s) {', '.join(active)} have no pairs")
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = EmbeddingHead(in_dim, hidden, dim, geometry, c)
+    head = initial_head(in_dim, hidden, dim, geometry, c, seed=seed, init=init)
     head.to(dev).train()
     generator = torch.Generator().manual_seed(seed)
     eval_index = np.arange(n_hier)
@@ -230,7 +251,10 @@ def train_embedder(
     steps_per_epoch = sum(len(batch_sizes(r, batch_size)) for r in sizes)
     total_steps = epochs * steps_per_epoch
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     obj_sizes, hier_sizes = np.diff(data.object_pairs.ranges), np.diff(data.hier_pairs.ranges)
     planned = sum(
         b * (w["mask"] > 0) + min(b, int(obj_sizes[k])) * use_obj + min(b, int(hier_sizes[k])) * use_hier
@@ -246,6 +270,9 @@ def train_embedder(
         "epochs": epochs,
         "seed": int(seed),
         "weights": w,
+        "view": view,
+        "init": init,
+        "schedule": schedule,
     }
 
     history: list[dict[str, float]] = []
@@ -289,10 +316,12 @@ def train_embedder(
             if state is not None and epoch == start_epoch:
                 started = time.perf_counter() - float(state["epoch_seconds"])
                 sums, total_sum, triplets = dict(state["sums"]), float(state["total_sum"]), int(state["triplets"])
+                hinges = {k: list(v) for k, v in state["hinges"].items()}
             else:
                 started = time.perf_counter()
                 sums = dict.fromkeys(active, 0.0)
                 total_sum, triplets = 0.0, 0
+                hinges = {t: [0, 0] for t in active}  # per term: active triplets, triplets
             order = block_order(seed, epoch, n_blocks)
             for j in range(start_pos if epoch == start_epoch else 0, n_blocks):
                 block = None  # released before the next one is read
@@ -322,10 +351,10 @@ def train_embedder(
                         negatives = sample_object_negatives(pairs, block.offsets, keys, generator, same_image_negatives)
                         keep = negatives >= 0
                         rows = torch.from_numpy(np.stack([pairs[keep, 0], pairs[keep, 1], negatives[keep]]))
-                        chunks["object"] = [("box", rows[0]), ("box", rows[1]), ("box", rows[2])]
+                        chunks["object"] = [(view, rows[0]), (view, rows[1]), (view, rows[2])]
                     if use_hier:
                         rows = torch.from_numpy(block.hier_pairs[cycles["hier"].take(len(idx))].T.copy())
-                        chunks["hier"] = [("box", rows[0]), ("box", rows[1])]
+                        chunks["hier"] = [(view, rows[0]), (view, rows[1])]
                     flat = [views[view][i] for parts in chunks.values() for view, i in parts]
                     z = head(torch.cat(flat).to(dev).float()).split([len(t) for t in flat])
                     emb: dict[str, tuple[Tensor, ...]] = {}
@@ -336,17 +365,24 @@ def train_embedder(
                         triplets += len(parts[0][1])
 
                     terms: dict[str, Tensor] = {}
+                    counts: list[Tensor] = []
                     for term in active:
                         if term not in emb:
                             terms[term] = zero
-                        elif term == "mask":
-                            terms[term] = mask_loss(*emb[term], head.distance, margin)
-                        elif term == "object":
-                            terms[term] = object_loss(*emb[term], head.distance, margin)
-                        else:
-                            terms[term] = hier_loss(*emb[term], head.norm_distance, margin)
+                            counts += [zero, zero]
+                            continue
+                        if term == "hier":
+                            h = hier_hinges(*emb[term], head.norm_distance, margin)
+                        else:  # mask: anchor box, positive fg, negative bg; object: an object pair and a negative
+                            h = triplet_hinges(*emb[term], head.distance, margin)
+                        terms[term] = hinge_mean(h)
+                        counts += [(h.detach() > 0).sum().to(zero.dtype), zero + h.numel()]
                     total = sum(w[t] * terms[t] for t in active)
-                    values = torch.stack([terms[t].detach() for t in active] + [total.detach()]).tolist()
+                    stacked = torch.stack([terms[t].detach() for t in active] + [total.detach(), *counts]).tolist()
+                    values, counted = stacked[: len(active) + 1], stacked[len(active) + 1 :]
+                    for k, term in enumerate(active):
+                        hinges[term][0] += int(counted[2 * k])
+                        hinges[term][1] += int(counted[2 * k + 1])
                     for term, value in zip(active + ["total"], values, strict=True):
                         if not math.isfinite(value):
                             raise PipelineError(
@@ -378,6 +414,7 @@ def train_embedder(
                                 "cycles": {k: (v.state() if v is not None else None) for k, v in cycles.items()},
                                 "sums": dict(sums),
                                 "total_sum": total_sum,
+                                "hinges": {k: list(v) for k, v in hinges.items()},
                                 "triplets": triplets,
                                 "epoch_seconds": time.perf_counter() - started,
                                 "history": [dict(h) for h in history],
@@ -391,9 +428,12 @@ def train_embedder(
 
             metrics = {t: sums[t] / steps_per_epoch for t in active}
             metrics["total"] = total_sum / steps_per_epoch
+            for term, (on, seen) in hinges.items():
+                if seen:
+                    metrics[f"active/{term}"] = on / seen
             if len(eval_pairs):
                 head.eval()
-                metrics.update(_d0_stats(head, _box_rows(data, block), eval_pairs, dev))
+                metrics.update(_d0_stats(head, _view_rows(data, block, view), eval_pairs, dev))
                 head.train()
             metrics["lr"] = float(scheduler.get_last_lr()[0])
             metrics["triplets"] = float(triplets)
@@ -408,13 +448,13 @@ def train_embedder(
     return head.eval(), history
 
 
-def _box_rows(data: SampleBlocks, block: Block | None) -> Callable[[np.ndarray], Tensor]:
-    """Box features of sorted rows: from `block` when it holds them all (the whole split is one block),
+def _view_rows(data: SampleBlocks, block: Block | None, view: str) -> Callable[[np.ndarray], Tensor]:
+    """`view` features of sorted rows: from `block` when it holds them all (the whole split is one block),
     else read from the split by slices of at most `block_rows` rows."""
 
     def rows(ids: np.ndarray) -> Tensor:
         if block is not None and ids.size and block.start <= ids[0] and ids[-1] < block.start + block.rows:
-            return block.views["box"][torch.from_numpy(ids - block.start)]
-        return data.read_rows("box", ids)
+            return block.views[view][torch.from_numpy(ids - block.start)]
+        return data.read_rows(view, ids)
 
     return rows

@@ -83,13 +83,15 @@ def sample_split(
     batch_size: int,
     device: str = "cpu",
     progress: bool = True,
+    hier_exclude_objects: bool = False,
 ) -> SplitSamples:
     """Features and pairs of every proposal of a split.
 
     `load_image(i)` returns image i (row i of the store) as uint8 (H, W, 3); `boxes`, `masks` are the
     proposals store's flat arrays (masks: the mask head's M x M maps). Images without proposals are
     not read. Views of consecutive proposals are pooled `batch_size` at a time (box, fg and bg
-    views interleaved per image and separated again at the end).
+    views interleaved per image and separated again at the end). With `hier_exclude_objects`, an object
+    pair (IoU above `object_iou`: two proposals of one instance) is never a (parent, child) pair.
     """
     dim = int(getattr(backbone, "dim", 0))
     pools = {view: _BatchedPool(backbone, batch_size, device, dim) for view in VIEWS}
@@ -104,7 +106,11 @@ def sample_split(
         image_boxes = np.asarray(boxes[start:stop])
         full = paste_masks(np.asarray(masks[start:stop]), image_boxes, hw)
         obj, hier = relations(
-            full, object_iou=object_iou, hier_containment=hier_containment, max_side=relation_max_side
+            full,
+            object_iou=object_iou,
+            hier_containment=hier_containment,
+            max_side=relation_max_side,
+            exclusive=hier_exclude_objects,
         )
         obj_parts.append(obj + start)
         hier_parts.append(hier + start)
@@ -150,6 +156,7 @@ def sample_parts(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    hier_exclude_objects: bool = False,
 ) -> None:
     """`sample_split` over every part of `parts` not yet on disk (this rank's share), one part in memory.
 
@@ -178,6 +185,7 @@ def sample_parts(
             batch_size=batch_size,
             device=device,
             progress=False,
+            hier_exclude_objects=hier_exclude_objects,
         )
         arrays = {f"features/{view}": result.features[view].astype(dtype) for view in VIEWS}
         arrays.update({"pairs/object": result.object_pairs, "pairs/hier": result.hier_pairs})

@@ -2,7 +2,7 @@
 
 Reads data/{train,val}/samples.zarr (and the proposals stores, to check the samples were made from them);
 writes models/embedder.pt and data/val/embeddings.zarr; per-epoch loss terms and the mean distance to the
-origin of parents and children go to dvclive/embed.
+origin of parents and children, and the share of active triplets of each term, go to dvclive/embed.
 
 Both splits are read by blocks, never whole: training streams the train store by blocks of whole images
 (`embed.num_workers` reader processes), and the val embeddings are written batch by batch into the store.
@@ -22,9 +22,9 @@ import typer
 from dvclive import Live
 
 from pipeline.checkpoint import Checkpoint
-from pipeline.config import as_dict
+from pipeline.config import Params, as_dict
 from pipeline.device import pick_device
-from pipeline.embedding import embed_batches, save_head
+from pipeline.embedding import embed_batches, geometry_margin, save_head
 from pipeline.embedding_train import train_embedder
 from pipeline.sampling import VIEWS
 from pipeline.store import StoreWriter, atomic_path, check_source, open_store, read_array, store_array
@@ -72,6 +72,35 @@ def write_embeddings(out, head, features, image_offsets: np.ndarray, attrs: dict
         return writer.finish(attrs, "embeddings")
 
 
+def train_head(p: Params, train, device: str, *, weights: dict | None = None, epochs: int | None = None, **kwargs):
+    """`train_embedder` on the train samples store with the embed and loss params (`weights` and `epochs`
+    override theirs, for diagnose's baselines); (head, history)."""
+    cfg, loss = p.embed, p.loss
+    return train_embedder(
+        {view: store_array(train, f"features/{view}") for view in VIEWS},
+        read_array(train, "image_offsets"),
+        store_array(train, "pairs/object"),
+        store_array(train, "pairs/hier"),
+        hidden=[cfg.hidden],
+        dim=cfg.dim,
+        geometry=cfg.geometry,
+        c=cfg.curvature,
+        margin=geometry_margin(loss.margin, cfg.geometry, loss.euclidean_margin),
+        weights=weights or {"mask": loss.mask, "object": loss.object, "hier": loss.hier},
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        epochs=epochs or cfg.epochs,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        device=device,
+        num_workers=cfg.num_workers,
+        view=cfg.view,
+        init=cfg.init,
+        schedule=cfg.schedule,
+        **kwargs,
+    )
+
+
 @clean_errors
 def main(params_file: str = typer.Option("params.yaml", help="params file")) -> None:
     timer = Timer()
@@ -80,7 +109,6 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
     device = pick_device(p.device)
     train = open_samples(TRAIN)
     val = open_samples(EVAL)
-    weights = {"mask": loss.mask, "object": loss.object, "hier": loss.hier}
     checkpoint = Checkpoint("embed", checkpoint_key(as_dict(cfg), as_dict(loss), train.attrs["fingerprint"]))
     with Live(LIVE_DIR, save_dvc_exp=False, dvcyaml=None) as live:
 
@@ -91,41 +119,22 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
                     live.log_metric(f"train/{name}", value)
             live.next_step()
 
-        head, history = train_embedder(
-            {view: store_array(train, f"features/{view}") for view in VIEWS},
-            read_array(train, "image_offsets"),
-            store_array(train, "pairs/object"),
-            store_array(train, "pairs/hier"),
-            hidden=[cfg.hidden],
-            dim=cfg.dim,
-            geometry=cfg.geometry,
-            c=cfg.curvature,
-            margin=loss.margin,
-            weights=weights,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            device=device,
-            log=log_epoch,
-            num_workers=cfg.num_workers,
-            checkpoint=checkpoint,
-            checkpoint_every=cfg.checkpoint_every,
-        )
+        head, history = train_head(p, train, device, log=log_epoch, checkpoint=checkpoint)
         triplets = sum(h["triplets"] for h in history)
         train_seconds = sum(h["seconds"] for h in history)
         live.summary.update({k: v for k, v in history[-1].items() if k not in ("lr", "seconds")})
     meta = head_meta(as_dict(cfg), as_dict(loss), history)
     save_head(head, EMBEDDER_CHECKPOINT, meta)
 
-    features = store_array(val, "features/box")
+    features = store_array(val, f"features/{cfg.view}")
     n_val = int(features.shape[0])
     attrs = {
         "split": EVAL,
         "geometry": cfg.geometry,
         "curvature": cfg.curvature,
         "dim": cfg.dim,
+        "view": cfg.view,
+        "margin": geometry_margin(loss.margin, cfg.geometry, loss.euclidean_margin),
         "params": meta["params"],
         "source": str(split_dir(EVAL) / "samples.zarr"),
         "source_fingerprint": val.attrs["fingerprint"],
@@ -137,7 +146,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
     final = ", ".join(f"{t} {history[-1][t]:.4f}" for t in ("mask", "object", "hier") if t in history[-1])
     summary(
         "embed",
-        f"{cfg.geometry} d={cfg.dim}, {len(history)} epochs, {triplets:.0f} triplets at "
+        f"{cfg.geometry} d={cfg.dim}, {cfg.view} view, {len(history)} epochs, {triplets:.0f} triplets at "
         f"{triplets / max(train_seconds, 1e-9):.0f}/s on {device}; final {final}; "
         f"{n_val} {EVAL} embeddings -> {out}",
         timer,

@@ -65,6 +65,7 @@ def main(
         crop_size=cfg.crop_size,
         object_iou=cfg.object_iou,
         hier_containment=cfg.hier_containment,
+        hier_exclude_objects=cfg.hier_exclude_objects,
         relation_max_side=cfg.relation_max_side,
         batch_size=cfg.batch_size,
         device=device,

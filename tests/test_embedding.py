@@ -226,7 +226,7 @@ def test_training_is_deterministic():
 @pytest.mark.parametrize("off", ["object", "hier", "mask"])
 def test_zero_weight_skips_term_and_its_sampling(monkeypatch, off):
     calls = {"neg": 0, "hier": 0}
-    real_neg, real_hier = embedding_train.sample_object_negatives, embedding_train.hier_loss
+    real_neg, real_hier = embedding_train.sample_object_negatives, embedding_train.hier_hinges
 
     def spy_neg(*a, **k):
         calls["neg"] += 1
@@ -237,7 +237,7 @@ def test_zero_weight_skips_term_and_its_sampling(monkeypatch, off):
         return real_hier(*a, **k)
 
     monkeypatch.setattr(embedding_train, "sample_object_negatives", spy_neg)
-    monkeypatch.setattr(embedding_train, "hier_loss", spy_hier)
+    monkeypatch.setattr(embedding_train, "hier_hinges", spy_hier)
     weights = {"mask": 1.0, "object": 1.0, "hier": 1.0, off: 0.0}
     features, offsets, object_pairs, hier = synthetic()
     if off == "mask":  # fg/bg are then not needed at all
@@ -347,3 +347,75 @@ def test_embed_batches_streams_rows_in_order_and_reports_nan_after_the_last_batc
         next(stream)
     with pytest.raises(PipelineError, match="expects"):
         embedding.embed_batches(head, x[:, :3])  # shape errors at the call, not at the first batch
+
+
+# ------------------------------------------------------------------ released choices: view, init, schedule
+
+
+def test_released_init_starts_every_embedding_at_the_origin():
+    head = EmbeddingHead(64, hidden=32, dim=8, init="released")
+    for layer in head.mlp:
+        if isinstance(layer, torch.nn.Linear):
+            assert layer.weight.abs().max() <= 1e-4
+            assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    z = head(torch.randn(16, 64))
+    assert head.norm_distance(z).max() < 1e-5
+    with pytest.raises(PipelineError, match="init"):
+        EmbeddingHead(64, init="xavier")
+
+
+def test_released_init_makes_every_triplet_active_at_first():
+    """At the origin every hinge is the margin: the first epoch's active shares are about 1 (and logged)."""
+    _, history = train(init="released", epochs=2, lr=1e-5)
+    for term in ("mask", "object", "hier"):
+        assert history[0][f"active/{term}"] > 0.99
+    _, default = train(epochs=2)
+    for h in default:
+        assert all(0.0 <= h[f"active/{t}"] <= 1.0 for t in ("mask", "object", "hier"))
+
+
+def test_view_chooses_the_features_of_the_object_and_hier_terms_and_the_d0_statistics():
+    """Without the mask term only the chosen view is read: with view fg the box features do not matter."""
+    features, offsets, object_pairs, hier = synthetic()
+    weights = {"mask": 0.0, "object": 1.0, "hier": 1.0}
+    fg_only, hist_fg = train(({"fg": features["fg"]}, offsets, object_pairs, hier), weights=weights, view="fg")
+    swapped, hist_swapped = train(({"box": features["fg"]}, offsets, object_pairs, hier), weights=weights, view="box")
+    for a, b in zip(fg_only.state_dict().values(), swapped.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    drop = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]  # noqa: E731
+    assert drop(hist_fg) == drop(hist_swapped)
+    with pytest.raises(PipelineError, match="box"):
+        train(({"fg": features["fg"]}, offsets, object_pairs, hier), weights=weights, view="box")
+    with pytest.raises(PipelineError, match="view"):
+        train(view="bg")
+
+
+def test_constant_schedule_keeps_the_learning_rate():
+    _, constant = train(schedule="constant", lr=3e-3)
+    assert [h["lr"] for h in constant] == [3e-3] * len(constant)
+    _, cosine = train(lr=3e-3)
+    assert cosine[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(PipelineError, match="schedule"):
+        train(schedule="step")
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
+def test_half_margin_is_the_same_margin_at_the_origin(c):
+    """Same MLP weights: the ball head's distance to the origin is exactly twice the Euclidean head's, and
+    pairwise distances near the origin tend to twice the Euclidean ones; hence the Euclidean margin / 2."""
+    ball = EmbeddingHead(16, hidden=8, dim=4, geometry="poincare", c=c)
+    flat = EmbeddingHead(16, hidden=8, dim=4, geometry="euclidean")
+    flat.load_state_dict(ball.state_dict())
+    x = torch.randn(64, 16, dtype=torch.float64)
+    ball.double(), flat.double()
+    torch.testing.assert_close(ball.norm_distance(ball(x)), 2 * flat.norm_distance(flat(x)))
+    near = EmbeddingHead(16, hidden=8, dim=4, geometry="poincare", c=c, init="released").double()  # at the origin
+    near_flat = EmbeddingHead(16, hidden=8, dim=4, geometry="euclidean").double()
+    near_flat.load_state_dict(near.state_dict())
+    ratio = near.distance(near(x[:32]), near(x[32:])) / near_flat.distance(near_flat(x[:32]), near_flat(x[32:]))
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 2.0), rtol=1e-6, atol=0)
+    assert embedding.geometry_margin(0.2, "euclidean") == pytest.approx(0.1)
+    assert embedding.geometry_margin(0.2, "poincare") == 0.2
+    assert embedding.geometry_margin(0.2, "euclidean", "same") == 0.2
+    with pytest.raises(PipelineError, match="margin rule"):
+        embedding.geometry_margin(0.2, "euclidean", "double")
