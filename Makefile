@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test lint format bench tables sweep clean
+.PHONY: setup repro test lint format bench tables tables-deep sweep clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ test: $(STAMP)
 tables: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m stages.tables
+
+tables-deep: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m stages.tables --world deep
 
 sweep: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m stages.sweep

@@ -34,6 +34,14 @@ class Experiment:
         args = [arg for key, value in self.overrides.items() for arg in ("-S", f"{key}={value}")]
         return args + ([self.target] if self.target else [])
 
+    def in_world(self, overrides: Mapping[str, str], suffix: str) -> Experiment:
+        """The same row in another world: `overrides` (e.g. data.synthetic.hierarchy=deep) added, the name
+        suffixed so that both worlds' experiments can be kept side by side."""
+        if not overrides:
+            return self
+        merged = {**self.overrides, **overrides}
+        return Experiment(f"{self.name}{suffix}", self.label, merged, self.target, self.protocols, self.seeds)
+
     def seeded(self, seed: int) -> Experiment:
         """The same row with the embedding and clustering seeds set to `seed`."""
         overrides = {**self.overrides, "embed.seed": str(seed), "cluster.seed": str(seed)}
@@ -186,4 +194,56 @@ def compare_rare(
     for protocol in protocols:
         mean, std = mean_std(ours_runs, protocol, "APr")
         parts.append(_verdict(protocol, mean, theirs, std))
+    return "; ".join(parts)
+
+
+PAPER_AP = {"ours": 0.109, "supervised": 0.201}  # LVIS v1, DESIGN.md's published reference
+PAPER_ABLATION = {"without L_object": 0.0374, "without L_mask": 0.0689, "without L_hier": 0.0846, "full model": 0.1086}
+
+
+def compare_ratio(
+    ours: Experiment,
+    supervised: Experiment,
+    results: Mapping[str, ExperimentResult],
+    seeds: Sequence[int],
+    protocols: Sequence[str] = ("majority", "hungarian"),
+) -> str:
+    """Our AP over the supervised model's, per protocol (mean ± std over the seeds), against the paper's
+    0.109 / 0.201 = 0.54: 'as published' when 0.54 lies within one std of the mean ratio."""
+    theirs = seed_runs(supervised, results, seeds)[0].metrics["supervised"]["AP"]
+    paper = PAPER_AP["ours"] / PAPER_AP["supervised"]
+    if not theirs:
+        return "the supervised model's AP is 0 or undefined"
+    runs = seed_runs(ours, results, seeds)
+    parts = []
+    for protocol in protocols:
+        mean, std = mean_std(runs, protocol)
+        ratio, noise = mean / theirs, std / theirs
+        verdict = "as published" if abs(ratio - paper) <= noise else "above" if ratio > paper else "below"
+        parts.append(f"{protocol} {ratio:.2f} ± {noise:.2f} vs {paper:.2f} ({verdict})")
+    return "; ".join(parts)
+
+
+def ablation_order(
+    rows: Sequence[Experiment],
+    results: Mapping[str, ExperimentResult],
+    seeds: Sequence[int],
+    protocols: Sequence[str] = ("majority", "hungarian"),
+) -> str:
+    """The rows ranked by mean AP per protocol, against the paper's ranking (PAPER_ABLATION, by label):
+    'holds' when the ranks agree and every step between neighbours exceeds the larger std of the two,
+    'same order, within noise' when the ranks agree but a step does not, else 'fails'."""
+    paper = sorted((r for r in rows if r.label in PAPER_ABLATION), key=lambda r: PAPER_ABLATION[r.label])
+    parts = []
+    for protocol in protocols:
+        stats = {r.label: mean_std(seed_runs(r, results, seeds), protocol) for r in paper}
+        found = sorted(paper, key=lambda r: stats[r.label][0])
+        steps = [
+            stats[b.label][0] - stats[a.label][0] > max(stats[a.label][1], stats[b.label][1])
+            for a, b in zip(found, found[1:], strict=False)
+        ]
+        same = [r.label for r in found] == [r.label for r in paper]
+        verdict = ("holds" if all(steps) else "same order, within noise") if same else "fails"
+        ranking = " < ".join(f"{r.label} {stats[r.label][0]:.3f}" for r in found)
+        parts.append(f"{protocol}: {ranking} ({verdict})")
     return "; ".join(parts)

@@ -110,3 +110,58 @@ def test_supervised_row_reads_its_own_metrics_file_and_compares_rare_ap():
     ours = Experiment("tab-ours", "full")
     results["tab-ours-s0"].metrics["majority"]["APr"] = 0.08
     assert compare_rare(ours, SUPERVISED, results, (0,), protocols=("majority",)) == "majority 0.080 vs 0.050 (holds)"
+
+
+def _results(aps: dict[str, list[float]]) -> dict:
+    from pipeline.report import ExperimentResult
+
+    return {
+        f"{name}-s{seed}": ExperimentResult(f"{name}-s{seed}", "f" * 40, _metrics(ap), {})
+        for name, values in aps.items()
+        for seed, ap in enumerate(values)
+    }
+
+
+def test_ablation_order_against_the_papers():
+    from pipeline.report import ablation_order
+
+    rows = [
+        Experiment("no-mask", "without L_mask"),
+        Experiment("no-object", "without L_object"),
+        Experiment("no-hier", "without L_hier"),
+        Experiment("ours", "full model"),
+    ]
+    seeds = (0, 1)
+    clear = _results({"no-object": [0.01, 0.02], "no-mask": [0.05, 0.06], "no-hier": [0.09, 0.10], "ours": [0.2, 0.2]})
+    line = ablation_order(rows, clear, seeds, protocols=("majority",))
+    assert line == (
+        "majority: without L_object 0.015 < without L_mask 0.055 < without L_hier 0.095 < full model 0.200 (holds)"
+    )
+    close = dict(clear, **_results({"no-hier": [0.15, 0.25]}))  # right order, but hier's std covers the full model
+    assert ablation_order(rows, close, seeds, protocols=("majority",)).endswith("(same order, within noise)")
+    swapped = dict(clear, **_results({"no-hier": [0.3, 0.3]}))
+    assert ablation_order(rows, swapped, seeds, protocols=("majority",)).endswith("(fails)")
+
+
+def test_ratio_to_the_supervised_model_against_the_papers():
+    from pipeline.report import SUPERVISED, compare_ratio
+
+    results = _results({"ours": [0.10, 0.12]})
+    results["tab-supervised-s0"] = results["ours-s0"].__class__(
+        "tab-supervised-s0", "e" * 40, {"supervised": {"AP": 0.2}}, {}
+    )
+    ours = Experiment("ours", "full")
+    # 0.11 / 0.2 = 0.55 ± 0.07: the published 0.54 is within one std
+    assert compare_ratio(ours, SUPERVISED, results, (0, 1), protocols=("majority",)) == (
+        "majority 0.55 ± 0.07 vs 0.54 (as published)"
+    )
+    results = _results({"ours": [0.02, 0.02]}) | {"tab-supervised-s0": results["tab-supervised-s0"]}
+    assert compare_ratio(ours, SUPERVISED, results, (0, 1), protocols=("majority",)).endswith("(below)")
+
+
+def test_rows_in_the_deep_world_are_named_apart():
+    row = TABLE1[2].in_world({"data.synthetic.hierarchy": "deep"}, "-deep")
+    assert row.name == "tab-ours-deep"
+    assert row.overrides["data.synthetic.hierarchy"] == "deep"
+    assert row.seeded(1).name == "tab-ours-deep-s1"
+    assert TABLE1[2].in_world({}, "-deep") is TABLE1[2]
