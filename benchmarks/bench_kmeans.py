@@ -121,8 +121,8 @@ def timed(fn):
 def bench_lloyd(n: int, k: int, dims: list[int], seed: int, block_mb: float, max_radius: float) -> None:
     print(f"\n## One Lloyd iteration, N={n}, K={k}, c=1, max radius {max_radius} (seconds, each timed once)\n")
     print(
-        "`assign()`: pipeline.kmeans.assign (query set-up + search + re-rank + certificate + fallback); "
-        "`in loop`: the same without the per-run query set-up (what hyperbolic_kmeans pays per iteration); "
+        "`assign()`: pipeline.kmeans.assign (input check + search + re-rank + certificate + fallback); "
+        "`in loop`: the same without the input check (what hyperbolic_kmeans pays per iteration); "
         "`reference`: pairwise float64 closed form; `update`: Einstein midpoint, shared.\n"
     )
     print(

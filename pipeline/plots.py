@@ -179,16 +179,22 @@ def proposal_overlay(
     _save(fig, out_png)
 
 
-def elbow_plot(curve: list[tuple[int, float]], elbow: int, chosen: int, out_png: Path, title: str = "") -> None:
-    """Inertia against k, the elbow (knee) and the k that was used marked."""
+def elbow_plot(curve: list[tuple[int, float]], elbow: int | None, chosen: int, out_png: Path, title: str = "") -> None:
+    """Inertia against k, the elbow (knee) and the k that was used marked; ``elbow`` None: k was fixed, so no
+    sweep ran (the curve is the used k's single point, and the plot says so)."""
     fig = Figure(figsize=(6, 4), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ks, inertia = [k for k, _ in curve], [v for _, v in curve]
     ax.plot(ks, inertia, "o-", color="#1f5fa8", lw=1.5, ms=4)
-    ax.axvline(elbow, color="#c0392b", ls="--", lw=1, label=f"elbow k = {elbow}")
+    if elbow is not None:
+        ax.axvline(elbow, color="#c0392b", ls="--", lw=1, label=f"elbow k = {elbow}")
     if chosen != elbow:
         ax.axvline(chosen, color="#27ae60", ls=":", lw=1.5, label=f"used k = {chosen}")
+    if elbow is None:
+        note = f"k is fixed (cluster.k = {chosen}): the elbow sweep over cluster.k_range was skipped"
+        box = {"facecolor": "white", "edgecolor": "#999999", "alpha": 0.9}
+        ax.text(0.5, 0.1, note, transform=ax.transAxes, ha="center", va="bottom", fontsize=8, bbox=box)
     ax.set_xlabel("k (clusters)")
     ax.set_ylabel("inertia (sum of squared distances)")
     ax.set_title(title, fontsize=9)

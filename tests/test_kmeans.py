@@ -1,5 +1,6 @@
-"""Hyperbolic k-means (pipeline.kmeans): recovery of separated clusters (also next to the boundary), the faiss
-assignment against a float64 brute force, determinism, empty clusters, Euclidean k-means, errors, choosing k."""
+"""k-means (pipeline.kmeans): recovery of separated clusters (also next to the boundary), the faiss assignment
+against a float64 brute force, determinism, empty clusters, Euclidean k-means, errors, choosing k. Streaming and
+the shared Lloyd loop: tests/test_kmeans_streaming.py."""
 
 from __future__ import annotations
 
@@ -356,7 +357,7 @@ def test_euclidean_kmeans_result_contract():
     assert res.inertia == pytest.approx(float(res.distance @ res.distance), rel=1e-12)
     assert 1 <= res.iterations <= 100
     assert isinstance(res.converged, bool)
-    # nearest centroid (float32 search inside faiss; the blobs leave no near-ties)
+    # nearest centroid (the certified float64 assignment; tests/test_kmeans_streaming.py tests near-ties)
     d = np.linalg.norm(x[:, None] - res.centroids[None], axis=2)
     np.testing.assert_array_equal(res.assignment, d.argmin(axis=1))
     # each centroid is the mean of its points (Lloyd's fixed point)
