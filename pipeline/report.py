@@ -77,6 +77,9 @@ class ExperimentResult:
 def experiments_from_show(show: Sequence[Mapping]) -> dict[str, ExperimentResult]:
     """Named experiments of `dvc exp show --json` (any baseline), with their eval metrics and params.
 
+    dvc lists the newest baseline first: a name found under several baselines (`dvc exp show -n N`) keeps the
+    newest baseline's experiment.
+
     The metrics of METRICS_FILES are merged (majority/hungarian/oracle from eval.json, supervised from
     supervised.json, the val proposals' recall under "proposals"); experiments with none readable are
     left out (their `error` says why).
@@ -92,7 +95,7 @@ def experiments_from_show(show: Sequence[Mapping]) -> dict[str, ExperimentResult
                     if content:
                         metrics.update({key: content} if key else content)
                 params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
-                if rev.get("name") and metrics.keys() - {"proposals"}:
+                if rev.get("name") and metrics.keys() - {"proposals"} and rev["name"] not in found:
                     found[rev["name"]] = ExperimentResult(rev["name"], rev["rev"], metrics, params)
     return found
 

@@ -9,6 +9,7 @@ lists, per row, the stages that really ran and the wall time; every number is re
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -43,11 +44,29 @@ WORLD_TEXT = {
 }
 
 
+def parse_ran_log(log: str) -> dict[str, tuple[list[str], float]]:
+    """The `[tables] <name>: ran <stages> in <N>s` lines of a run's output: name -> (stages, seconds)."""
+    ran = {}
+    for m in re.finditer(r"^\[tables\] (\S+): ran (.*) in (\d+)s$", log, re.M):
+        stages = [] if m[2].startswith("nothing") else m[2].split(", ")
+        ran[m[1]] = (stages, float(m[3]))
+    return ran
+
+
 @clean_errors
 def main(
     world: str = typer.Option("default", help="default | deep: the synthetic world the rows run on"),
     out: Path | None = typer.Option(None, help="where to write the report (default: reports/tables[_deep].md)"),
     seeds: int = typer.Option(len(SEEDS), help="seeds per row (embed.seed = cluster.seed = 0, 1, ...)"),
+    report_only: bool = typer.Option(False, help="run nothing: write the report from the experiments recorded"),
+    commits: int = typer.Option(
+        1,
+        help="read the experiments of the last N commits (newest wins), e.g. 2 when a "
+        "commit was made while the rows ran",
+    ),
+    ran_log: Path | None = typer.Option(
+        None, help="with --report-only: the log of the run that made the rows, for the stages each ran and its time"
+    ),
 ) -> None:
     if world not in WORLDS:
         raise PipelineError(f"--world must be one of {', '.join(WORLDS)}, got {world!r}")
@@ -62,12 +81,14 @@ def main(
         rows.setdefault(exp.name, exp)
     runs = [row.seeded(seed) for row in rows.values() for seed in (row.seeds or seed_list)]
     ran: dict[str, tuple[list[str], float]] = {}
-    for exp in runs:
+    for exp in [] if report_only else runs:
         name = exp.name
         print(f"[tables] {name}: dvc exp run {' '.join(exp.set_args()) or '(params.yaml as committed)'}", flush=True)
         ran[name] = run_experiment(exp)
         print(f"[tables] {name}: ran {', '.join(ran[name][0]) or 'nothing (all cached)'} in {ran[name][1]:.0f}s")
-    results = experiments_from_show(json.loads(dvc("exp", "show", "--json")))
+    if report_only and ran_log is not None:
+        ran = parse_ran_log(ran_log.read_text())
+    results = experiments_from_show(json.loads(dvc("exp", "show", "--json", "-n", str(commits))))
     total = time.perf_counter() - started
     supervised, rand_init, ours, euclidean = table1
     claims = "\n".join(
@@ -87,9 +108,18 @@ def main(
         f"- `{name}`: {', '.join(stages) or 'nothing, all restored from the run cache'} ({seconds:.0f} s)"
         for name, (stages, seconds) in ran.items()
     )
+    command = "make tables" if world == "default" else f"make tables-{world}"
+    if report_only:
+        made = sum(seconds for _, seconds in ran.values())
+        written = (
+            f"Rows run by `{command}` ({made / 60:.1f} min of experiments on this machine, from the log of that "
+            "run); this report written from the recorded experiments with `--report-only`."
+        )
+    else:
+        written = f"Written by `{command}` in {total / 60:.1f} min on this machine."
     text = f"""# The paper's tables on {WORLD_TEXT[world]}
 
-Written by `make tables` in {total / 60:.1f} min on this machine. Each cell is the mean ± sample standard
+{written} Each cell is the mean ± sample standard
 deviation over {len(seed_list)} seeds of the embedding and the clustering (`embed.seed` = `cluster.seed` =
 {", ".join(map(str, seed_list))}); the world and the proposer (global `seed` 0) are the same for every row.
 The fully supervised Mask R-CNN (every train category's labels, the proposer's architecture and schedule,

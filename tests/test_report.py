@@ -165,3 +165,25 @@ def test_rows_in_the_deep_world_are_named_apart():
     assert row.overrides["data.synthetic.hierarchy"] == "deep"
     assert row.seeded(1).name == "tab-ours-deep-s1"
     assert TABLE1[2].in_world({}, "-deep") is TABLE1[2]
+
+
+def test_report_only_reads_the_stages_each_row_ran_from_the_log():
+    from stages.tables import parse_ran_log
+
+    log = (
+        "[tables] tab-ours-s0: dvc exp run -S embed.seed=0\n"
+        "[tables] tab-ours-s0: ran nothing (all cached) in 4s\n"
+        "noise\n"
+        "[tables] tab-rand-init-s0: ran sample@train, sample@val, embed in 49s\n"
+    )
+    assert parse_ran_log(log) == {
+        "tab-ours-s0": ([], 4.0),
+        "tab-rand-init-s0": (["sample@train", "sample@val", "embed"], 49.0),
+    }
+
+
+def test_a_name_under_several_baselines_keeps_the_newest():
+    newest = {"rev": "main", "experiments": [{"revs": [_rev("tab-ours-s0", "1" * 40, _metrics(0.4))]}]}
+    older = {"rev": "old", "experiments": [{"revs": [_rev("tab-ours-s0", "2" * 40, _metrics(0.1))]}]}
+    results = experiments_from_show([newest, older])
+    assert results["tab-ours-s0"].rev == "1" * 40
