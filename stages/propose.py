@@ -2,6 +2,10 @@
 
 Also scores the proposals against the split's ground truth (class-agnostic mask recall at k and AP50,
 for base and novel categories) into metrics/propose_<split>.json.
+
+Under `torchrun --nproc_per_node N -m stages.propose --split S`, each rank proposes every N-th part of the
+split (`pipeline/parts.py`); rank 0 then assembles the parts into the store (the same bytes as one
+process's) and alone writes the metrics and the summary.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pipeline.config import as_dict
 from pipeline.data.dataset import read_manifest
 from pipeline.data.lvis_format import load_image_records
 from pipeline.device import pick_device
+from pipeline.distributed import barrier, init_ranks, main_first, rank_device, shutdown
 from pipeline.parts import IMAGES_PER_PART, ImageParts
 from pipeline.proposal_metrics import evaluate_proposals
 from pipeline.proposals import StoreProposals, proposal_columns, propose_parts
@@ -40,12 +45,14 @@ def main(
     gt_path = manifest.split_json(split)
     images = sorted(load_image_records(gt_path, "LVIS annotations"), key=lambda r: r["id"])  # not the annotations
     device = pick_device(p.device)
+    ranks = init_ranks(device)
+    run_device = rank_device(device, ranks)
     model = load_checkpoint(
         PROPOSER_CHECKPOINT,
         score_thresh=cfg.score_thresh,
         nms_thresh=cfg.nms_thresh,
         max_proposals=cfg.max_proposals,
-    ).to(device)
+    ).to(run_device)
     mask_size = model.roi_heads.mask_roi_pool.output_size[0] * 2
     out = split_dir(split) / "proposals.zarr"
     proposer_digest = file_digest(PROPOSER_CHECKPOINT)
@@ -56,18 +63,25 @@ def main(
         "proposer_digest": proposer_digest,
         "annotations": manifest.files.get(str(gt_path), str(gt_path)),
     }
-    parts = ImageParts(out, key, proposal_columns(mask_size), len(images), images_per_part=images_per_part)
-    if parts.n_done:
+    with main_first(ranks):  # rank 0 clears another run's parts before any rank writes
+        parts = ImageParts(out, key, proposal_columns(mask_size), len(images), images_per_part=images_per_part)
+    if parts.n_done and ranks.is_main:
         print(f"[propose] resuming: {parts.n_done} of {len(parts.ranges)} parts already done", flush=True)
     propose_parts(
         parts,
         images,
         Path(manifest.image_root),
-        lambda batch: propose(model, batch, device=device),
+        lambda batch: propose(model, batch, device=run_device),
         batch_size=cfg.batch_size,
         mask_size=mask_size,
         on_missing_image=cfg.on_missing_image,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
     )
+    barrier(ranks)
+    if not ranks.is_main:
+        shutdown(ranks)
+        return
     skipped = [i for meta in parts.metas() for i in meta["skipped"]]
     if skipped:
         log.warning("skipped %d missing or unreadable images (first id %d)", len(skipped), skipped[0])
@@ -103,6 +117,7 @@ def main(
         f"wrote {out}",
         timer,
     )
+    shutdown(ranks)
 
 
 if __name__ == "__main__":

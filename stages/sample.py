@@ -2,6 +2,9 @@
 
 Reads data/<split>/proposals.zarr, writes data/<split>/samples.zarr (features/{box,fg,bg}, pairs/object,
 pairs/hier, image_offsets), stamped with the fingerprint of the proposals store it came from.
+
+Under `torchrun --nproc_per_node N -m stages.sample --split S`, each rank samples every N-th part of the
+split; rank 0 assembles the store (the same bytes as one process's) and writes the summary.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import typer
 from pipeline.config import as_dict
 from pipeline.data.dataset import read_manifest
 from pipeline.device import pick_device
+from pipeline.distributed import barrier, init_ranks, main_first, rank_device, shutdown
 from pipeline.features import build_backbone
 from pipeline.parts import IMAGES_PER_PART, ImageParts
 from pipeline.sampling import PAIR_COLUMNS, sample_columns, sample_parts
@@ -35,6 +39,8 @@ def main(
     image_ids = read_array(proposals, "image_ids")
     n = int(proposals["image_offsets"][-1])
     device = pick_device(p.device)
+    ranks = init_ranks(device)
+    run_device = rank_device(device, ranks)
     backbone = build_backbone(cfg.backbone, cfg.backbone_init, seed=p.seed, proposer_checkpoint=PROPOSER_CHECKPOINT)
     out = split_dir(split) / "samples.zarr"
     key = {
@@ -46,15 +52,16 @@ def main(
         "backbone": backbone.init,
         "proposer": proposals.attrs.get("proposer_digest"),
     }
-    parts = ImageParts(
-        out,
-        key,
-        sample_columns(backbone.dim, cfg.dtype),
-        len(image_ids),
-        images_per_part=images_per_part,
-        index_columns=PAIR_COLUMNS,
-    )
-    if parts.n_done:
+    with main_first(ranks):  # rank 0 clears another run's parts before any rank writes
+        parts = ImageParts(
+            out,
+            key,
+            sample_columns(backbone.dim, cfg.dtype),
+            len(image_ids),
+            images_per_part=images_per_part,
+            index_columns=PAIR_COLUMNS,
+        )
+    if parts.n_done and ranks.is_main:
         print(f"[sample] resuming: {parts.n_done} of {len(parts.ranges)} parts already done", flush=True)
     sample_parts(
         parts,
@@ -68,8 +75,14 @@ def main(
         hier_exclude_objects=cfg.hier_exclude_objects,
         relation_max_side=cfg.relation_max_side,
         batch_size=cfg.batch_size,
-        device=device,
+        device=run_device,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
     )
+    barrier(ranks)
+    if not ranks.is_main:
+        shutdown(ranks)
+        return
     counts = {
         "images": len(image_ids),
         "proposals": n,
@@ -94,6 +107,7 @@ def main(
         f"wrote {out}",
         timer,
     )
+    shutdown(ranks)
 
 
 if __name__ == "__main__":

@@ -230,3 +230,25 @@ def test_inspect_prints_and_renders(repo, first_run):
     output = run([str(BIN / "python"), "-m", "stages.inspect", str(store), "--render", str(image_id)], repo)
     assert "image_offsets" in output and "masks" in output and "chunks" in output
     assert (repo / "plots" / "inspect" / f"{image_id}.png").stat().st_size > 1000
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage", ["propose", "sample"])
+def test_torchrun_shards_by_parts_into_the_same_store(repo, first_run, stage):
+    """`torchrun --nproc_per_node 2` (gloo, CPU): each rank takes every other part of images, rank 0 assembles;
+    the store has the bytes of the one-process run with the same parts, and no temporary folder is left."""
+    kind = "proposals" if stage == "propose" else "samples"
+    store = repo / "data" / "train" / f"{kind}.zarr"
+    args = ["-m", f"stages.{stage}", "--split", "train", "--images-per-part", "3"]
+    one = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun gives each rank one thread: compare like with like
+    env = {**one, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([str(BIN / "python"), *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = tree_bytes(store)
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run([*torchrun, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.stdout.count(f"[{stage}] train:") == 1  # one summary line: rank 0's
+    assert tree_bytes(store) == reference
+    assert sorted(p.name for p in store.parent.iterdir() if p.name.startswith(".")) == []
+    run([str(BIN / "python"), *args[:-2]], repo)  # back to the default parts: the store dvc.lock knows

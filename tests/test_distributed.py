@@ -1,0 +1,33 @@
+"""Ranks from torchrun's environment (pipeline.distributed); the sharded stages are run by torchrun in
+tests/test_e2e.py."""
+
+import pytest
+
+from pipeline.distributed import Ranks, barrier, init_ranks, main_first, rank_device, shutdown
+from pipeline.errors import PipelineError
+
+
+def test_without_torchrun_one_process_and_nothing_collective(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    ranks = init_ranks("cpu")
+    assert ranks == Ranks(0, 1, 0) and ranks.is_main
+    order = []
+    with main_first(ranks):
+        order.append("body")
+    barrier(ranks)
+    shutdown(ranks)
+    assert order == ["body"]
+    assert rank_device("cuda", ranks) == "cuda"
+    assert rank_device("cuda", Ranks(3, 4, 1)) == "cuda:1"
+    assert rank_device("cpu", Ranks(3, 4, 1)) == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"), [({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x'"), ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2")]
+)
+def test_bad_environment_is_a_one_line_error(monkeypatch, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(PipelineError, match=message):
+        init_ranks("cpu")
