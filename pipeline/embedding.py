@@ -161,7 +161,6 @@ def geometry_margin(margin: float, geometry: str, rule: str = "half") -> float:
     return margin / 2 if geometry == "euclidean" and rule == "half" else margin
 
 
-
 def _hinge_mean(x: Tensor) -> Tensor:
     """mean(max(0, x)); 0 (still attached to the graph) for an empty x; NaN propagates."""
     if x.numel() == 0:
