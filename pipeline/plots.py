@@ -15,8 +15,13 @@ import pycocotools.mask as mask_utils  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from pipeline.data.annotation_stream import annotations_of, stream_items, top_level_value  # noqa: E402
-from pipeline.data.lvis_format import AnnotationFile, image_path, load_image, load_image_records  # noqa: E402
+from pipeline.data.annotation_stream import (  # noqa: E402
+    annotations_of,
+    load_image_records,
+    stream_items,
+    top_level_value,
+)
+from pipeline.data.lvis_format import AnnotationFile, image_path, load_image  # noqa: E402
 from pipeline.masks import annotation_rle  # noqa: E402
 
 _BUCKETS = "f = frequent (> 100 train images), c = common (11-100), r = rare (1-10)"

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pycocotools.mask as mask_utils
 
-from pipeline.data.annotation_stream import AnnotationIndex
-from pipeline.data.lvis_format import IMAGE_FIELDS, load_image_records
+from pipeline.data.annotation_stream import AnnotationIndex, load_image_records
+from pipeline.data.lvis_format import IMAGE_FIELDS
 from pipeline.errors import PipelineError
 from pipeline.masks import annotation_rle, paste_masks
 

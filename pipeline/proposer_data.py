@@ -17,8 +17,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 
-from pipeline.data.annotation_stream import AnnotationIndex
-from pipeline.data.lvis_format import IMAGE_FIELDS, image_path, load_image, load_image_records
+from pipeline.data.annotation_stream import AnnotationIndex, load_image_records
+from pipeline.data.lvis_format import IMAGE_FIELDS, image_path, load_image
 from pipeline.errors import PipelineError
 from pipeline.masks import annotation_rle
 

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Params, load_params
+from pipeline.data.annotation_stream import load_image_records
 from pipeline.data.dataset import Manifest
-from pipeline.data.lvis_format import image_path, load_image, load_image_records
+from pipeline.data.lvis_format import image_path, load_image
 from pipeline.errors import PipelineError
 
 PREPARED = Path("data/prepared")

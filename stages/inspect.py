@@ -12,8 +12,9 @@ import numpy as np
 import typer
 import zarr
 
+from pipeline.data.annotation_stream import load_image_records
 from pipeline.data.dataset import read_manifest
-from pipeline.data.lvis_format import IMAGE_FIELDS, image_path, load_image, load_image_records
+from pipeline.data.lvis_format import IMAGE_FIELDS, image_path, load_image
 from pipeline.errors import PipelineError
 from pipeline.inspect import describe
 from pipeline.masks import paste_masks

@@ -13,12 +13,12 @@ from pathlib import Path
 import typer
 
 from pipeline.config import LvisData, Params
+from pipeline.data.annotation_stream import load_image_records
 from pipeline.data.dataset import Manifest, base_categories_by_name, write_manifest
 from pipeline.data.lvis_format import (
     AnnotationFile,
     check_sampled_images,
     excluded_image_ids,
-    load_image_records,
     validate_coco,
     validate_lvis,
 )

@@ -16,10 +16,10 @@ from pathlib import Path
 import typer
 
 from pipeline.config import as_dict
+from pipeline.data.annotation_stream import load_image_records
 from pipeline.data.dataset import read_manifest
-from pipeline.data.lvis_format import load_image_records
 from pipeline.device import pick_device
-from pipeline.distributed import barrier, init_ranks, main_first, rank_device, shutdown
+from pipeline.distributed import init_ranks, main_first, main_goes_on, rank_device, shutdown
 from pipeline.parts import IMAGES_PER_PART, ImageParts
 from pipeline.proposal_metrics import evaluate_proposals
 from pipeline.proposals import StoreProposals, proposal_columns, propose_parts
@@ -78,9 +78,7 @@ def main(
         rank=ranks.rank,
         world_size=ranks.world_size,
     )
-    barrier(ranks)
-    if not ranks.is_main:
-        shutdown(ranks)
+    if not main_goes_on(ranks):
         return
     skipped = [i for meta in parts.metas() for i in meta["skipped"]]
     if skipped:

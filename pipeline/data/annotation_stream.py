@@ -89,7 +89,7 @@ def top_level_value(path: Path | str, what: str, key: str, default: Any = _MISSI
     return default
 
 
-def image_records(path: Path | str, what: str, keys: Iterable[str] | None = None) -> list[dict]:
+def load_image_records(path: Path | str, what: str, keys: Iterable[str] | None = None) -> list[dict]:
     """The `images` records of a file, read as a stream; with `keys`, each record keeps only those keys
     (a proposer needs id, size and file, not COCO's licence and Flickr fields)."""
     keep = None if keys is None else tuple(keys)

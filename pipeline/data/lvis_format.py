@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.data.annotation_stream import image_records, stream_items, top_level_value
+from pipeline.data.annotation_stream import stream_items, top_level_value
 from pipeline.errors import PipelineError
 
 LVIS_FREQUENCIES = ("r", "c", "f")
@@ -43,15 +43,6 @@ def load_json(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise PipelineError(f"{what}: {path}: expected a JSON object at the top level, got {type(data).__name__}")
     return data
-
-
-def load_image_records(path: Path, what: str, keys: Sequence[str] | None = None) -> list[dict]:
-    """The `images` list of a COCO/LVIS file, parsed as a stream: the annotations are never held in memory.
-
-    For stages that need only the image records (file, size, id): LVIS v1 train's JSON is about 1 GB, its
-    `images` a few tens of MB (`keys` keeps only the fields named). Errors are one line naming the file.
-    """
-    return image_records(path, what, keys)
 
 
 IMAGE_FIELDS = ("id", "width", "height", "file_name", "coco_url")  # what locating and sizing an image needs

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.data import annotation_stream as stream
-from pipeline.data.annotation_stream import AnnotationIndex, annotations_of, image_records, top_level_value
+from pipeline.data.annotation_stream import AnnotationIndex, annotations_of, load_image_records, top_level_value
 from pipeline.data.lvis_format import validate_coco, validate_lvis
 from pipeline.errors import PipelineError
 
@@ -93,8 +93,8 @@ def test_top_level_values_and_records(tmp_path: Path) -> None:
     assert top_level_value(path, "x", "licenses", None) is None
     with pytest.raises(PipelineError, match="missing top-level key 'licenses'"):
         top_level_value(path, "x", "licenses")
-    assert image_records(path, "x") == data["images"]
-    assert image_records(path, "x", ("id", "width")) == [{"id": im["id"], "width": 10} for im in data["images"]]
+    assert load_image_records(path, "x") == data["images"]
+    assert load_image_records(path, "x", ("id", "width")) == [{"id": im["id"], "width": 10} for im in data["images"]]
     picked = annotations_of(path, "x", [3, 4, 999])
     expected = _grouped(data)
     assert picked == {3: expected.get(3, []), 4: expected.get(4, []), 999: []}

@@ -17,13 +17,13 @@ import pytest
 from PIL import Image
 
 from pipeline.config import Data, LvisData, Params, as_dict, parse_params
+from pipeline.data.annotation_stream import load_image_records
 from pipeline.data.dataset import Manifest, base_categories_by_name
 from pipeline.data.lvis_format import (
     check_sampled_images,
     excluded_image_ids,
     image_path,
     load_image,
-    load_image_records,
     load_json,
     validate_coco,
     validate_lvis,
