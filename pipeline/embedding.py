@@ -161,8 +161,9 @@ def geometry_margin(margin: float, geometry: str, rule: str = "half") -> float:
     return margin / 2 if geometry == "euclidean" and rule == "half" else margin
 
 
-def _hinge_mean(x: Tensor) -> Tensor:
-    """mean(max(0, x)); 0 (still attached to the graph) for an empty x; NaN propagates."""
+def hinge_mean(x: Tensor) -> Tensor:
+    """A term's loss from its hinges: mean(max(0, x)); 0 (still attached to the graph) for an empty x; NaN
+    propagates."""
     if x.numel() == 0:
         return x.sum()
     return torch.relu(x).mean()
@@ -178,14 +179,9 @@ def hier_hinges(parent: Tensor, child: Tensor, d0_fn: NormFn, margin: float) -> 
     return d0_fn(parent) - d0_fn(child) + margin
 
 
-def hinge_mean(hinges: Tensor) -> Tensor:
-    """The loss of a term from its hinges: mean max(0, h) (0, still attached to the graph, when empty)."""
-    return _hinge_mean(hinges)
-
-
 def triplet_loss(anchor: Tensor, positive: Tensor, negative: Tensor, dist_fn: DistFn, margin: float) -> Tensor:
     """mean max(0, d(anchor, positive) - d(anchor, negative) + margin) over rows."""
-    return _hinge_mean(triplet_hinges(anchor, positive, negative, dist_fn, margin))
+    return hinge_mean(triplet_hinges(anchor, positive, negative, dist_fn, margin))
 
 
 def mask_loss(box: Tensor, fg: Tensor, bg: Tensor, dist_fn: DistFn, margin: float) -> Tensor:
@@ -200,7 +196,7 @@ def object_loss(anchor: Tensor, positive: Tensor, negative: Tensor, dist_fn: Dis
 
 def hier_loss(parent: Tensor, child: Tensor, d0_fn: NormFn, margin: float) -> Tensor:
     """Hierarchy term: mean max(0, d0(parent) - d0(child) + margin); parents sit nearer the origin."""
-    return _hinge_mean(hier_hinges(parent, child, d0_fn, margin))
+    return hinge_mean(hier_hinges(parent, child, d0_fn, margin))
 
 
 # ------------------------------------------------------------------------------------------- sampling
