@@ -76,8 +76,17 @@ def main_first(ranks: Ranks) -> Iterator[None]:
         barrier(ranks)
 
 
+def main_goes_on(ranks: Ranks) -> bool:
+    """Wait until every rank has saved its share; then the other ranks leave the group (without waiting for
+    rank 0's assembly, which at LVIS size may outlast a collective's timeout) and only rank 0 goes on.
+    Returns whether this rank goes on."""
+    barrier(ranks)
+    if not ranks.is_main:
+        shutdown(ranks)
+    return ranks.is_main
+
+
 def shutdown(ranks: Ranks) -> None:
-    """Leave the process group (after a last barrier, so that no rank exits while others still talk)."""
+    """Leave the process group (a local step: no rank waits for the others)."""
     if ranks.world_size > 1 and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()

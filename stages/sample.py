@@ -14,7 +14,7 @@ import typer
 from pipeline.config import as_dict
 from pipeline.data.dataset import read_manifest
 from pipeline.device import pick_device
-from pipeline.distributed import barrier, init_ranks, main_first, rank_device, shutdown
+from pipeline.distributed import init_ranks, main_first, main_goes_on, rank_device, shutdown
 from pipeline.features import build_backbone
 from pipeline.parts import IMAGES_PER_PART, ImageParts
 from pipeline.sampling import PAIR_COLUMNS, sample_columns, sample_parts
@@ -79,9 +79,7 @@ def main(
         rank=ranks.rank,
         world_size=ranks.world_size,
     )
-    barrier(ranks)
-    if not ranks.is_main:
-        shutdown(ranks)
+    if not main_goes_on(ranks):
         return
     counts = {
         "images": len(image_ids),

@@ -3,7 +3,7 @@ tests/test_e2e.py."""
 
 import pytest
 
-from pipeline.distributed import Ranks, barrier, init_ranks, main_first, rank_device, shutdown
+from pipeline.distributed import Ranks, barrier, init_ranks, main_first, main_goes_on, rank_device, shutdown
 from pipeline.errors import PipelineError
 
 
@@ -16,6 +16,7 @@ def test_without_torchrun_one_process_and_nothing_collective(monkeypatch):
     with main_first(ranks):
         order.append("body")
     barrier(ranks)
+    assert main_goes_on(ranks)
     shutdown(ranks)
     assert order == ["body"]
     assert rank_device("cuda", ranks) == "cuda"
