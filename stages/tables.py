@@ -44,6 +44,11 @@ WORLD_TEXT = {
 }
 
 
+def make_command(world: str) -> str:
+    """The make target that runs a world's rows."""
+    return "make tables" if world == "default" else f"make tables-{world}"
+
+
 def paper_claims(
     table1: tuple[Experiment, ...], table2: tuple[Experiment, ...], results: dict, seeds: tuple[int, ...]
 ) -> str:
@@ -120,14 +125,14 @@ def main(
         try:
             text = paper_claims(other1, other2, results, seed_list)
         except PipelineError as err:  # that world's rows did not run (or not from these commits)
-            text = f"- not available: {err} (run `{'make tables' if other == 'default' else f'make tables-{other}'}`)"
+            text = f"- not available: {err} (run `{make_command(other)}`)"
         others.append(f"### On {WORLD_TEXT[other]} (`{other_out}`)\n\n{text}")
     claims += "\n\n" + "\n\n".join(others) if others else ""
     stages_ran = "\n".join(
         f"- `{name}`: {', '.join(stages) or 'nothing, all restored from the run cache'} ({seconds:.0f} s)"
         for name, (stages, seconds) in ran.items()
     )
-    command = "make tables" if world == "default" else f"make tables-{world}"
+    command = make_command(world)
     if report_only:
         made = sum(seconds for _, seconds in ran.values())
         written = (
