@@ -128,6 +128,7 @@ class Cluster:
 class Evaluate:
     match_iou: float = 0.5
     max_dets: int = 300
+    backend: Literal["faster_coco_eval", "lvis"] = "faster_coco_eval"  # evaluation/lvis_eval.py BACKENDS
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,10 @@ def evaluate_detector(
     *,
     batch_size: int,
     max_dets: int,
+    backend: str = "faster_coco_eval",
 ) -> tuple[dict, list[dict]]:
-    """Run `detect` over `images` (LVIS records) and score its labelled masks with LVISEval (segm).
+    """Run `detect` over `images` (LVIS records) and score its labelled masks as LVIS mask AP (segm), with
+    `backend` ("faster_coco_eval" or "lvis": LVISEval; the same numbers, pipeline/evaluation/lvis_eval.py).
 
     Returns (metrics, detections): metrics as `run_lvis_eval` gives them, plus counts.
     """
@@ -53,6 +55,6 @@ def evaluate_detector(
     rles = proposal_rles(offsets, boxes, masks, hw, progress=False)
     image_ids = [int(r["id"]) for r in images]
     detections = build_detections(image_ids, offsets, scores, rles, categories, max_per_image=max_dets)
-    metrics = run_lvis_eval(gt, detections, max_dets=max_dets, image_ids=image_ids)
+    metrics = run_lvis_eval(gt, detections, max_dets=max_dets, image_ids=image_ids, backend=backend)
     metrics_out = {"supervised": metrics, "counts": {"images": len(images), "detections": len(detections)}}
     return metrics_out, detections

@@ -55,6 +55,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
         k,
         iou_threshold=cfg.match_iou,
         max_per_image=cfg.max_dets,
+        backend=cfg.backend,
     )
     metrics = {**result.metrics, "params": {"evaluate": as_dict(cfg)}}
     metrics["clusters"] = {key: stores["clusters"].attrs[key] for key in ("K", "k_choice", "geometry")}
@@ -91,7 +92,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
         "evaluate",
         f"{counts['proposals']} proposals on {counts['images']} images, {counts['matched_proposals']} matched; "
         f"AP majority {result.metrics['majority']['AP']:.3f}, hungarian {result.metrics['hungarian']['AP']:.3f}, "
-        f"oracle {result.metrics['oracle']['AP']:.3f}; wrote {METRICS}",
+        f"oracle {result.metrics['oracle']['AP']:.3f} (scored by {cfg.backend}); wrote {METRICS}",
         timer,
     )
 

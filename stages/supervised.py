@@ -69,6 +69,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
         label_map,
         batch_size=p.propose.batch_size,
         max_dets=p.evaluate.max_dets,
+        backend=p.evaluate.backend,
     )
     metrics["train"] = {"steps": len(history), "final_loss": history[-1]["loss"] if history else None}
     write_json(METRICS, metrics)

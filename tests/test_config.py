@@ -97,6 +97,24 @@ def test_choice_checked():
         parse_params(data)
 
 
+def test_evaluate_backend_checked():
+    from pipeline.config import Evaluate
+    from pipeline.evaluation.lvis_eval import BACKENDS
+
+    data = default()
+    assert parse_params(data).evaluate.backend == "faster_coco_eval" == BACKENDS[0]
+    assert typing.get_args(typing.get_type_hints(Evaluate)["backend"]) == BACKENDS  # the same names, same order
+    data["evaluate"]["backend"] = "lvis"
+    assert parse_params(data).evaluate.backend == "lvis"
+    data["evaluate"]["backend"] = "pycocotools"
+    with pytest.raises(
+        PipelineError,
+        match=r"^params\.yaml: evaluate\.backend: expected one of 'faster_coco_eval' \| "
+        r"'lvis', got 'pycocotools'$",
+    ):
+        parse_params(data)
+
+
 def test_missing_key_named():
     data = default()
     del data["propose"]["batch_size"]

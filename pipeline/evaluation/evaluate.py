@@ -3,7 +3,7 @@
 1. paste every proposal's mask at full resolution (compressed RLE) and match it to the ground truth once;
 2. the cluster x category count matrix, and from it the `majority` and `hungarian` cluster -> category maps;
 3. detections for `majority`, `hungarian` and `oracle` (matched proposals with their own category), each
-   scored with LVISEval (segm);
+   scored as LVIS mask AP (segm) by the chosen backend: faster-coco-eval (LVIS mode) or LVISEval;
 4. NMI / ARI / purity on matched proposals, overall and per frequency bucket.
 """
 
@@ -25,7 +25,7 @@ from pipeline.evaluation.detections import (
     cluster_detections,
     proposal_rles,
 )
-from pipeline.evaluation.lvis_eval import METRIC_KEYS, check_lvis, load_lvis, run_lvis_eval
+from pipeline.evaluation.lvis_eval import BACKENDS, METRIC_KEYS, check_lvis, load_lvis, run_lvis_eval
 from pipeline.evaluation.matching import Matches, match_proposals
 
 if TYPE_CHECKING:
@@ -57,9 +57,12 @@ def evaluate_clusters(
     *,
     iou_threshold: float = 0.5,
     max_per_image: int = 300,
+    backend: str = BACKENDS[0],
     progress: bool = True,
 ) -> ClusterEvaluation:
     """Score a clustering of proposals against an LVIS-format ground truth, restricted to `image_ids`.
+
+    `backend` scores the detections: "faster_coco_eval" or "lvis" (LVISEval), the same numbers (lvis_eval.py).
 
     metrics = {"majority": {AP...}, "hungarian": {AP...}, "oracle": {AP...},
                "clustering": {"all"|"r"|"c"|"f": {nmi, ari, purity, n}}, "counts": {...}}
@@ -114,7 +117,8 @@ def evaluate_clusters(
     )
 
     metrics: dict = {
-        row: run_lvis_eval(gt, detections[row], max_dets=max_per_image, image_ids=image_ids) for row in ROWS
+        row: run_lvis_eval(gt, detections[row], max_dets=max_per_image, image_ids=image_ids, backend=backend)
+        for row in ROWS
     }
     frequency = {int(cat["id"]): cat["frequency"] for cat in gt.dataset["categories"]}
     metrics["clustering"] = clustering_metrics(assignment, matches.category, frequency)

@@ -1,4 +1,8 @@
-"""LVIS mask AP with the `lvis` package's own LVISEval (segm), with the fixes lvis 0.5.3 needs.
+"""LVIS mask AP (segm): the `lvis` package's own LVISEval, with the fixes lvis 0.5.3 needs, or faster-coco-eval.
+
+`run_lvis_eval` scores with either backend (`BACKENDS`, params `evaluate.backend`): "faster_coco_eval", the
+default, is faster-coco-eval's C++ evaluator in LVIS mode, driven so that it gives LVISEval's numbers to the bit
+(pipeline/evaluation/faster_eval.py says how); "lvis" is LVISEval itself, pure Python (slow at LVIS size).
 
 What the integrator should know about lvis 0.5.3 (checked in its source):
 - `LVISEval.accumulate` calls `np.float`, removed in numpy 1.24; `_numpy_float_shim` restores the alias.
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
     from lvis import LVIS, LVISResults
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl")
+BACKENDS = ("faster_coco_eval", "lvis")  # params.yaml evaluate.backend; the first is the default
 
 
 def _lvis():
@@ -166,13 +171,17 @@ def run_lvis_eval(
     *,
     max_dets: int = 300,
     image_ids: Sequence[int] | None = None,
+    backend: str = BACKENDS[0],
 ) -> dict[str, float | None]:
-    """Mask AP of detections {image_id, category_id, segmentation (compressed RLE), score} with LVISEval.
+    """LVIS mask AP of detections {image_id, category_id, segmentation (compressed RLE), score}.
 
     `image_ids` restricts the evaluation to those images (default: every image of the ground truth).
+    `backend`: "faster_coco_eval" (faster-coco-eval's C++ evaluator, LVIS mode) or "lvis" (LVISEval).
     Returns METRIC_KEYS -> float, or None where LVIS has no ground truth to define it (its -1).
     Without any detection every defined metric is 0.
     """
+    if backend not in BACKENDS:
+        raise PipelineError(f"unknown evaluation backend {backend!r} (known: {', '.join(BACKENDS)})")
     lvis = _lvis()
     if not isinstance(gt, lvis.LVIS):
         gt = load_lvis(gt)
@@ -191,14 +200,19 @@ def run_lvis_eval(
             raise PipelineError(f"detection on image {det['image_id']}, which is not in the ground truth")
         dets.append({key: value for key, value in det.items() if key != "bbox"})  # areas from the mask
     dets = cap_per_image(dets, max_dets)
-    _numpy_float_shim()
-    with _quiet_lvis():
-        evaluator = _lean_lvis_eval()(gt, _results(gt, dets, max_dets), iou_type="segm")
-        if image_ids is not None:
-            evaluator.params.img_ids = image_ids
-        evaluator.params.max_dets = max_dets
-        evaluator.run()
-        results = evaluator.get_results()
+    if backend == "faster_coco_eval":
+        from pipeline.evaluation.faster_eval import faster_lvis_metrics
+
+        results = faster_lvis_metrics(gt, dets, max_dets=max_dets, image_ids=image_ids)
+    else:
+        _numpy_float_shim()
+        with _quiet_lvis():
+            evaluator = _lean_lvis_eval()(gt, _results(gt, dets, max_dets), iou_type="segm")
+            if image_ids is not None:
+                evaluator.params.img_ids = image_ids
+            evaluator.params.max_dets = max_dets
+            evaluator.run()
+            results = evaluator.get_results()
     out: dict[str, float | None] = {}
     for key in METRIC_KEYS:
         value = float(results[key])

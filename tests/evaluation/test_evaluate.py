@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation.evaluate import evaluate_clusters
-from pipeline.evaluation.lvis_eval import METRIC_KEYS
+from pipeline.evaluation.lvis_eval import BACKENDS, METRIC_KEYS
 
 
 def _run(world, assignment, k, **kwargs):
@@ -47,6 +47,16 @@ def test_merged_clusters_score_lower_but_oracle_does_not(tiny_world):
     assert m["majority"]["AP"] < 0.5 and m["hungarian"]["AP"] < 0.5
     assert m["oracle"]["AP"] == pytest.approx(1.0)
     assert m["counts"]["clusters_nonempty"] == 1 and m["clustering"]["all"]["nmi"] == pytest.approx(0.0)
+
+
+def test_backends_give_the_same_metrics(tiny_world):
+    rng = np.random.default_rng(1)
+    assignment = rng.integers(0, 3, len(tiny_world.scores))
+    metrics = {backend: _run(tiny_world, assignment, 3, backend=backend).metrics for backend in BACKENDS}
+    for row in ("majority", "hungarian", "oracle"):
+        for key in METRIC_KEYS:
+            assert metrics["faster_coco_eval"][row][key] == metrics["lvis"][row][key], (row, key)
+    assert metrics["lvis"]["counts"] == metrics["faster_coco_eval"]["counts"]
 
 
 def test_subset_of_images(tiny_world):
