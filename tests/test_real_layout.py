@@ -135,3 +135,22 @@ def test_every_stage_runs_and_evaluate_scores_lvis(pipeline: Pipeline) -> None:
         assert values["APl"] is None, (row, values)
         assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for k, v in values.items() if k != "APl"), (row, values)
     assert metrics["oracle"]["AP"] >= metrics["hungarian"]["AP"]
+
+
+def test_evaluate_scores_are_lvisevals(pipeline: Pipeline, layout: dict) -> None:
+    """eval.json, scored by the default backend (faster-coco-eval), holds exactly LVISEval's numbers for the
+    detections the stage wrote (metrics/detections_<row>.json), on the proposals' images."""
+    pipeline.upto("stages.evaluate")
+    import zarr
+
+    from pipeline.evaluation.lvis_eval import load_lvis, run_lvis_eval
+
+    metrics = json.loads((pipeline.repo / "metrics/eval.json").read_text())
+    assert metrics["params"]["evaluate"]["backend"] == "faster_coco_eval"
+    image_ids = zarr.open_group(str(pipeline.repo / "data/val/proposals.zarr"), mode="r")["image_ids"][...].tolist()
+    gt = load_lvis(layout["val_json"])
+    for row in ("majority", "hungarian", "oracle"):
+        detections = json.loads((pipeline.repo / f"metrics/detections_{row}.json").read_text())
+        max_dets = metrics["params"]["evaluate"]["max_dets"]
+        lvis = run_lvis_eval(gt, detections, max_dets=max_dets, image_ids=image_ids, backend="lvis")
+        assert {key: metrics[row][key] for key in LVIS_METRICS} == lvis, row
