@@ -132,6 +132,11 @@ class Evaluate:
 
 
 @dataclass(frozen=True)
+class Dist:
+    nproc: int = 1
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -143,6 +148,7 @@ class Params:
     loss: Loss = field(default_factory=Loss)
     cluster: Cluster = field(default_factory=Cluster)
     evaluate: Evaluate = field(default_factory=Evaluate)
+    dist: Dist = field(default_factory=Dist)
 
 
 SEED = "[0, 2147483647]"  # numpy, torch and faiss (a C int) all take it
@@ -190,6 +196,7 @@ RANGES: dict[str, str] = {
     "cluster.tol": ">= 0",
     "evaluate.match_iou": "(0, 1]",  # matched at IoU >= this: 0 would match anything (evaluation/matching.py)
     "evaluate.max_dets": ">= 1",
+    "dist.nproc": ">= 1",
 }
 
 _BOUND = re.compile(r"(>=|>) (-?[0-9.]+)")

@@ -1,14 +1,19 @@
-"""Ranks under torchrun: who this process is, and the few collective steps the stages need.
+"""Ranks under torchrun: who this process is, the few collective steps the stages need, and the launch.
 
 `torchrun --nproc_per_node N -m stages.<stage> ...` starts N processes with RANK, WORLD_SIZE and LOCAL_RANK
 in their environment; without torchrun a stage is one process (rank 0 of 1) and nothing here does anything.
 The process group uses NCCL when the ranks have GPUs and gloo on the CPU.
+
+`launch_ranks` is how `dvc repro` scales: a stage started as one process with `dist.nproc` > 1 runs itself
+again under torchrun's launcher (standalone, this machine) and waits for its ranks.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -90,3 +95,41 @@ def shutdown(ranks: Ranks) -> None:
     """Leave the process group (a local step: no rank waits for the others)."""
     if ranks.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launch_ranks(module: str, nproc: int, device: str, argv: Sequence[str] | None = None) -> bool:
+    """Run `python -m module *argv` as `nproc` ranks under torchrun's launcher when `nproc` > 1 and this
+    process is not a rank already; return whether it did (the caller then has nothing left to do).
+
+    On the CPU every rank keeps the intra-op thread count of a one-process run (torchrun would give each one
+    thread): CPU kernels sum in an order that depends on the thread count, so this is what keeps the
+    inference stores' bytes independent of `nproc`. A rank that fails makes the launch fail with one line
+    naming it; the ranks' finished work (parts, checkpoints) is kept, so the same command resumes.
+    """
+    if nproc <= 1 or "RANK" in os.environ:
+        return False
+    if str(device).startswith("cuda"):
+        if torch.cuda.device_count() < nproc:
+            raise PipelineError(
+                f"dist.nproc = {nproc} ranks asked for, but this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+    else:
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(["--standalone", "--nproc_per_node", str(nproc), "-m", module])
+    args.training_script_args = argv
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the line below says it all
+    try:
+        run(args)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        print(file=sys.stderr)  # off the line a rank's progress bar was left on
+        how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with {failure.exitcode}"
+        raise PipelineError(
+            f"{module}: rank {rank} of {nproc} {how}; the other ranks were stopped. What the ranks finished is kept: "
+            "run the same command again to resume"
+        ) from None
+    return True

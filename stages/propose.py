@@ -19,7 +19,7 @@ from pipeline.config import as_dict
 from pipeline.data.annotation_stream import load_image_records
 from pipeline.data.dataset import read_manifest
 from pipeline.device import pick_device
-from pipeline.distributed import init_ranks, main_first, main_goes_on, rank_device, shutdown
+from pipeline.distributed import init_ranks, launch_ranks, main_first, main_goes_on, rank_device, shutdown
 from pipeline.parts import IMAGES_PER_PART, ImageParts
 from pipeline.proposal_metrics import evaluate_proposals
 from pipeline.proposals import StoreProposals, proposal_columns, propose_parts
@@ -41,10 +41,12 @@ def main(
     timer = Timer()
     p = params(params_file)
     cfg = p.propose
+    device = pick_device(p.device)
+    if launch_ranks("stages.propose", p.dist.nproc, device):
+        return
     manifest = read_manifest(MANIFEST)
     gt_path = manifest.split_json(split)
     images = sorted(load_image_records(gt_path, "LVIS annotations"), key=lambda r: r["id"])  # not the annotations
-    device = pick_device(p.device)
     ranks = init_ranks(device)
     run_device = rank_device(device, ranks)
     model = load_checkpoint(

@@ -14,7 +14,7 @@ import typer
 from pipeline.config import as_dict
 from pipeline.data.dataset import read_manifest
 from pipeline.device import pick_device
-from pipeline.distributed import init_ranks, main_first, main_goes_on, rank_device, shutdown
+from pipeline.distributed import init_ranks, launch_ranks, main_first, main_goes_on, rank_device, shutdown
 from pipeline.features import build_backbone
 from pipeline.parts import IMAGES_PER_PART, ImageParts
 from pipeline.sampling import PAIR_COLUMNS, sample_columns, sample_parts
@@ -33,12 +33,14 @@ def main(
     timer = Timer()
     p = params(params_file)
     cfg = p.sample
+    device = pick_device(p.device)
+    if launch_ranks("stages.sample", p.dist.nproc, device):
+        return
     manifest = read_manifest(MANIFEST)
     source = split_dir(split) / "proposals.zarr"
     proposals = open_store(source, "proposals")
     image_ids = read_array(proposals, "image_ids")
     n = int(proposals["image_offsets"][-1])
-    device = pick_device(p.device)
     ranks = init_ranks(device)
     run_device = rank_device(device, ranks)
     backbone = build_backbone(cfg.backbone, cfg.backbone_init, seed=p.seed, proposer_checkpoint=PROPOSER_CHECKPOINT)

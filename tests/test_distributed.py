@@ -3,7 +3,16 @@ tests/test_e2e.py."""
 
 import pytest
 
-from pipeline.distributed import Ranks, barrier, init_ranks, main_first, main_goes_on, rank_device, shutdown
+from pipeline.distributed import (
+    Ranks,
+    barrier,
+    init_ranks,
+    launch_ranks,
+    main_first,
+    main_goes_on,
+    rank_device,
+    shutdown,
+)
 from pipeline.errors import PipelineError
 
 
@@ -32,3 +41,17 @@ def test_bad_environment_is_a_one_line_error(monkeypatch, env, message):
         monkeypatch.setenv(name, value)
     with pytest.raises(PipelineError, match=message):
         init_ranks("cpu")
+
+
+def test_launch_ranks_only_from_a_plain_process_asking_for_several(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert not launch_ranks("stages.propose", 1, "cpu")  # one rank: the process itself
+    monkeypatch.setenv("RANK", "0")
+    assert not launch_ranks("stages.propose", 2, "cpu")  # already a rank: never launched twice
+
+
+def test_launch_ranks_needs_a_gpu_per_rank(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    with pytest.raises(PipelineError, match="dist.nproc = 2 ranks asked for, but this machine has 1 GPU"):
+        launch_ranks("stages.propose", 2, "cuda")

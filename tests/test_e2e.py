@@ -232,23 +232,78 @@ def test_inspect_prints_and_renders(repo, first_run):
     assert (repo / "plots" / "inspect" / f"{image_id}.png").stat().st_size > 1000
 
 
+def params_with(repo: Path, name: str, **dotted) -> str:
+    """A params file `name` in `repo`: its params.yaml with `dotted` keys changed (dvc's params stay as they are)."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in dotted.items():
+        set_key(params, key.replace("__", "."), value)
+    (repo / name).write_text(yaml.safe_dump(params, sort_keys=False))
+    return name
+
+
+def rank_pid(rank: int, cwd: Path) -> int | None:
+    """The pid of torchrun's rank `rank` working in `cwd` (read from /proc), or None."""
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            ours = f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b" ".join(env)
+            if ours and os.readlink(proc / "cwd") == str(cwd):
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("stage", ["propose", "sample"])
-def test_torchrun_shards_by_parts_into_the_same_store(repo, first_run, stage):
-    """`torchrun --nproc_per_node 2` (gloo, CPU): each rank takes every other part of images, rank 0 assembles;
-    the store has the bytes of the one-process run with the same parts, and no temporary folder is left."""
+def test_dist_nproc_shards_by_parts_into_the_same_store(repo, first_run, stage):
+    """`dist.nproc: 2`: the stage runs itself as 2 torchrun ranks (gloo, CPU), each taking every other part of
+    images, rank 0 assembling; the store has the bytes of the one-process run, with no temporary folder left."""
     kind = "proposals" if stage == "propose" else "samples"
     store = repo / "data" / "train" / f"{kind}.zarr"
-    args = ["-m", f"stages.{stage}", "--split", "train", "--images-per-part", "3"]
-    one = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun gives each rank one thread: compare like with like
-    env = {**one, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([str(BIN / "python"), *args], cwd=repo, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    args = [str(BIN / "python"), "-m", f"stages.{stage}", "--split", "train", "--images-per-part", "3"]
+    run(args, repo)  # one process, the same parts
     reference = tree_bytes(store)
-    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run([*torchrun, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert done.stdout.count(f"[{stage}] train:") == 1  # one summary line: rank 0's
+    two = params_with(repo, "dist2.yaml", dist__nproc=2)
+    output = run([*args, "--params-file", two], repo)
+    assert output.count(f"[{stage}] train:") == 1  # one summary line: rank 0's
     assert tree_bytes(store) == reference
     assert sorted(p.name for p in store.parent.iterdir() if p.name.startswith(".")) == []
-    run([str(BIN / "python"), *args[:-2]], repo)  # back to the default parts: the store dvc.lock knows
+    run(args[:-2], repo)  # back to the default parts: the store dvc.lock knows
+
+
+@pytest.mark.e2e
+def test_a_dying_rank_fails_the_run_in_one_line_and_the_rerun_resumes(repo, first_run):
+    """SIGKILL rank 1 of a 2-rank `propose`: the launch stops the other rank and fails with one line naming the
+    rank; the same command then resumes from the parts both ranks had finished and ends with the same store."""
+    import signal
+    import time
+
+    store = repo / "data" / "train" / "proposals.zarr"
+    cmd = [str(BIN / "python"), "-m", "stages.propose", "--split", "train", "--images-per-part", "2"]
+    run(cmd, repo)
+    reference = tree_bytes(store)
+    cmd += ["--params-file", params_with(repo, "dist2.yaml", dist__nproc=2)]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    work = store.parent / ".proposals.zarr.parts"
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(work.glob("part-*/done"))) < 2:
+        time.sleep(0.02)
+    victim = rank_pid(1, repo)
+    assert victim is not None, "rank 1 not found"
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    errors = [line for line in re.split(r"[\r\n]", stderr) if line.startswith("error:")]
+    assert errors == [
+        "error: stages.propose: rank 1 of 2 was killed by SIGKILL; the other ranks were stopped. What the ranks "
+        "finished is kept: run the same command again to resume"
+    ], stderr[-3000:]
+    assert "Traceback" not in stderr
+    done = len(list(work.glob("part-*/done")))
+    assert 2 <= done < 12
+    output = run(cmd, repo)
+    assert "resuming:" in output and "parts already done" in output
+    assert tree_bytes(store) == reference
+    run(cmd[:-4], repo)  # back to the default parts: the store dvc.lock knows
