@@ -12,6 +12,12 @@ With a `pipeline.checkpoint.Checkpoint`, the full state (head, optimizer, schedu
 epoch, the block's shuffle and pair cycles, the generator and the global RNG, the epoch's running sums
 and the history) is saved every `checkpoint_every` steps; a rerun resumes from it and ends, on the CPU,
 with the weights and history of an uninterrupted run.
+
+Under torchrun (`ranks` of several processes) the global batch stays `batch_size`: every rank reads the same
+blocks and draws the same shuffles, pairs and negatives from the same seeded generator, embeds its share of
+each step's triplets (every `world_size`-th one) through DistributedDataParallel, and the all-reduced gradient
+is the gradient of the global batch's loss. So the learning rate and the schedule do not change with the
+number of ranks, and the head equals the one-process head up to the order of floating-point sums.
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pipeline.checkpoint import Checkpoint, rng_state, set_rng_state
 from pipeline.device import pick_device
+from pipeline.distributed import Ranks
 from pipeline.embedding import (
     EMBEDDED_VIEWS,
     TERMS,
@@ -162,6 +171,7 @@ def train_embedder(
     view: str = "box",
     init: str = "torch",
     schedule: str = "cosine",
+    ranks: Ranks | None = None,
 ) -> tuple[EmbeddingHead, list[dict[str, float]]]:
     """Train an `EmbeddingHead` with the weighted mask/object/hier triplet terms; return (head, history).
 
@@ -201,6 +211,10 @@ def train_embedder(
     CPU the result is identical to an uninterrupted run. The caller clears the checkpoint once its
     outputs are written. The head is returned in eval mode on `device`. Deterministic on the CPU for a
     fixed seed, whatever `num_workers`.
+
+    With `ranks` of several processes (torchrun), each rank trains on its share of every step's triplets (see
+    the module docstring); the history holds the global batch's values on every rank, and only rank 0 saves
+    checkpoints (every rank resumes from them).
     """
     w = _check_weights(weights)
     if view not in EMBEDDED_VIEWS:
@@ -239,8 +253,11 @@ def train_embedder(
     if not (w["mask"] > 0 or use_obj or use_hier):
         raise PipelineError(f"embedding: nothing to train: the active term(s) {', '.join(active)} have no pairs")
 
+    ranks = ranks or Ranks()
+    rank, world = ranks.rank, ranks.world_size
     head = initial_head(in_dim, hidden, dim, geometry, c, seed=seed, init=init)
     head.to(dev).train()
+    model = DistributedDataParallel(head) if world > 1 else head  # all-reduces the gradients of the shares
     generator = torch.Generator().manual_seed(seed)
     eval_index = np.arange(n_hier)
     if n_hier > max_eval_pairs:
@@ -355,14 +372,17 @@ def train_embedder(
                     if use_hier:
                         rows = torch.from_numpy(block.hier_pairs[cycles["hier"].take(len(idx))].T.copy())
                         chunks["hier"] = [(view, rows[0]), (view, rows[1])]
+                    sizes = {term: len(parts[0][1]) for term, parts in chunks.items()}  # the global batch's
+                    triplets += sum(sizes.values())
+                    if world > 1:  # this rank's share of every term's triplets
+                        chunks = {t: [(v, i[rank::world]) for v, i in parts] for t, parts in chunks.items()}
                     flat = [views[view][i] for parts in chunks.values() for view, i in parts]
-                    z = head(torch.cat(flat).to(dev).float()).split([len(t) for t in flat])
+                    z = model(torch.cat(flat).to(dev).float()).split([len(t) for t in flat])
                     emb: dict[str, tuple[Tensor, ...]] = {}
                     pos = 0
                     for term, parts in chunks.items():
                         emb[term] = z[pos : pos + len(parts)]
                         pos += len(parts)
-                        triplets += len(parts[0][1])
 
                     terms: dict[str, Tensor] = {}
                     counts: list[Tensor] = []
@@ -375,10 +395,14 @@ def train_embedder(
                             h = hier_hinges(*emb[term], head.norm_distance, margin)
                         else:  # mask: anchor box, positive fg, negative bg; object: an object pair and a negative
                             h = triplet_hinges(*emb[term], head.distance, margin)
-                        terms[term] = hinge_mean(h)
+                        terms[term] = hinge_mean(h) if world == 1 else _share_of_mean(h, sizes[term], world)
                         counts += [(h.detach() > 0).sum().to(zero.dtype), zero + h.numel()]
                     total = sum(w[t] * terms[t] for t in active)
-                    stacked = torch.stack([terms[t].detach() for t in active] + [total.detach(), *counts]).tolist()
+                    stacked = torch.stack([terms[t].detach() for t in active] + [total.detach(), *counts])
+                    if world > 1:  # the global batch's terms (each rank holds world x its share) and counts
+                        dist.all_reduce(stacked)
+                        stacked[: len(active) + 1] /= world
+                    stacked = stacked.tolist()
                     values, counted = stacked[: len(active) + 1], stacked[len(active) + 1 :]
                     for k, term in enumerate(active):
                         hinges[term][0] += int(counted[2 * k])
@@ -401,7 +425,7 @@ def train_embedder(
                     bar.update(sum(len(parts[0][1]) for parts in chunks.values()))
                     if s % 20 == 0:
                         bar.set_postfix(epoch=epoch, loss=f"{values[-1]:.4f}", refresh=False)
-                    if checkpoint is not None and step % checkpoint_every == 0:
+                    if checkpoint is not None and ranks.is_main and step % checkpoint_every == 0:
                         after = (epoch, j, s + 1) if s + 1 < n_batches else (epoch, j + 1, 0)
                         checkpoint.save(
                             {
@@ -446,6 +470,12 @@ def train_embedder(
         bar.close()
         del blocks  # stops the reader processes
     return head.eval(), history
+
+
+def _share_of_mean(hinges: Tensor, n_global: int, world_size: int) -> Tensor:
+    """This rank's part of a term's mean over the global batch, times `world_size`: DistributedDataParallel
+    averages the ranks' gradients, so the result is the gradient of the global mean whatever the shares' sizes."""
+    return torch.relu(hinges).sum() * (world_size / max(n_global, 1))
 
 
 def _view_rows(data: SampleBlocks, block: Block | None, view: str) -> Callable[[np.ndarray], Tensor]:

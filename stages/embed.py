@@ -13,9 +13,16 @@ saved epochs are logged again into a fresh dvclive run (rather than `Live(resume
 twice the epochs logged between the last checkpoint and the kill). Neither models/embedder.pt nor the dvclive
 metrics hold run times (the rate is printed in the summary line only), so the same inputs and params give
 the same bytes and the same dvc.lock.
+
+With `dist.nproc` > 1 (or under `torchrun --nproc_per_node N -m stages.embed`), the head trains with
+DistributedDataParallel: the global batch stays `embed.batch_size`, split across the ranks
+(`pipeline/embedding_train.py`), so the learning rate is unchanged; rank 0 alone logs, checkpoints and writes
+the head and the val embeddings.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import numpy as np
 import typer
@@ -24,6 +31,7 @@ from dvclive import Live
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import Params, as_dict
 from pipeline.device import pick_device
+from pipeline.distributed import Ranks, init_ranks, launch_ranks, main_goes_on, rank_device, shutdown
 from pipeline.embedding import embed_batches, geometry_margin, save_head
 from pipeline.embedding_train import train_embedder
 from pipeline.sampling import VIEWS
@@ -72,7 +80,16 @@ def write_embeddings(out, head, features, image_offsets: np.ndarray, attrs: dict
         return writer.finish(attrs, "embeddings")
 
 
-def train_head(p: Params, train, device: str, *, weights: dict | None = None, epochs: int | None = None, **kwargs):
+def train_head(
+    p: Params,
+    train,
+    device: str,
+    *,
+    weights: dict | None = None,
+    epochs: int | None = None,
+    ranks: Ranks | None = None,
+    **kwargs,
+):
     """`train_embedder` on the train samples store with the embed and loss params (`weights` and `epochs`
     override theirs, for diagnose's baselines); (head, history)."""
     cfg, loss = p.embed, p.loss
@@ -97,6 +114,7 @@ def train_head(p: Params, train, device: str, *, weights: dict | None = None, ep
         view=cfg.view,
         init=cfg.init,
         schedule=cfg.schedule,
+        ranks=ranks,
         **kwargs,
     )
 
@@ -107,10 +125,15 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
     p = params(params_file)
     cfg, loss = p.embed, p.loss
     device = pick_device(p.device)
+    if launch_ranks("stages.embed", p.dist.nproc, device):
+        return
+    ranks = init_ranks(device)
+    run_device = rank_device(device, ranks)
     train = open_samples(TRAIN)
     val = open_samples(EVAL)
     checkpoint = Checkpoint("embed", checkpoint_key(as_dict(cfg), as_dict(loss), train.attrs["fingerprint"]))
-    with Live(LIVE_DIR, save_dvc_exp=False, dvcyaml=None) as live:
+    live_run = Live(LIVE_DIR, save_dvc_exp=False, dvcyaml=None) if ranks.is_main else nullcontext()
+    with live_run as live:
 
         def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
             live.step = epoch  # also right when a resumed run logs the saved epochs again
@@ -119,10 +142,21 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
                     live.log_metric(f"train/{name}", value)
             live.next_step()
 
-        head, history = train_head(p, train, device, log=log_epoch, checkpoint=checkpoint)
+        head, history = train_head(
+            p,
+            train,
+            run_device,
+            log=log_epoch if ranks.is_main else None,
+            checkpoint=checkpoint,
+            ranks=ranks,
+            progress=ranks.is_main,
+        )
         triplets = sum(h["triplets"] for h in history)
         train_seconds = sum(h["seconds"] for h in history)
-        live.summary.update({k: v for k, v in history[-1].items() if k not in ("lr", "seconds")})
+        if ranks.is_main:
+            live.summary.update({k: v for k, v in history[-1].items() if k not in ("lr", "seconds")})
+    if not main_goes_on(ranks):
+        return
     meta = head_meta(as_dict(cfg), as_dict(loss), history)
     save_head(head, EMBEDDER_CHECKPOINT, meta)
 
@@ -141,16 +175,17 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
         "counts": {"proposals": n_val, "train_proposals": int(train["features/box"].shape[0])},
     }
     out = split_dir(EVAL) / "embeddings.zarr"
-    write_embeddings(out, head, features, read_array(val, "image_offsets"), attrs, device)
+    write_embeddings(out, head, features, read_array(val, "image_offsets"), attrs, run_device)
     checkpoint.clear()
     final = ", ".join(f"{t} {history[-1][t]:.4f}" for t in ("mask", "object", "hier") if t in history[-1])
     summary(
         "embed",
         f"{cfg.geometry} d={cfg.dim}, {cfg.view} view, {len(history)} epochs, {triplets:.0f} triplets at "
-        f"{triplets / max(train_seconds, 1e-9):.0f}/s on {device}; final {final}; "
+        f"{triplets / max(train_seconds, 1e-9):.0f}/s on {device} x {ranks.world_size} rank(s); final {final}; "
         f"{n_val} {EVAL} embeddings -> {out}",
         timer,
     )
+    shutdown(ranks)
 
 
 if __name__ == "__main__":
