@@ -8,8 +8,8 @@ Both geometries run the same loop (`_lloyd`); only the geometry differs:
    (Poincaré: Einstein midpoint or Fréchet mean; Euclidean: mean), nearest-centroid assignment; until the relative
    inertia change is ``< tol`` (and no cluster was re-seeded) or after ``max_iter`` updates.
 
-The assignment (`pipeline.kmeans_assign`) equals the float64 brute force over every centroid (faiss float32
-candidates re-ranked in float64, certified, exact fallback); the centroid updates (`pipeline.kmeans_update`) are
+The assignment (`pipeline.kmeans_assign`) equals the float64 brute force over every centroid (a float64 GEMM on the
+CPU, faiss float32 on GPUs, both certified, exact fallback); the centroid updates (`pipeline.kmeans_update`) are
 per-group float64 sums. Points ``x`` may be a numpy array or a zarr array (anything with ``shape``, ``len`` and
 row slices): every per-point pass reads blocks of rows, so the memory held across a run is the outputs (assignment
 int32 and distance float64, 12 bytes per point), the k-means++ sample and O(block) temporaries, whatever N is.
@@ -42,6 +42,8 @@ from pipeline.kmeans_assign import (  # noqa: F401  (re-exported: the assignment
     check_points,
     faiss_backend,
     read_rows,
+    search_name,
+    visible_gpus,
 )
 from pipeline.kmeans_update import _update
 
@@ -146,6 +148,7 @@ def _lloyd(
     tol: float,
     progress: bool,
     use_gpu: bool | None,
+    gpu_devices: list[int] | None,
     candidates: int,
     init_size: int | None,
     block_rows: int | None,
@@ -157,7 +160,7 @@ def _lloyd(
     level = logging.INFO if progress else logging.DEBUG
     n = x.shape[0]
     rng = np.random.default_rng(seed)
-    assign_ = _Assigner(x, geom, _Faiss(use_gpu), candidates, block_rows=block_rows)
+    assign_ = _Assigner(x, geom, _Faiss(use_gpu, gpu_devices), candidates, block_rows=block_rows)
 
     t0 = time.perf_counter()
     size = min(n, init_size or max(8 * k, 10_000))
@@ -180,11 +183,12 @@ def _lloyd(
         change = abs(inertia - new) / inertia if inertia > 0 else 0.0
         log.log(
             level,
-            "iteration %d: inertia %.6g (change %.2e), %d re-seeded, %d exact fallbacks, %.2fs",
+            "iteration %d: inertia %.6g (change %.2e), %d re-seeded, %d redone in float64, %d exact fallbacks, %.2fs",
             iterations,
             new,
             change,
             reseeded,
+            assign_.redone,
             assign_.fallback,
             time.perf_counter() - t0,
         )
@@ -206,6 +210,7 @@ def hyperbolic_kmeans(
     centroid: str = "einstein",
     progress: bool = False,
     use_gpu: bool | None = None,
+    gpu_devices: list[int] | None = None,
     candidates: int = 4,
     init_size: int | None = None,
     block_rows: int | None = None,
@@ -214,8 +219,9 @@ def hyperbolic_kmeans(
 
     ``centroid``: ``"einstein"`` (Einstein midpoint) or ``"frechet"`` (Fréchet mean). The returned
     assignment/distances are those of the returned centroids. ``use_gpu``: None = GPU faiss when available,
-    False = CPU, True = GPU or error. ``progress`` logs every iteration at INFO (else DEBUG). ``block_rows``: rows
-    per block of ``x`` (default `pipeline.kmeans_assign.rows_per_block`); the result does not depend on it.
+    False = CPU, True = GPU or error; ``gpu_devices``: the GPU ids faiss uses (default every visible one).
+    ``progress`` logs every iteration at INFO (else DEBUG). ``block_rows``: rows per block of ``x`` (default
+    `pipeline.kmeans_assign.rows_per_block`); the result does not depend on it nor on the threads or GPUs.
     """
     if centroid not in ("einstein", "frechet"):
         raise PipelineError(f"centroid must be 'einstein' or 'frechet', got {centroid!r}")
@@ -230,6 +236,7 @@ def hyperbolic_kmeans(
         tol=tol,
         progress=progress,
         use_gpu=use_gpu,
+        gpu_devices=gpu_devices,
         candidates=candidates,
         init_size=init_size,
         block_rows=block_rows,
@@ -245,6 +252,7 @@ def euclidean_kmeans(
     tol: float = 1e-6,
     progress: bool = False,
     use_gpu: bool | None = None,
+    gpu_devices: list[int] | None = None,
     candidates: int = 4,
     init_size: int | None = None,
     block_rows: int | None = None,
@@ -262,6 +270,7 @@ def euclidean_kmeans(
         tol=tol,
         progress=progress,
         use_gpu=use_gpu,
+        gpu_devices=gpu_devices,
         candidates=candidates,
         init_size=init_size,
         block_rows=block_rows,

@@ -4,41 +4,56 @@ Points ``x`` are any (N, d) array that supports ``x.shape`` and row slices ``x[i
 or a zarr array that is never read whole): every per-point computation reads one block of rows, converts it to
 float64 and keeps nothing of it after the block. Blocks are ``BLOCK_ROWS`` rows (fewer for wide
 rows, rounded down to a multiple of a zarr array's chunk length: `rows_per_block`), or the ``block_rows`` a
-caller passes. The result does not depend on the block size.
+caller passes. The result does not depend on the block size, nor on the number of threads or GPUs.
 
-Both geometries are the same maximum-inner-product search plus a float64 re-rank:
+**The rule.** Every point goes to the centroid of smallest float64 *reference value*, ties to the lowest index:
+Poincaré ball of curvature -c: ``sqrt(c)|x - m| / sqrt(D(x) D(m))`` with ``D = (1 - sqrt(c)|.|)(1 + sqrt(c)|.|)``
+(the distance is ``2/sqrt(c) asinh`` of it, the same ranking as the closed form ``arcosh(1 + 2c|x-m|^2 / (D(x)
+D(m)))``); Euclidean: ``sum (x_i - m_i)^2`` (the distance is its square root); both from direct differences.
+`assign_exact` evaluates it over every centroid (``O(N K d)``, the reference).
 
-- Poincaré ball of curvature -c: on the hyperboloid ``dist(x, m) = arcosh(-c <z(x), z(m)>_L) / sqrt(c)``, so the
-  nearest centroid has the largest Minkowski product ``-x_0 m_0 + sum x_i m_i``: queries ``(-z_0, z_{1:})``
-  scaled to unit norm (the ranking of a query does not change; float32 values stay bounded), base ``z(m)``.
-  Re-rank value: ``sqrt(c)|x - m| / sqrt(D(x) D(m))`` (distance ``2/sqrt(c) asinh`` of it).
-- Euclidean: ``|x - m|^2 = |x'|^2 - 2 (x'.m' - |m'|^2 / 2)`` with ``x' = x - mu``, ``m' = m - mu`` (``mu`` the
-  centroids' mean), so queries ``(x', s) / |(x', s)|`` and base ``(m', -|m'|^2 / (2 s))``, ``s = max |m'|``.
-  Re-rank value: the direct float64 ``sum (x_i - m_i)^2`` (distance its square root).
+**The search.** For a fixed point both rankings are that of ``t_j = a_j |x - y_j|^2`` (``a_j = 1 / D(y_j)``; 1 in
+Euclidean space), which is one matrix product: with ``p`` the centroids' mean, ``x' = (x - p, |x - p|^2, 1)`` and
+``y'_j = (-2 a_j (y_j - p), a_j, a_j |y_j - p|^2)``, ``t_j = x' . y'_j``. Two engines compute it:
 
-A faiss ``IndexFlatIP`` (float32, GPU when available) gives every point its top ``candidates`` centroids (at
-least 2); they are re-ranked with the float64 value. The result is then *certified*: a centroid outside the
-candidates has a computed product at most ``f_k`` (the k-th best), hence an exact product at most ``f_k + E``,
-``E = 2 (d + 5) 2^-24 max_j |base_j|`` the float32 error bound of a unit query (plus float64 terms). A row whose
-best candidate does not beat that bound is recomputed by the blocked float64 brute force over every centroid
-(`assign_exact`). The assignment is therefore that of the float64 value over all centroids, ties to the lowest
-centroid index; when every centroid is a candidate (``k <= candidates``) the brute force runs directly.
+- CPU (the default without a GPU): a float64 GEMM in tiles of rows on all threads (numpy, one BLAS thread per
+  worker), the smallest entry per row and the smallest of the others (``T.argmin``, then ``T.min`` with the winner
+  masked): candidate ``j1`` and ``bound``, a value every other centroid's computed ``t`` reaches.
+- GPU (faiss-gpu sees a GPU): a faiss ``IndexFlatIP`` of the ``-y'_j`` in float32, replicated on every visible
+  GPU (each searches a share of the rows), top ``candidates`` (at least 2): the candidates and, as ``bound``, the
+  last one's value. The rows the float32 certificate leaves open are redone by the float64 engine on the CPU.
 
-Limit (Poincaré): ``|z(m)| ~ 2 / (1 - sqrt(c)|m|)`` grows as centroids approach the boundary and ``E`` with it, so
-the share of rows that fall back to the exact (slow, ``O(N K d)``) path grows when centroids sit at
-``1 - sqrt(c)|m| <~ 1e-3`` (dist0 >~ 7.6) and the nearest centroids are close in distance; the count is logged
-(and reported through ``stats``). The certificate assumes IEEE float32 GEMM (faiss' default; not TF32/float16).
+**The certificate.** A computed entry is off by at most ``gamma a_j (|x - p| + |y_j - p|)^2`` (``gamma`` = the
+GEMM's ``(n + 2) u`` for ``n = d + 2`` terms, plus the rounding of ``x'`` and ``y'``, ``u`` the unit roundoff of
+the engine), and ``(r + s)^2 <= 2 (s - r)^2 + 8 r^2 <= 2|x - y|^2 + 8 r^2`` (also with ``r`` and ``s`` swapped),
+so every centroid outside the candidates has ``t_j >= (bound - 8 gamma min(a_max |x - p|^2, max_j a_j
+|y_j - p|^2)) / (1 + 2 gamma)``. The candidates are re-ranked by the reference value itself; the best one's
+direct-difference ``t`` (relative error ``<= (d + 7) u``) must stay below that bound with a margin that covers the
+reference value's own rounding, so that the reference value of every other centroid is strictly larger. A row
+that fails goes to the next engine (GPU float32 -> CPU float64) and finally to `assign_exact`'s brute force. The
+result is therefore the reference rule's assignment over all centroids, whatever the engine, and the distance is
+the winner's reference value computed as `assign_exact` computes it (bit-identical).
+
+What the certificate assumes: IEEE float32 / float64 arithmetic in the GEMM in any summation order (not TF32
+or float16: do not set NVIDIA_TF32_OVERRIDE=1 for faiss). Where it is weak: next to the boundary the float32
+error (``a_j ~ 1 / (2 gap)``) exceeds the gaps between centroids, so on a GPU the share of rows redone in float64
+grows with ``1 / gap`` (it is logged and returned in ``stats``); in float64 only true near-ties (relative gaps
+``<~ 1e-13 a_max``) reach the brute force.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
+import torch
 
 from pipeline.errors import PipelineError
 
@@ -47,6 +62,7 @@ log = logging.getLogger(__name__)
 _U32 = 2.0**-24
 _U64 = 2.0**-53
 _BLOCK = 1 << 22  # elements of a float64 temporary (32 MB)
+_TILE = 1 << 20  # elements of one worker's float64 GEMM tile (8 MB)
 BLOCK_ROWS = 65_536  # rows of points per block (at most; see rows_per_block)
 
 
@@ -140,20 +156,6 @@ def _den_gap(x: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
     return gap * (1 + r), gap
 
 
-def _lorentz(x: np.ndarray, c: float, den: np.ndarray, out: np.ndarray, sign0: float) -> np.ndarray:
-    """Write ``(sign0 * z_0, z_{1:})`` of ``x`` into ``out`` (any float dtype) blockwise; return ``|z|`` (float64)."""
-    sc = math.sqrt(c)
-    n2 = np.einsum("ij,ij->i", x, x)
-    z0 = (1 + c * n2) / (sc * den)
-    znorm = np.sqrt(z0 * z0 + 4 * n2 / (den * den))
-    step = max(1, _BLOCK // (x.shape[1] + 1))
-    for i in range(0, len(x), step):
-        s = slice(i, i + step)
-        out[s, 0] = sign0 * z0[s]
-        out[s, 1:] = x[s] * (2 / den[s])[:, None]
-    return znorm
-
-
 def _arg(diff2: np.ndarray, den_x: np.ndarray, den_m: np.ndarray, c: float) -> np.ndarray:
     """``sqrt(c)|x - m| / sqrt(D(x) D(m))``; the distance is ``2/sqrt(c) asinh(arg)`` (monotone in arg)."""
     return math.sqrt(c) * np.sqrt(diff2) / (np.sqrt(den_x) * np.sqrt(den_m))
@@ -166,15 +168,32 @@ def _sq_diff(xb: np.ndarray, cent: np.ndarray, cand: np.ndarray | None) -> np.nd
 
 
 class Side(NamedTuple):
-    """The centroids' side of one assignment: what the geometry needs, the float32 base and its largest norm."""
+    """The centroids' side of one assignment: the reference value's terms and the GEMM's base."""
 
-    data: tuple[np.ndarray, ...]
-    base: np.ndarray  # (K, d + 1) float32
-    big: float  # max_j |base_j| (float64)
+    cent: np.ndarray  # (K, d) float64
+    data: tuple[np.ndarray, ...]  # the reference value's per-centroid terms (Poincaré: D(m))
+    weight: np.ndarray  # (K,) a_j: t_j = a_j |x - y_j|^2
+    centre: np.ndarray  # (d,) p, the centroids' mean
+    base: np.ndarray  # (d + 2, K) float64: the columns y'_j (see the module doc)
+    a_max: float  # max_j a_j
+    m_s: float  # max_j a_j |y_j - p|^2
+    big: float  # max |base| (for the float32 underflow term)
+
+
+def _side(cent: np.ndarray, weight: np.ndarray, data: tuple[np.ndarray, ...]) -> Side:
+    k, d = cent.shape
+    p = cent.mean(axis=0)
+    yc = cent - p
+    s2 = np.einsum("ij,ij->i", yc, yc)
+    base = np.empty((d + 2, k))
+    base[:d] = yc.T * (-2 * weight)
+    base[d] = weight
+    base[d + 1] = weight * s2
+    return Side(cent, data, weight, p, base, float(weight.max()), float((weight * s2).max()), float(abs(base).max()))
 
 
 class Poincare:
-    """The Poincaré ball of curvature -c: the pieces of `_Assigner` and of k-means++ seeding."""
+    """The Poincaré ball of curvature -c: the reference value, the weights a_j and k-means++ seeding's terms."""
 
     def __init__(self, c: float) -> None:
         self.c = float(c)
@@ -183,44 +202,22 @@ class Poincare:
         return _den_gap(xs, self.c)[0]
 
     def rows(self, xb: np.ndarray) -> tuple[np.ndarray, ...]:
-        return _den_gap(xb, self.c)  # (den, gap)
+        return (_den_gap(xb, self.c)[0],)  # D(x)
 
     def side(self, cent: np.ndarray) -> Side:
-        den_m, gap_m = _den_gap(cent, self.c)
-        base = np.empty((len(cent), cent.shape[1] + 1), dtype=np.float64)
-        bnorm = _lorentz(cent, self.c, den_m, base, 1.0)
-        return Side((den_m, gap_m), base.astype(np.float32), float(bnorm.max()))
+        den_m = _den_gap(cent, self.c)[0]
+        return _side(cent, 1 / den_m, (den_m,))
 
-    def queries(self, xb: np.ndarray, rows: tuple[np.ndarray, ...], side: Side) -> tuple[np.ndarray, tuple]:
-        """Unit float32 queries ``(-z_0, z_{1:}) / |z|`` and ``(|z|,)`` for the certificate."""
-        q = np.empty((len(xb), xb.shape[1] + 1), dtype=np.float32)
-        qnorm = _lorentz(xb, self.c, rows[0], q, -1.0)
-        q /= qnorm.astype(np.float32)[:, None]
-        return q, (qnorm,)
-
-    def value(self, xb: np.ndarray, rows: tuple, cent: np.ndarray, side: Side, cand: np.ndarray | None) -> np.ndarray:
+    def value(self, diff2: np.ndarray, rows: tuple, side: Side, cand: np.ndarray | None) -> np.ndarray:
         den_m = side.data[0][None] if cand is None else side.data[0][cand]
-        return _arg(_sq_diff(xb, cent, cand), rows[0][:, None], den_m, self.c)
-
-    def uncertain(
-        self, best: np.ndarray, j: np.ndarray, fk: np.ndarray, aux: tuple, rows: tuple, side: Side, d: int
-    ) -> np.ndarray:
-        """Rows whose best candidate (value ``best``, centroid ``j``) is not certified against ``fk``."""
-        c, qnorm, gap, gap_m = self.c, aux[0], rows[1], side.data[1]
-        t_best = -(1 + 2 * best * best) / (c * qnorm)  # exact product of the best candidate, unit query
-        err = (
-            2 * (d + 5) * _U32 * side.big
-            + 16 * _U64 * side.big / gap_m.min()
-            + np.abs(t_best) * _U64 * (16 + 4 / gap + 4 / gap_m[j])
-        )
-        return np.flatnonzero(~(t_best > fk + err))
+        return _arg(diff2, rows[0][:, None], den_m, self.c)
 
     def distance(self, value: np.ndarray) -> np.ndarray:
         return (2 / math.sqrt(self.c)) * np.arcsinh(value)
 
 
 class Euclidean:
-    """Euclidean space: the pieces of `_Assigner` and of k-means++ seeding (squared distances)."""
+    """Euclidean space: the reference value (squared distance), unit weights and k-means++ seeding's terms."""
 
     c = None
 
@@ -231,38 +228,10 @@ class Euclidean:
         return ()
 
     def side(self, cent: np.ndarray) -> Side:
-        mu = cent.mean(axis=0)
-        mt = cent - mu
-        n2 = np.einsum("ij,ij->i", mt, mt)
-        m = float(np.sqrt(n2.max()))
-        s = m if m > 0 else 1.0
-        base = np.concatenate([mt, (-n2 / (2 * s))[:, None]], axis=1)
-        return Side((mu, np.array([m, s])), base.astype(np.float32), float(np.linalg.norm(base, axis=1).max()))
+        return _side(cent, np.ones(len(cent)), ())
 
-    def queries(self, xb: np.ndarray, rows: tuple[np.ndarray, ...], side: Side) -> tuple[np.ndarray, tuple]:
-        """Unit float32 queries ``(x', s) / |(x', s)|`` and ``(|(x', s)|, |x'|^2)`` for the certificate."""
-        mu, s = side.data[0], side.data[1][1]
-        xt = xb - mu
-        xt2 = np.einsum("ij,ij->i", xt, xt)
-        qnorm = np.sqrt(xt2 + s * s)
-        q = np.empty((len(xb), xb.shape[1] + 1), dtype=np.float32)
-        q[:, :-1] = xt / qnorm[:, None]
-        q[:, -1] = s / qnorm
-        return q, (qnorm, xt2)
-
-    def value(self, xb: np.ndarray, rows: tuple, cent: np.ndarray, side: Side, cand: np.ndarray | None) -> np.ndarray:
-        return _sq_diff(xb, cent, cand)
-
-    def uncertain(
-        self, best: np.ndarray, j: np.ndarray, fk: np.ndarray, aux: tuple, rows: tuple, side: Side, d: int
-    ) -> np.ndarray:
-        """Rows whose best candidate (squared distance ``best``) is not certified against ``fk``: an outside
-        centroid has ``|x' - m'|^2 >= |x'|^2 - 2 |q| (f_k + E)``; float64 errors are bounded by ``err``."""
-        (m, s), (qnorm, xt2) = side.data[1], aux
-        scale = np.sqrt(xt2) + m + s
-        err = 16 * (d + 4) * _U64 * scale * scale
-        bound = xt2 - 2 * qnorm * (fk + 2 * (d + 5) * _U32 * side.big)
-        return np.flatnonzero(~(best + err < bound))
+    def value(self, diff2: np.ndarray, rows: tuple, side: Side, cand: np.ndarray | None) -> np.ndarray:
+        return diff2
 
     def distance(self, value: np.ndarray) -> np.ndarray:
         return np.sqrt(value)
@@ -271,77 +240,224 @@ class Euclidean:
 Geometry = Poincare | Euclidean
 
 
-def _exact(geom: Geometry, xb: np.ndarray, rows: tuple, cent: np.ndarray, side: Side) -> tuple[np.ndarray, np.ndarray]:
-    """Blocked brute force over every centroid: ``(assignment, value)``; ties to the lowest index."""
+def _gamma(d: int, unit: float) -> float:
+    """Relative error factor of one computed entry ``x' . y'_j`` in arithmetic of unit roundoff ``unit`` (see the
+    module doc): the GEMM's ``n + 2`` for ``n = d + 2`` terms, ``2 (d + 5)`` float64 units for computing ``x'`` and
+    ``y'``, and one more rounding of each when they are cast to float32."""
+    cast = 2 * unit if unit > _U64 else 0.0
+    return 1.01 * ((d + 4) * unit + 2 * (d + 5) * _U64 + cast)
+
+
+def _augment(xb: np.ndarray, side: Side) -> tuple[np.ndarray, np.ndarray]:
+    """``x' = (x - p, |x - p|^2, 1)`` (b, d + 2) float64 and ``|x - p|^2``."""
+    b, d = xb.shape
+    xa = np.empty((b, d + 2))
+    np.subtract(xb, side.centre, out=xa[:, :d])
+    r2 = np.einsum("ij,ij->i", xa[:, :d], xa[:, :d])
+    xa[:, d] = r2
+    xa[:, d + 1] = 1.0
+    return xa, r2
+
+
+def _exact(geom: Geometry, xb: np.ndarray, rows: tuple, side: Side) -> tuple[np.ndarray, np.ndarray]:
+    """Blocked brute force of the reference value over every centroid: ``(assignment, value)``; ties to the
+    lowest index."""
+    cent = side.cent
     k, d = cent.shape
     assignment = np.empty(len(xb), dtype=np.int32)
     value = np.empty(len(xb))
     step = max(1, _BLOCK // (k * d))
     for i in range(0, len(xb), step):
         s = slice(i, i + step)
-        v = geom.value(xb[s], tuple(a[s] for a in rows), cent, side, None)
+        v = geom.value(_sq_diff(xb[s], cent, None), tuple(a[s] for a in rows), side, None)
         j = v.argmin(axis=1)
         assignment[s] = j
         value[s] = v[np.arange(len(j)), j]
     return assignment, value
 
 
+class _Checked(NamedTuple):
+    assignment: np.ndarray  # (b,) int32: the best candidate by the reference value
+    value: np.ndarray  # (b,) its reference value
+    certified: np.ndarray  # (b,) bool: no other centroid can have a reference value as small
+    ceiling: np.ndarray  # (b,) a centroid whose computed t exceeds this cannot be as small either
+
+
 def _rerank(
-    geom: Geometry, xb: np.ndarray, rows: tuple, cent: np.ndarray, side: Side, cand: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Best of the (sorted) candidates of every row by the float64 value: ``(assignment, value)``."""
-    assignment = np.empty(len(xb), dtype=np.int32)
-    value = np.empty(len(xb))
-    step = max(1, _BLOCK // (cand.shape[1] * cent.shape[1]))
-    for i in range(0, len(xb), step):
-        s = slice(i, i + step)
-        cs = cand[s]
-        v = geom.value(xb[s], tuple(a[s] for a in rows), cent, side, cs)
-        j = v.argmin(axis=1)
-        r = np.arange(len(j))
-        assignment[s] = cs[r, j]
-        value[s] = v[r, j]
-    return assignment, value
+    geom: Geometry, xb: np.ndarray, rows: tuple, side: Side, cand: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The best of the candidates ``cand`` (b, m), sorted ascending per row (repeats allowed), by the reference
+    value (ties to the lowest index): ``(assignment int32, value, |x - m|^2 of it)``."""
+    diff2 = _sq_diff(xb, side.cent, cand)
+    value = geom.value(diff2, rows, side, cand)
+    jj = value.argmin(axis=1)
+    r = np.arange(len(jj))
+    return cand[r, jj].astype(np.int32), value[r, jj], diff2[r, jj]
 
 
-# ---------------------------------------------------------------------------------------------------- faiss
+def _certify(
+    geom: Geometry,
+    xb: np.ndarray,
+    rows: tuple,
+    side: Side,
+    cand: np.ndarray,
+    bound: np.ndarray,
+    r2: np.ndarray,
+    gamma: float,
+    eta: float = 0.0,
+) -> _Checked:
+    """Re-rank the candidates ``cand`` (b, m), sorted ascending per row, by the reference value and certify the
+    best against every other centroid, whose computed ``t`` is at least ``bound`` (b,) with entries off by at most
+    ``gamma a_j (r + s_j)^2 + eta`` (the module doc)."""
+    d = xb.shape[1]
+    a, value, diff2 = _rerank(geom, xb, rows, side, cand)
+    t = diff2 * side.weight[a]  # t_a within (d + 7) u of the exact value
+    slack = 8.02 * gamma * np.minimum(side.a_max * r2, side.m_s) + eta
+    eps = 4 * (d + 16) * _U64  # t's error and the reference value's rounding on both sides
+    # a centroid j has t_j >= (computed t_j - slack) / (1 + 2 gamma): above the ceiling it cannot beat ``a``
+    ceiling = t * ((1 + eps) / (1 - eps)) * (1 + 2 * gamma) + slack
+    return _Checked(a, value, ceiling < bound, ceiling)
+
+
+def _gemm64(
+    geom: Geometry, xb: np.ndarray, rows: tuple, side: Side, buffer: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One tile of rows on the float64 engine: GEMM (into ``buffer``, (>= b, K), when given: no page faults per
+    tile), the two smallest entries per row, the certificate. A row it leaves open is decided by the reference
+    value over the centroids whose computed ``t`` is under its ceiling (the near-ties), or over every centroid when
+    those are more than a quarter. Returns ``(assignment, value, rows decided so)``."""
+    k = len(side.cent)
+    xa, r2 = _augment(xb, side)
+    tile = np.matmul(xa, side.base, out=None if buffer is None else buffer[: len(xb)])  # (b, K): every t_j
+    j1 = tile.argmin(axis=1)
+    tile[np.arange(len(j1)), j1] = np.inf
+    bound = tile.min(axis=1)
+    gamma = _gamma(xb.shape[1], _U64)
+    checked = _certify(geom, xb, rows, side, j1[:, None], bound, r2, gamma)
+    a, v = checked.assignment, checked.value
+    todo = np.flatnonzero(~checked.certified)
+    if not todo.size:
+        return a, v, 0
+    inside = tile[todo] <= checked.ceiling[todo, None]
+    inside[np.arange(todo.size), j1[todo]] = True
+    counts = inside.sum(axis=1)
+    xt, rt = xb[todo], tuple(q[todo] for q in rows)
+    if counts.max() > max(4, k // 4):
+        a[todo], v[todo] = _exact(geom, xt, rt, side)
+        return a, v, int(todo.size)
+    row, col = np.nonzero(inside)  # row by row, ascending centroid index
+    starts = np.cumsum(counts) - counts
+    cand = np.repeat(col[starts][:, None], counts.max(), axis=1)  # padded with each row's first candidate
+    cand[row, np.arange(len(col)) - starts[row]] = col
+    a[todo], v[todo], _ = _rerank(geom, xt, rt, side, cand)
+    return a, v, int(todo.size)
+
+
+# ---------------------------------------------------------------------------------------------------- engines
+
+
+def visible_gpus() -> int:
+    """How many GPUs faiss sees (0 with faiss-cpu)."""
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
 def faiss_backend() -> str:
-    """Which faiss runs here: "gpu" when faiss sees a GPU (faiss-gpu with CUDA), else "cpu"; with its version."""
-    n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    return f"faiss {faiss.__version__} on {'gpu' if n_gpus > 0 else 'cpu'}"
+    """Which faiss this process has: "faiss <version> on gpu" when faiss sees a GPU (faiss-gpu with CUDA), else
+    "... on cpu". (On the CPU the assignment's search is the float64 GEMM, not faiss: see `_Faiss.name`.)"""
+    return f"faiss {faiss.__version__} on {'gpu' if visible_gpus() > 0 else 'cpu'}"
+
+
+def threads() -> int:
+    """Worker threads of the float64 engine: torch's intra-op thread count (OMP_NUM_THREADS under torchrun)."""
+    return max(1, torch.get_num_threads())
+
+
+_CONTROLLER = None
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """BLAS on one thread inside the block (the workers are the parallelism), restored after."""
+    global _CONTROLLER
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        yield
+        return
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    with _CONTROLLER.limit(limits=1, user_api="blas"):
+        yield
+
+
+_RESOURCES: dict[int, Any] = {}  # one faiss StandardGpuResources per GPU id, kept for the process
+_LOGGED: set[str] = set()
+
+
+def _gpu_devices(use_gpu: bool | None, devices: Sequence[int] | None) -> list[int]:
+    """The GPU ids the search uses: none when ``use_gpu`` is False or faiss sees no GPU, else ``devices`` (default
+    every visible one); PipelineError when ``use_gpu`` is True and there is none."""
+    n_gpus = visible_gpus()
+    if use_gpu and n_gpus == 0:
+        raise PipelineError("use_gpu=True but faiss sees no GPU (is faiss-gpu installed? see `make setup-gpu`)")
+    if n_gpus == 0 or use_gpu is False:
+        return []
+    chosen = [int(g) for g in (range(n_gpus) if devices is None else devices)]
+    bad = [g for g in chosen if not 0 <= g < n_gpus]
+    if not chosen or bad:
+        raise PipelineError(f"GPU devices {list(chosen)} are not among the {n_gpus} GPUs faiss sees")
+    return chosen
+
+
+def search_name(use_gpu: bool | None = None, devices: Sequence[int] | None = None) -> str:
+    """What `assign` runs with these arguments, in words: faiss on which GPUs, or the CPU's float64 GEMM."""
+    gpus = _gpu_devices(use_gpu, devices)
+    if gpus:
+        return f"faiss {faiss.__version__} float32 on GPU {gpus} + float64 certificate"
+    return f"float64 GEMM on cpu, {threads()} threads (faiss {faiss.__version__} sees no GPU or use_gpu=False)"
 
 
 class _Faiss:
-    """Builds flat inner-product indexes on the CPU or one GPU; says which at creation."""
+    """The search engine of an assignment: faiss float32 on GPUs (``use_gpu`` None and a GPU, or True; the ids
+    ``devices``, default every visible GPU), else the float64 GEMM on the CPU. ``force_faiss_cpu`` runs the faiss
+    float32 path on the CPU (tests of its certificate). ``name`` says which (logged at INFO once per process)."""
 
-    def __init__(self, use_gpu: bool | None) -> None:
-        n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-        if use_gpu and n_gpus == 0:
-            raise PipelineError("use_gpu=True but faiss sees no GPU (is faiss-gpu installed?)")
-        self.gpu = n_gpus > 0 and use_gpu is not False
-        self.res = faiss.StandardGpuResources() if self.gpu else None
-        self.name = "gpu" if self.gpu else "cpu"
-        log.info("faiss %s on %s", faiss.__version__, self.name)
-
-    def index(self, base: np.ndarray) -> Any:
-        """A flat inner-product index holding ``base`` (float32), searched with ``.search(queries, k)``."""
-        index = faiss.IndexFlatIP(base.shape[1])
+    def __init__(
+        self, use_gpu: bool | None, devices: Sequence[int] | None = None, *, force_faiss_cpu: bool = False
+    ) -> None:
+        self.devices = _gpu_devices(use_gpu, devices)
+        self.gpu = bool(self.devices)
+        self.faiss = self.gpu or force_faiss_cpu
+        self.threads = threads()
         if self.gpu:
-            index = faiss.index_cpu_to_gpu(self.res, 0, index)
-        index.add(np.ascontiguousarray(base, dtype=np.float32))
-        return index
+            for g in self.devices:
+                if g not in _RESOURCES:
+                    _RESOURCES[g] = faiss.StandardGpuResources()
+        self.name = f"faiss {faiss.__version__} float32 on cpu" if force_faiss_cpu else search_name(use_gpu, devices)
+        log.log(logging.DEBUG if self.name in _LOGGED else logging.INFO, "nearest-centroid search: %s", self.name)
+        _LOGGED.add(self.name)
 
-    def search(self, queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.index(base).search(queries, k)
+    def index(self, base32: np.ndarray) -> Any:
+        """A flat inner-product index holding ``base32`` (K, n) float32, replicated on every GPU of ``devices``
+        (each searches a share of the queries), searched with ``.search(queries, k)``."""
+        index = faiss.IndexFlatIP(base32.shape[1])
+        index.add(np.ascontiguousarray(base32, dtype=np.float32))
+        if self.gpu:
+            if len(self.devices) == 1:
+                return faiss.index_cpu_to_gpu(_RESOURCES[self.devices[0]], self.devices[0], index)
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard = False  # replicas: the K centroids are small, the N queries are split across GPUs
+            resources = [_RESOURCES[g] for g in self.devices]
+            return faiss.index_cpu_to_gpu_multiple_py(resources, index, options, self.devices)
+        return index
 
 
 class _Assigner:
     """Nearest centroid of every row of ``x``, block by block (nothing per point is kept between calls).
 
-    ``geometry``: a `Poincare` / `Euclidean`, or a curvature c (the Poincaré ball). ``fallback``: the rows the
-    last call recomputed exactly.
+    ``geometry``: a `Poincare` / `Euclidean`, or a curvature c (the Poincaré ball). After a call: ``fallback``
+    the rows the brute force recomputed, ``redone`` the rows the faiss float32 certificate left to the float64
+    engine (0 on the CPU engine).
     """
 
     def __init__(
@@ -350,40 +466,78 @@ class _Assigner:
         self.geom = geometry if isinstance(geometry, Poincare | Euclidean) else Poincare(float(geometry))
         self.x, self.engine, self.candidates = x, engine, candidates
         self.rows = rows_per_block(x, block_rows)
-        self.fallback = 0
+        self.fallback = self.redone = 0
+
+    def _float64(self, pool: ThreadPoolExecutor | None, xb: np.ndarray, rows: tuple, side: Side) -> tuple:
+        """The float64 engine over the rows of ``xb`` in tiles (on the pool's workers when given)."""
+        k = len(side.cent)
+        step = max(16, _TILE // k)
+        tiles = [slice(i, min(len(xb), i + step)) for i in range(0, len(xb), step)]
+        local = threading.local()  # one tile buffer per worker thread
+
+        def run(s: slice) -> tuple:
+            if getattr(local, "buffer", None) is None:
+                local.buffer = np.empty((min(step, len(xb)), k))
+            return _gemm64(self.geom, xb[s], tuple(q[s] for q in rows), side, local.buffer)
+
+        done = list(pool.map(run, tiles)) if pool is not None and len(tiles) > 1 else [run(s) for s in tiles]
+        if not done:
+            return np.empty(0, dtype=np.int32), np.empty(0), 0
+        return (
+            np.concatenate([a for a, _, _ in done]),
+            np.concatenate([v for _, v, _ in done]),
+            sum(f for _, _, f in done),
+        )
+
+    def _float32(self, index: Any, kk: int, xb: np.ndarray, rows: tuple, side: Side, pool) -> tuple:
+        """The faiss float32 engine on the rows of ``xb``; the rows it cannot certify go to the float64 engine."""
+        xa, r2 = _augment(xb, side)
+        dist, cand = index.search(xa.astype(np.float32), kk)  # inner products with -y': -t, largest first
+        bound = -dist[:, kk - 1].astype(np.float64)
+        cand = np.sort(cand, axis=1)  # ties go to the lowest index, as in the brute force
+        n = xa.shape[1]
+        eta = 2.0**-140 * n * (1 + float(np.abs(xa).max(initial=0.0)) + side.big) ** 2  # float32 underflow
+        checked = _certify(self.geom, xb, rows, side, cand, bound, r2, _gamma(xb.shape[1], _U32), eta)
+        a, v = checked.assignment, checked.value
+        todo = np.flatnonzero(~checked.certified)
+        fallback = 0
+        if todo.size:
+            a[todo], v[todo], fallback = self._float64(pool, xb[todo], tuple(q[todo] for q in rows), side)
+        return a, v, int(todo.size), fallback
 
     def __call__(
         self, cent: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(assignment int32 (N,), distance float64 (N,))`` to the centroids ``cent``, written into ``out``
         when given."""
-        geom, x = self.geom, self.x
-        k, d = cent.shape
+        geom, x, engine = self.geom, self.x, self.engine
+        k = len(cent)
         n = x.shape[0]
         assignment, distance = out if out is not None else (np.empty(n, dtype=np.int32), np.empty(n))
-        side = geom.side(cent)
+        side = geom.side(np.ascontiguousarray(cent, dtype=np.float64))
         kk = min(max(self.candidates, 2), k)  # one candidate would leave the certificate nothing to compare with
-        index = self.engine.index(side.base) if kk < k else None
-        fallback = 0
-        for s in blocks(n, self.rows):
-            xb = read_block(x, s)
-            rows = geom.rows(xb)
-            if index is None:  # every centroid is a candidate
-                a, v = _exact(geom, xb, rows, cent, side)
-            else:
-                q, aux = geom.queries(xb, rows, side)
-                f, cand = index.search(q, kk)
-                cand = np.sort(cand, axis=1)  # ties go to the lowest index, as in the brute force
-                a, v = _rerank(geom, xb, rows, cent, side, cand)
-                todo = geom.uncertain(v, a, f[:, kk - 1].astype(np.float64), aux, rows, side, d)
-                if todo.size:
-                    fallback += todo.size
-                    a[todo], v[todo] = _exact(geom, xb[todo], tuple(r[todo] for r in rows), cent, side)
-            assignment[s] = a
-            distance[s] = geom.distance(v)
-        self.fallback = fallback
-        if fallback:
-            log.debug("exact fallback for %d of %d points", fallback, n)
+        index = engine.index((-side.base.T).astype(np.float32)) if engine.faiss and kk < k else None
+        fallback = redone = 0
+        workers = engine.threads
+        pool_context = ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()
+        with _one_blas_thread(), pool_context as pool:
+            for s in blocks(n, self.rows):
+                xb = read_block(x, s)
+                rows = geom.rows(xb)
+                if k == 1:
+                    a, v = _exact(geom, xb, rows, side)
+                elif index is not None:
+                    a, v, r, f = self._float32(index, kk, xb, rows, side, pool)
+                    redone += r
+                    fallback += f
+                else:
+                    a, v, f = self._float64(pool, xb, rows, side)
+                    fallback += f
+                assignment[s] = a
+                distance[s] = geom.distance(v)
+        self.fallback, self.redone = fallback, redone
+        if fallback or redone:
+            log.debug("%d of %d points redone in float64, %d by the brute force", redone, n, fallback)
         return assignment, distance
 
 
@@ -405,12 +559,14 @@ def assign(
     use_gpu: bool | None = None,
     stats: dict[str, Any] | None = None,
     block_rows: int | None = None,
+    engine: _Faiss | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of every point through faiss (float32 candidates, float64 re-rank, certified, exact
-    fallback; see the module doc): ``(assignment int32 (N,), distance float64 (N,))``, equal to `assign_exact`.
-    ``geometry`` "poincare" (curvature -c) or "euclidean" (``c`` unused); ``x`` as in the module doc.
+    """Nearest centroid of every point (the search, the certificate and the fallbacks of the module doc):
+    ``(assignment int32 (N,), distance float64 (N,))``, equal to `assign_exact`. ``geometry`` "poincare"
+    (curvature -c) or "euclidean" (``c`` unused); ``x`` as in the module doc; ``candidates``: the faiss top-k.
 
-    ``stats``, when given, receives ``{"fallback": rows recomputed exactly, "faiss": "cpu" | "gpu"}``.
+    ``stats``, when given, receives ``{"fallback": rows of the brute force, "redone": rows the float32 certificate
+    sent to float64, "search": the engine's name, "gpu": whether faiss ran on a GPU}``.
     """
     geom = _geometry(geometry, c)
     x = check_points(x, geom.c, block_rows)
@@ -419,11 +575,11 @@ def assign(
         raise PipelineError(f"points have dimension {x.shape[1]} but centroids {centroids.shape[1]}")
     if len(centroids) == 0:
         raise PipelineError("no centroids")
-    engine = _Faiss(use_gpu)
+    engine = engine if engine is not None else _Faiss(use_gpu)
     assigner = _Assigner(x, geom, engine, candidates, block_rows=block_rows)
     out = assigner(centroids)
     if stats is not None:
-        stats.update(fallback=assigner.fallback, faiss=engine.name)
+        stats.update(fallback=assigner.fallback, redone=assigner.redone, search=engine.name, gpu=engine.gpu)
     return out
 
 
@@ -431,7 +587,7 @@ def assign_exact(
     x: Any, centroids: Any, c: float = 1.0, *, geometry: str = "poincare", block_rows: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by brute force in float64 (direct differences, blocked): ``(assignment int32 (N,),
-    distance float64 (N,))``. Exact reference; ``O(N K d)``. Ties: lowest index."""
+    distance float64 (N,))``. The reference rule of the module doc; ``O(N K d)``. Ties: lowest index."""
     geom = _geometry(geometry, c)
     x = check_points(x, geom.c, block_rows)
     centroids = np.ascontiguousarray(check_points(centroids, geom.c), dtype=np.float64)
@@ -439,6 +595,6 @@ def assign_exact(
     assignment, distance = np.empty(x.shape[0], dtype=np.int32), np.empty(x.shape[0])
     for s in blocks(x.shape[0], rows_per_block(x, block_rows)):
         xb = read_block(x, s)
-        assignment[s], v = _exact(geom, xb, geom.rows(xb), centroids, side)
+        assignment[s], v = _exact(geom, xb, geom.rows(xb), side)
         distance[s] = geom.distance(v)
     return assignment, distance

@@ -1,6 +1,7 @@
-"""k-means (pipeline.kmeans): recovery of separated clusters (also next to the boundary), the faiss assignment
-against a float64 brute force, determinism, empty clusters, Euclidean k-means, errors, choosing k. Streaming and
-the shared Lloyd loop: tests/test_kmeans_streaming.py."""
+"""k-means (pipeline.kmeans): recovery of separated clusters (also next to the boundary), the certified
+assignment (float64 GEMM, faiss float32) against a float64 brute force, determinism, empty clusters, Euclidean
+k-means, errors, choosing k. Streaming and the shared Lloyd loop: tests/test_kmeans_streaming.py; property tests
+of the assignment and its engines: tests/test_kmeans_assign.py."""
 
 from __future__ import annotations
 
@@ -173,17 +174,18 @@ def test_assign_equals_float64_brute_force(d, c, centroid_kind):
     np.testing.assert_allclose(dist, ref_d, rtol=1e-9, atol=1e-12)
     # torch's and numpy's norms differ by an ulp, i.e. ~1e-6 of a 1e-10 gap to the boundary
     np.testing.assert_allclose(dist, hyp.dist(x, cent[a], c), rtol=1e-7, atol=1e-12)
-    assert stats["faiss"] == "cpu" and 0 <= stats["fallback"] <= len(x)
+    assert not stats["gpu"] and stats["search"].startswith("float64 GEMM on cpu")
+    assert 0 <= stats["fallback"] <= len(x) and stats["redone"] == 0
     if centroid_kind == "inside":
-        # certified by the float32 search alone for most rows: the faiss path, not the fallback, is exercised
+        # certified by the GEMM alone for most rows: the search, not the brute force, is exercised
         assert stats["fallback"] < len(x) // 10
 
 
 @pytest.mark.parametrize("d", [2, 16, 64])
 @pytest.mark.parametrize("candidates", [1, 2, 4, 8])
 def test_assign_resolves_near_ties_float32_cannot_rank(d, candidates):
-    """30 centroids within ~1e-9 of each other (float32 cannot order them) plus 30 spread ones: the certificate
-    must send the affected rows to the exact path."""
+    """30 centroids within ~1e-9 of each other (float32 cannot order them) plus 30 spread ones: the faiss float32
+    certificate must send the affected rows to float64 (which orders them), and the default engine agrees."""
     rng = np.random.default_rng(d + candidates)
     base = unit_rows(rng, 1, d) * 0.5
     cent = np.concatenate(
@@ -193,11 +195,12 @@ def test_assign_resolves_near_ties_float32_cannot_rank(d, candidates):
         [unit_rows(rng, 1500, d) * rng.uniform(0, 0.95, (1500, 1)), base + rng.normal(size=(500, d)) * 0.05]
     )
     stats: dict = {}
-    a, dist = assign(x, cent, 1.0, candidates=candidates, use_gpu=False, stats=stats)
+    a, dist = assign(x, cent, 1.0, candidates=candidates, stats=stats, engine=km._Faiss(False, force_faiss_cpu=True))
     ref_a, _ = brute_force(x, cent, 1.0)
     np.testing.assert_array_equal(a, ref_a)
     np.testing.assert_array_equal(a, assign_exact(x, cent, 1.0)[0])
-    assert stats["fallback"] > 0
+    assert stats["redone"] > 0 and stats["search"].endswith("float32 on cpu")
+    np.testing.assert_array_equal(assign(x, cent, 1.0, use_gpu=False)[0], ref_a)
 
 
 def test_assign_with_one_candidate_still_uses_the_faiss_path():
@@ -205,9 +208,9 @@ def test_assign_with_one_candidate_still_uses_the_faiss_path():
     x = unit_rows(rng, 2000, 16) * rng.uniform(0, 0.9, (2000, 1))
     cent = unit_rows(rng, 64, 16) * rng.uniform(0, 0.9, (64, 1))
     stats: dict = {}
-    a, _ = assign(x, cent, candidates=1, use_gpu=False, stats=stats)
+    a, _ = assign(x, cent, candidates=1, stats=stats, engine=km._Faiss(False, force_faiss_cpu=True))
     np.testing.assert_array_equal(a, brute_force(x, cent, 1.0)[0])
-    assert stats["fallback"] < len(x) // 10  # at least two candidates are searched, so the certificate works
+    assert stats["redone"] < len(x) // 10  # at least two candidates are searched, so the certificate works
 
 
 def test_assigner_reused_across_centroid_sets():
