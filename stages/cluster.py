@@ -5,18 +5,28 @@ data/val/clusters.zarr and the elbow curve (plots/cluster/elbow.csv for `dvc plo
 marked). With cluster.k = auto, k-means runs for every k of cluster.k_range (only the inertias are kept) and once
 more at the elbow (the same seed: the sweep's run again); with a fixed k only that k runs, and the curve is its
 single point (elbow_k null).
+
+Under `torchrun --nproc_per_node N -m stages.cluster` (or `dist.nproc: N`), the sweep's k values are dealt to
+the ranks (rank r runs every N-th k), the inertias are gathered over gloo, and rank 0 alone picks the elbow, runs
+the final clustering and writes the store and plots: the same bytes as one process (k-means does not depend on
+the thread count). The nearest-centroid search runs on faiss-gpu over every visible GPU in one process, on the
+rank's own GPU (LOCAL_RANK) under torchrun, and on the CPU's float64 GEMM without a GPU; the summary line says
+which.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 import typer
 
 from pipeline.config import as_dict
-from pipeline.kmeans import faiss_backend, inertia_curve, k_sweep, kmeans, knee
+from pipeline.distributed import Ranks, init_ranks, launch_ranks, main_goes_on, shutdown
+from pipeline.kmeans import faiss_backend, inertia_curve, k_sweep, kmeans, knee, search_name, visible_gpus
 from pipeline.plots import elbow_plot
 from pipeline.store import atomic_path, open_store, store_array, write_store
 from stages.common import Timer, clean_errors, params, split_dir, summary
@@ -25,11 +35,38 @@ SPLIT = "val"
 ELBOW_CSV = Path("plots/cluster/elbow.csv")
 ELBOW_PNG = Path("plots/cluster/elbow.png")
 
+log = logging.getLogger(__name__)
+
+
+def rank_gpus(ranks: Ranks) -> list[int] | None:
+    """The GPUs this rank's faiss searches: every visible one for one process (None), its own under torchrun."""
+    n_gpus = visible_gpus()
+    if ranks.world_size == 1 or n_gpus == 0:
+        return None
+    return [ranks.local_rank % n_gpus]
+
+
+def sweep(x, ks: list[int], ranks: Ranks, **options) -> list[tuple[int, float]]:
+    """``[(k, inertia)]`` for every k of ``ks``, in that order: this rank runs every world_size-th k, the ranks'
+    shares are gathered (all_gather_object over the process group) when there are several."""
+    if ranks.world_size == 1:
+        return inertia_curve(x, ks, **options)
+    share = ks[ranks.rank :: ranks.world_size]
+    log.info("rank %d of %d sweeps k = %s", ranks.rank, ranks.world_size, share)
+    mine = inertia_curve(x, share, **options)
+    shares: list = [None] * ranks.world_size
+    dist.all_gather_object(shares, mine)
+    found = dict(pair for share in shares for pair in share)
+    return [(k, found[k]) for k in ks]
+
 
 @clean_errors
 def main(params_file: str = typer.Option("params.yaml", help="params file")) -> None:
     timer = Timer()
     p = params(params_file)
+    if launch_ranks("stages.cluster", p.dist.nproc, "cpu", ["--params-file", params_file]):
+        return
+    ranks = init_ranks("cpu")  # gloo: the ranks exchange only the sweep's inertias
     cfg = p.cluster
     source = split_dir(SPLIT) / "embeddings.zarr"
     store = open_store(source, "embeddings")
@@ -38,16 +75,21 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
     geometry, c = store.attrs["geometry"], float(store.attrs["curvature"])
     options = {"geometry": geometry, "c": c, "seed": cfg.seed, "max_iter": cfg.max_iter, "tol": cfg.tol}
     options["centroid"] = cfg.centroid
+    options["gpu_devices"] = rank_gpus(ranks)
     if cfg.k == "auto":
-        curve = inertia_curve(x, k_sweep(cfg.k_range, n), **options)
+        curve = sweep(x, k_sweep(cfg.k_range, n), ranks, **options)
         elbow = k = knee([k for k, _ in curve], [inertia for _, inertia in curve])
-        result = kmeans(x, k, **options)  # deterministic: the sweep's run at k, whose arrays were not kept
-        swept = f"elbow of {len(curve)} k at {elbow}"
+        swept = f"elbow of {len(curve)} k at {elbow}" + (
+            f" over {ranks.world_size} ranks" if ranks.world_size > 1 else ""
+        )
     else:
         k, elbow = int(cfg.k), None
-        result = kmeans(x, k, **options)
-        curve = [(k, result.inertia)]
         swept = "no sweep"
+    if not main_goes_on(ranks):
+        return
+    result = kmeans(x, k, **options)  # with auto: the sweep's run at k (deterministic), whose arrays were not kept
+    if cfg.k != "auto":
+        curve = [(k, result.inertia)]
     with atomic_path(ELBOW_CSV) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["k", "inertia"])
@@ -81,9 +123,11 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
     summary(
         "cluster",
         f"{geometry} k-means, k={k} ({attrs['k_choice']}; {swept}) on {n} points, "
-        f"{result.iterations} iterations, inertia {result.inertia:.4g}, {attrs['faiss']}; wrote {out}",
+        f"{result.iterations} iterations, inertia {result.inertia:.4g}, search: "
+        f"{search_name(None, options['gpu_devices'])}; wrote {out}",
         timer,
     )
+    shutdown(ranks)
 
 
 if __name__ == "__main__":
