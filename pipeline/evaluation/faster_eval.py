@@ -30,12 +30,14 @@ LVISEval (checked in faster-coco-eval 1.8.0's source, and by tests/evaluation/te
   not the second are set to LVIS's value. The precision array, and so every metric, is then LVISEval's to the
   bit (without this, one of the 27 default-run numbers differed, by 6e-17).
 - Memory: faster-coco-eval's `evaluate` lists every (image, category) pair of the evaluation in Python
-  (a tuple and a dict entry each) and its C++ keeps one `ImageEvaluation` (six vectors, ~176 bytes) per
-  (image, category, area range): 24 M pairs and 95 M results, ~20 GB, on LVIS v1 val (19,809 images x
-  1,203 categories). A category's precision depends only on the pairs of images where it has ground truth
-  or detections (every other pair holds nothing), so the evaluator runs on groups of categories, each on the
-  images where they have any, at most `cells` (image, category) pairs per group; the per-category precision
-  is gathered into one array and summarised as LVISEval summarises it (`_summarize`).
+  (a tuple, a dict entry and an empty list each) and its C++ keeps one `ImageEvaluation` (six vectors, ~176
+  bytes) per (image, category, area range): 24 M pairs and 95 M results on LVIS v1 val (19,809 images x
+  1,203 categories), ~1.15 GB per 1,000 images measured (`benchmarks/bench_eval.py --backends stock`), ~23 GB
+  projected. A category's precision depends only on the pairs of images where it has ground truth or
+  detections (every other pair holds nothing), so the evaluator runs on groups of categories, each on the
+  images where they have any, at most `cells` (image, category) pairs per group (most groups are one
+  category); the per-category precision is gathered into one array and summarised here. At LVIS v1 val size
+  that is 0.8 GB over the loaded data (LVISEval: 2.7 GB) and 3.5x less time (README, "Benchmarks").
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from pipeline.errors import PipelineError
 if TYPE_CHECKING:
     from lvis import LVIS
 
-CELLS = 1 << 18  # (image, category) pairs per evaluator call: ~200 MB of faster-coco-eval's C++ results at most
+CELLS = 1 << 10  # (image, category) pairs per evaluator call (more: more empty pairs evaluated, no faster)
 AREA_RANGES = {"small": [0**2, 32**2], "medium": [32**2, 96**2], "large": [96**2, 1e5**2]}  # LVISEval's
 FREQUENCIES = ("r", "c", "f")
 ONE_AFTER_ONE = 1.0 / (1.0 + np.spacing(1))  # LVISEval's precision tp / (tp + fp + eps) at tp = 1, fp = 0
@@ -172,11 +174,17 @@ def faster_lvis_metrics(
     precision = -np.ones((len(iou_thrs), len(rec_thrs), len(categories), len(area_rng)))
     for cats, images in _groups(cells_of, cells):
         records = [gt.imgs[i] for i in images]
-        data = {"images": records, "categories": categories}
+        data = {"images": records, "categories": [categories[column[c]] for c in cats]}
         coco_gt = COCO({**data, "annotations": [a for c in cats for a in gt_by_cat[c]]}, print_function=_silent)
         coco_dt = COCO({**data, "annotations": [d for c in cats for d in dt_by_cat[c]]}, print_function=_silent)
         evaluator = COCOeval_faster(
-            coco_gt, coco_dt, iouType="segm", ranges=AREA_RANGES, lvis_style=True, print_function=_silent
+            coco_gt,
+            coco_dt,
+            iouType="segm",
+            ranges=AREA_RANGES,
+            lvis_style=True,
+            print_function=_silent,
+            rle_iou_max_workers=1,  # one thread: a group's IoUs take microseconds, a thread pool's hand-offs more
         )
         n_gt = np.array([[sum(lo <= a["area"] <= hi for a in gt_by_cat[c]) for lo, hi in area_rng] for c in cats])
         second = sorted({int(n) for n in n_gt.flat if n >= 2})  # 1.5 / n: the recall of a second true positive

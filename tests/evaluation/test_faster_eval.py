@@ -174,3 +174,19 @@ def test_groups_keep_to_the_cell_budget():
             assert images == sorted(set().union(*(cells_of[c] for c in cats)))
             assert len(cats) == 1 or len(images) * len(cats) <= budget
     assert len(_groups(cells_of, 10**9)) == 1 and len(_groups(cells_of, 1)) == len(cells_of)
+
+
+def test_thresholds_and_area_ranges_are_lvisevals():
+    import importlib
+
+    from faster_coco_eval import COCOeval_faster
+
+    from pipeline.evaluation import lvis_eval
+    from pipeline.evaluation.faster_eval import AREA_RANGES
+
+    lvis_eval._lvis()  # imports lvis with the root logger kept as it is
+    ours = COCOeval_faster(iouType="segm", ranges=AREA_RANGES, lvis_style=True).params
+    theirs = importlib.import_module("lvis.eval").Params(iou_type="segm")
+    assert np.array_equal(ours.iouThrs, theirs.iou_thrs) and np.array_equal(ours.recThrs, theirs.rec_thrs)
+    assert ours.areaRng == theirs.area_rng and ours.areaRngLbl == theirs.area_rng_lbl
+    assert ours.imgCountLbl == theirs.img_count_lbl == ["r", "c", "f"]
