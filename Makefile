@@ -5,17 +5,33 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Which faiss build the environment holds: cpu (faiss-cpu, the default) or gpu (faiss-gpu-cu12, `make setup-gpu`).
+# Both install the same `faiss` module, so switching removes the other first; the choice is kept in .venv/.faiss.
+FAISS ?= $(shell cat $(VENV)/.faiss 2>/dev/null || echo cpu)
 
-.PHONY: setup repro test lint format bench tables tables-deep sweep clean
+.PHONY: setup setup-gpu setup-cpu repro test lint format bench tables tables-deep sweep clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
+	@case "$(FAISS)" in cpu|gpu) ;; *) echo "error: FAISS must be cpu or gpu, got '$(FAISS)'"; exit 1;; esac
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	if [ "$$(cat $(VENV)/.faiss 2>/dev/null || echo cpu)" != "$(FAISS)" ]; then $(BIN)/python -m pip uninstall --quiet -y faiss-cpu faiss-gpu-cu12; fi
+	$(BIN)/python -m pip install --quiet -e ".[dev,$(FAISS)]"
+	echo $(FAISS) > $(VENV)/.faiss
 	touch $(STAMP)
+
+# faiss-gpu (CUDA 12) instead of faiss-cpu: cluster's search then runs on every visible GPU; setup-cpu goes back
+setup-gpu:
+	rm -f $(STAMP)
+	$(MAKE) setup FAISS=gpu
+	$(BIN)/python -c "import faiss; print('faiss', faiss.__version__, 'sees', faiss.get_num_gpus(), 'GPU(s)')"
+
+setup-cpu:
+	rm -f $(STAMP)
+	$(MAKE) setup FAISS=cpu
 
 repro: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro

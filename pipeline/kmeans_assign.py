@@ -51,9 +51,13 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
-import faiss
 import numpy as np
 import torch
+
+try:
+    import faiss
+except ImportError:  # installed without the cpu / gpu extra: the CPU's float64 GEMM needs no faiss
+    faiss = None
 
 from pipeline.errors import PipelineError
 
@@ -357,14 +361,18 @@ def _gemm64(
 
 
 def visible_gpus() -> int:
-    """How many GPUs faiss sees (0 with faiss-cpu)."""
+    """How many GPUs faiss sees (0 with faiss-cpu, or without faiss)."""
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def _faiss_version() -> str:
+    return f"faiss {faiss.__version__}" if faiss is not None else "no faiss"
 
 
 def faiss_backend() -> str:
     """Which faiss this process has: "faiss <version> on gpu" when faiss sees a GPU (faiss-gpu with CUDA), else
     "... on cpu". (On the CPU the assignment's search is the float64 GEMM, not faiss: see `_Faiss.name`.)"""
-    return f"faiss {faiss.__version__} on {'gpu' if visible_gpus() > 0 else 'cpu'}"
+    return f"{_faiss_version()} on {'gpu' if visible_gpus() > 0 else 'cpu'}"
 
 
 def threads() -> int:
@@ -413,8 +421,8 @@ def search_name(use_gpu: bool | None = None, devices: Sequence[int] | None = Non
     """What `assign` runs with these arguments, in words: faiss on which GPUs, or the CPU's float64 GEMM."""
     gpus = _gpu_devices(use_gpu, devices)
     if gpus:
-        return f"faiss {faiss.__version__} float32 on GPU {gpus} + float64 certificate"
-    return f"float64 GEMM on cpu, {threads()} threads (faiss {faiss.__version__} sees no GPU or use_gpu=False)"
+        return f"{_faiss_version()} float32 on GPU {gpus} + float64 certificate"
+    return f"float64 GEMM on cpu, {threads()} threads ({_faiss_version()} sees no GPU or use_gpu=False)"
 
 
 class _Faiss:
@@ -426,6 +434,8 @@ class _Faiss:
         self, use_gpu: bool | None, devices: Sequence[int] | None = None, *, force_faiss_cpu: bool = False
     ) -> None:
         self.devices = _gpu_devices(use_gpu, devices)
+        if force_faiss_cpu and faiss is None:
+            raise PipelineError("the faiss float32 search needs faiss (make setup installs faiss-cpu)")
         self.gpu = bool(self.devices)
         self.faiss = self.gpu or force_faiss_cpu
         self.threads = threads()
@@ -433,7 +443,7 @@ class _Faiss:
             for g in self.devices:
                 if g not in _RESOURCES:
                     _RESOURCES[g] = faiss.StandardGpuResources()
-        self.name = f"faiss {faiss.__version__} float32 on cpu" if force_faiss_cpu else search_name(use_gpu, devices)
+        self.name = f"{_faiss_version()} float32 on cpu" if force_faiss_cpu else search_name(use_gpu, devices)
         log.log(logging.DEBUG if self.name in _LOGGED else logging.INFO, "nearest-centroid search: %s", self.name)
         _LOGGED.add(self.name)
 

@@ -241,3 +241,16 @@ def test_without_gpu_the_search_is_the_cpu_gemm():
     assert ka.faiss_backend() == f"faiss {faiss.__version__} on cpu"
     with pytest.raises(PipelineError, match="sees no GPU"):
         ka._Faiss(True)
+
+
+def test_the_cpu_search_needs_no_faiss(monkeypatch):
+    """Installed without the cpu / gpu extra (no faiss module): the CPU's GEMM still assigns, and says so."""
+    monkeypatch.setattr(ka, "faiss", None)
+    rng = np.random.default_rng(7)
+    x = mixed_points(rng, 500, 8, 1.0)
+    stats: dict = {}
+    a, dist = assign(x, x[:20], stats=stats)
+    np.testing.assert_array_equal(a, assign_exact(x, x[:20])[0])
+    assert "no faiss" in stats["search"] and ka.faiss_backend() == "no faiss on cpu"
+    with pytest.raises(PipelineError, match="needs faiss"):
+        ka._Faiss(False, force_faiss_cpu=True)
