@@ -1,25 +1,27 @@
-"""Benchmark of the cluster stage's Lloyd iteration and of one evaluation (a script, not a test).
+"""Benchmark of the cluster stage's nearest-centroid assignment, one Lloyd iteration and one evaluation (a script,
+not a test).
 
-1. One Lloyd iteration of hyperbolic k-means (c = 1) on seeded synthetic points: the assignment of every point
-   to its nearest centroid through faiss (`pipeline.kmeans.assign`, 4 candidates, certified, exact fallback)
-   against a direct pairwise float64 reference written here (the closed-form distance
-   ``arcosh(1 + 2|x-y|^2 / ((1-|x|^2)(1-|y|^2)))`` over every point/centroid pair, blockwise in numpy), plus
-   the Einstein-midpoint centroid update they share. The two assignments must be identical.
-2. One evaluation of the val split (`pipeline.evaluation.evaluate.evaluate_clusters`, as stages/evaluate.py
-   calls it) when `dvc repro` has produced data/val/{proposals,clusters}.zarr and data/prepared/dataset.json.
+1. The assignment `pipeline.kmeans.assign` (hyperbolic, c = 1, and Euclidean) against faiss' Euclidean search of the
+   same arrays (``IndexFlatL2``, float32, k = 1: the nearest centroid, uncertified; and k = 2, the top-2 a
+   certificate needs), each timed ``--repeat`` times (best kept, faiss and ours interleaved: the 2-core development
+   machine is shared), with the share of rows the float64 certificate left to the near-tie / brute-force path. The
+   assignment is checked against a direct pairwise float64 reference written here (the closed form ``arcosh(1 +
+   2|x-y|^2 / ((1-|x|^2)(1-|y|^2)))`` over every point/centroid pair, blockwise in numpy; Euclidean: the squared
+   distance) on ``--check-rows`` random rows (0: all): the assignments must be identical.
+2. One Lloyd iteration: the assignment plus the Einstein-midpoint centroid update (hyperbolic).
+3. Euclidean k-means against `faiss.Kmeans` (float32, uncertified) on ``--lloyd-n`` points: seconds per iteration.
+4. One evaluation of the val split (`pipeline.evaluation.evaluate.evaluate_clusters`) when `dvc repro` has produced
+   data/val/{proposals,clusters}.zarr and data/prepared/dataset.json.
 
-    python benchmarks/bench_kmeans.py                       # N=200000, K=1462, d in 2,16,256, 2 threads
-    python benchmarks/bench_kmeans.py --n 20000 --k 200 --dims 2,16 --skip-eval
+    python benchmarks/bench_kmeans.py                        # N=200000, K=1462, d in 16,256, 2 threads
+    python benchmarks/bench_kmeans.py --scale 0.1 --skip-eval  # N=20000, K=146: a quick run
 
-Synthetic data (``--max-radius R``, default 6.21): K cluster centres ``expmap0(v)`` with Gaussian tangent
-directions and hyperbolic radii ``2|v|`` from 0.2 to 4 (80%) or 4 to R (20%, next to the boundary); cluster sizes
-long-tailed (probability ~ rank^-0.8); each point is its centre Möbius-added to ``expmap0(u)`` (hyperbolic
-distance ``2|u|`` from the centre, spread 0.05 to 0.5 per cluster), then clamped to distance R from the origin.
-R = 6.21 is where the embedder's float32 projection (``1 - |x| >= 4e-3``) puts real embeddings at most; larger R
-(e.g. 11: ``1 - |x|`` down to 3e-5) stress the faiss certificate, whose float32 error bound grows with the
-largest centroid norm. The centroids of the timed iteration are K distinct data points drawn at random (the
-state after seeding). Every step is timed once (the reference is ``O(N K d)`` and slow at d = 256); faiss gets
-one untimed warm-up call on a small subset first.
+Synthetic data (``--max-radius R``, default 7.6, i.e. ``1 - |x|`` down to 1e-3): K cluster centres ``expmap0(v)``
+with Gaussian tangent directions and hyperbolic radii ``2|v|`` from 0.2 to 4 (80%) or 4 to R (20%, next to the
+boundary); cluster sizes long-tailed (probability ~ rank^-0.8); each point is its centre Möbius-added to
+``expmap0(u)`` (hyperbolic distance ``2|u|`` from the centre, spread 0.05 to 0.5 per cluster), then clamped to
+distance R from the origin. The centroids are K distinct data points drawn at random (the state after seeding: many
+clusters hold several centroids, so near-ties are common). The Euclidean rows use the same arrays.
 """
 
 from __future__ import annotations
@@ -37,11 +39,16 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200_000, help="points")
     parser.add_argument("--k", type=int, default=1462, help="centroids")
-    parser.add_argument("--dims", default="2,16,256", help="comma-separated dimensions")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply --n, --k and --lloyd-n (quick runs)")
+    parser.add_argument("--dims", default="16,256", help="comma-separated dimensions")
     parser.add_argument("--threads", type=int, default=2, help="torch / faiss / BLAS / OpenMP threads")
+    parser.add_argument("--repeat", type=int, default=3, help="timings per measurement (the best is kept)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-radius", type=float, default=6.21, help="largest distance of a point from the origin")
+    parser.add_argument("--max-radius", type=float, default=7.6, help="largest distance of a point from the origin")
+    parser.add_argument("--check-rows", type=int, default=20_000, help="rows checked against the reference (0: all)")
     parser.add_argument("--block-mb", type=float, default=128.0, help="size of the reference's difference block")
+    parser.add_argument("--lloyd-n", type=int, default=50_000, help="points of the Euclidean k-means comparison")
+    parser.add_argument("--lloyd-k", type=int, default=100, help="clusters of the Euclidean k-means comparison")
     parser.add_argument("--skip-eval", action="store_true", help="do not time the val evaluation")
     return parser.parse_args()
 
@@ -58,7 +65,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
 from pipeline import hyperbolic as hyp  # noqa: E402
-from pipeline.kmeans import _Assigner, _Faiss, _update, assign, faiss_backend  # noqa: E402
+from pipeline.kmeans import _update, assign, euclidean_kmeans, search_name  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------- data
 
@@ -88,8 +95,8 @@ def synthetic(n: int, k: int, d: int, seed: int, max_radius: float) -> tuple[np.
 # ---------------------------------------------------------------------------------------------- reference
 
 
-def reference_assign(x: np.ndarray, cent: np.ndarray, block_mb: float) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by the closed-form distance over every pair, float64, blockwise (ties: lowest index).
+def reference_assign(x: np.ndarray, cent: np.ndarray, block_mb: float, hyperbolic: bool) -> np.ndarray:
+    """Nearest centroid by the closed form over every pair, float64, blockwise (ties: lowest index).
 
     ``1 - |x|^2`` is evaluated as ``(1 - |x|)(1 + |x|)`` (no cancellation next to the boundary)."""
     k, d = cent.shape
@@ -97,65 +104,104 @@ def reference_assign(x: np.ndarray, cent: np.ndarray, block_mb: float) -> tuple[
     den_x, den_c = (1 - nx) * (1 + nx), (1 - nc) * (1 + nc)
     rows = max(1, int(block_mb * 2**20 / 8) // (k * d))
     assignment = np.empty(len(x), dtype=np.int64)
-    distance = np.empty(len(x))
     for i in range(0, len(x), rows):
         s = slice(i, i + rows)
         diff = x[s, None, :] - cent[None, :, :]
         sq = np.einsum("ijk,ijk->ij", diff, diff)
-        dist = np.arccosh(1 + 2 * sq / (den_x[s, None] * den_c[None, :]))
-        j = dist.argmin(axis=1)
-        assignment[s] = j
-        distance[s] = dist[np.arange(len(j)), j]
-    return assignment, distance
+        value = np.arccosh(1 + 2 * sq / (den_x[s, None] * den_c[None, :])) if hyperbolic else sq
+        assignment[s] = value.argmin(axis=1)
+    return assignment
 
 
-# ------------------------------------------------------------------------------------------------ k-means
+# ------------------------------------------------------------------------------------------------ timings
 
 
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+def best(fn, repeat: int):
+    """(the last result, the best of ``repeat`` wall times)."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return out, min(times)
 
 
-def bench_lloyd(n: int, k: int, dims: list[int], seed: int, block_mb: float, max_radius: float) -> None:
-    print(f"\n## One Lloyd iteration, N={n}, K={k}, c=1, max radius {max_radius} (seconds, each timed once)\n")
+def faiss_search(x32: np.ndarray, c32: np.ndarray, k: int) -> float:
+    index = faiss.IndexFlatL2(x32.shape[1])
+    index.add(c32)
+    return best(lambda: index.search(x32, k), ARGS.repeat)[1]
+
+
+def bench_assign(n: int, k: int, dims: list[int]) -> None:
     print(
-        "`assign()`: pipeline.kmeans.assign (input check + search + re-rank + certificate + fallback); "
-        "`in loop`: the same without the input check (what hyperbolic_kmeans pays per iteration); "
-        "`reference`: pairwise float64 closed form; `update`: Einstein midpoint, shared.\n"
+        f"\n## Nearest-centroid assignment, N={n}, K={k}, max radius {ARGS.max_radius} (seconds, best of "
+        f"{ARGS.repeat})\n"
     )
     print(
-        f"| {'d':>4} | {'assign()':>8} | {'in loop':>8} | {'fallback':>8} | {'reference':>9} | {'update':>7} | "
-        f"{'iter faiss':>10} | {'iter ref':>9} | {'assign speed-up':>15} | {'iter speed-up':>13} | "
-        f"{'differences':>11} | {'max |dist diff|':>15} |"
+        "`ours`: pipeline.kmeans.assign (input check + certified search + distances); `faiss k=1`: IndexFlatL2 "
+        "search of the same arrays in float32 (nearest centroid, uncertified); `faiss k=2`: its top-2; "
+        "`near-tie rows`: rows the certificate left to the reference value over their near-ties or every centroid; "
+        "`differences`: against the float64 closed form on the checked rows.\n"
     )
-    widths = (4, 8, 8, 8, 9, 7, 10, 9, 15, 13, 11, 15)
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    failures = []
+    head = [
+        "geometry",
+        "d",
+        "faiss k=1",
+        "ours",
+        "ours / faiss k=1",
+        "faiss k=2",
+        "near-tie rows",
+        "checked",
+        "differences",
+    ]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
+    failures, lloyd = [], []
     for d in dims:
-        x, cent = synthetic(n, k, d, seed, max_radius)
-        assign(x[: min(n, 1000)], cent, candidates=4)  # warm-up (faiss / GPU initialisation)
-        stats: dict = {}
-        (a_faiss, dist_faiss), t_assign = timed(lambda x=x, cent=cent, s=stats: assign(x, cent, 1.0, 4, stats=s))
-        assigner = _Assigner(x, 1.0, _Faiss(None), 4)
-        (a_loop, _), t_loop = timed(lambda a=assigner, cent=cent: a(cent))
-        (a_ref, dist_ref), t_ref = timed(lambda x=x, cent=cent: reference_assign(x, cent, block_mb))
-        _, t_update = timed(lambda x=x, a=a_faiss, cent=cent: _update(x, a, k, 1.0, "einstein", cent))
-        assert np.array_equal(a_loop, a_faiss), f"d={d}: assign() and the in-loop assigner disagree"
-        differences = int(np.count_nonzero(a_faiss != a_ref))
-        max_diff = float(np.max(np.abs(dist_faiss - dist_ref)))
-        print(
-            f"| {d:>4} | {t_assign:>8.3f} | {t_loop:>8.3f} | {stats['fallback']:>8} | {t_ref:>9.3f} | "
-            f"{t_update:>7.3f} | {t_assign + t_update:>10.3f} | {t_ref + t_update:>9.3f} | "
-            f"{t_ref / t_assign:>14.1f}x | {(t_ref + t_update) / (t_assign + t_update):>12.1f}x | "
-            f"{differences:>11} | {max_diff:>15.2e} |",
-            flush=True,
+        x, cent = synthetic(n, k, d, ARGS.seed, ARGS.max_radius)
+        x32, c32 = x.astype(np.float32), cent.astype(np.float32)
+        check = (
+            np.arange(n)
+            if ARGS.check_rows <= 0 or ARGS.check_rows >= n
+            else np.sort(np.random.default_rng(1).choice(n, ARGS.check_rows, replace=False))
         )
-        if differences:
-            rows = np.flatnonzero(a_faiss != a_ref)
-            failures.append(f"d={d}: {differences} differences (first rows {rows[:5].tolist()})")
-    assert not failures, "faiss and reference assignments differ: " + "; ".join(failures)
+        for geometry in ("poincare", "euclidean"):
+            stats: dict = {}
+            assign(x[:1000], cent, geometry=geometry)  # warm-up
+            t_faiss = faiss_search(x32, c32, 1)
+            (a, _), t_ours = best(
+                lambda x=x, c=cent, g=geometry, s=stats: assign(x, c, geometry=g, stats=s), ARGS.repeat
+            )
+            t_faiss = min(t_faiss, faiss_search(x32, c32, 1))  # interleaved: the machine is shared
+            t_k2 = faiss_search(x32, c32, 2)
+            ref = reference_assign(x[check], cent, ARGS.block_mb, geometry == "poincare")
+            differences = int(np.count_nonzero(a[check] != ref))
+            print(
+                f"| {geometry} | {d} | {t_faiss:.3f} | {t_ours:.3f} | {t_ours / t_faiss:.2f}x | {t_k2:.3f} | "
+                f"{stats['fallback']} ({stats['fallback'] / n:.2%}) | {len(check)} | {differences} |",
+                flush=True,
+            )
+            if differences:
+                failures.append(f"{geometry} d={d}: {differences} differences")
+            if geometry == "poincare":
+                _, t_update = best(lambda x=x, a=a, cent=cent: _update(x, a, k, 1.0, "einstein", cent), 1)
+                lloyd.append(f"d={d}: assign {t_ours:.3f} s + Einstein midpoint update {t_update:.3f} s")
+    print("\nOne hyperbolic Lloyd iteration: " + "; ".join(lloyd))
+    assert not failures, "assignments differ from the float64 closed form: " + "; ".join(failures)
+
+
+def bench_euclidean_kmeans(n: int, k: int, d: int = 16, iterations: int = 10) -> None:
+    print(f"\n## Euclidean k-means against faiss.Kmeans, N={n}, K={k}, d={d}, {iterations} iterations\n")
+    rng = np.random.default_rng(ARGS.seed)
+    centres = rng.normal(size=(k, d)) * 3
+    x = centres[rng.integers(0, k, n)] + rng.normal(size=(n, d))
+    ours, t_ours = best(lambda: euclidean_kmeans(x, k, seed=0, max_iter=iterations, tol=0.0), ARGS.repeat)
+    km = faiss.Kmeans(d, k, niter=iterations, seed=1, max_points_per_centroid=n)
+    _, t_faiss = best(lambda: km.train(x.astype(np.float32)), ARGS.repeat)
+    print("| | seconds | per iteration |\n|---|---|---|")
+    print(f"| euclidean_kmeans (float64, certified assignment) | {t_ours:.3f} | {t_ours / ours.iterations:.4f} |")
+    print(f"| faiss.Kmeans (float32) | {t_faiss:.3f} | {t_faiss / iterations:.4f} |")
+    print(f"\nratio per iteration: {(t_ours / ours.iterations) / (t_faiss / iterations):.2f}x")
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -188,7 +234,7 @@ def bench_eval() -> None:
     assignment = read_array(clusters, "assignment")
     k = int(clusters.attrs["K"])
     t_load = time.perf_counter() - start
-    result, t_eval = timed(
+    result, t_eval = best(
         lambda: evaluate_clusters(
             gt,
             arrays["image_ids"],
@@ -202,7 +248,8 @@ def bench_eval() -> None:
             iou_threshold=cfg.match_iou,
             max_per_image=cfg.max_dets,
             progress=False,
-        )
+        ),
+        1,
     )
     counts = result.metrics["counts"]
     print(
@@ -216,11 +263,13 @@ def main() -> None:
     torch.set_num_threads(ARGS.threads)
     faiss.omp_set_num_threads(ARGS.threads)
     dims = [int(v) for v in ARGS.dims.split(",") if v.strip()]
+    n, k = max(2, round(ARGS.n * ARGS.scale)), max(2, round(ARGS.k * ARGS.scale))
     print(
-        f"faiss {faiss.__version__}, numpy {np.__version__}, torch {torch.__version__}, "
-        f"{ARGS.threads} threads, {faiss_backend()}"
+        f"faiss {faiss.__version__}, numpy {np.__version__}, torch {torch.__version__}, {ARGS.threads} threads, "
+        f"{os.cpu_count()} CPUs; search: {search_name()}"
     )
-    bench_lloyd(ARGS.n, ARGS.k, dims, ARGS.seed, ARGS.block_mb, ARGS.max_radius)
+    bench_assign(n, k, dims)
+    bench_euclidean_kmeans(max(2 * ARGS.lloyd_k, round(ARGS.lloyd_n * ARGS.scale)), ARGS.lloyd_k)
     if ARGS.skip_eval:
         print("\nevaluation skipped (--skip-eval)")
     else:
