@@ -13,7 +13,9 @@ Masking happens in pixel space at full resolution *before* resampling, as in the
     box = resample(image)        fg = resample(image * mask)        bg = resample(image * (1 - mask))
 
 so masked-out pixels are black (0) and, by linearity of the resampling, ``fg + bg == box`` (``bg`` is
-computed as ``box - fg``). The views are float32 RGB in [0, 1]; they are *not* normalised. The ImageNet
+computed as ``box - fg``). Every proposal of an image is cut at once on the run device: one roi_align over
+the image for the box views, one over a batch of the masked windows around each square for the foreground
+views (the same bits as one roi_align per window, which ``crop_views(..., batched=False)`` keeps). The views are float32 RGB in [0, 1]; they are *not* normalised. The ImageNet
 mean/std normalisation is the first operation of the backbone returned by :func:`build_backbone`, i.e.
 it is applied after masking (a masked-out pixel enters the network as ``-mean / std``, the value of a
 black pixel) — the same normalisation torchvision's Mask R-CNN applies to its [0, 1] input, so a
@@ -37,6 +39,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from pipeline.errors import PipelineError
+from pipeline.inference import autocast
 from pipeline.masks import paste_masks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,7 +77,7 @@ def _image_tensor(image: np.ndarray | torch.Tensor, device: torch.device) -> tor
         raise PipelineError(f"features: expected an (H, W, 3) image, got shape {tuple(img.shape)}")
     if img.dtype != torch.uint8:
         raise PipelineError(f"features: expected a uint8 image, got {img.dtype}")
-    return img.to(device).permute(2, 0, 1).float().div_(255.0)
+    return img.to(device, non_blocking=True).permute(2, 0, 1).float().div_(255.0)
 
 
 def crop_views(
@@ -84,11 +87,14 @@ def crop_views(
     crop_size: int,
     *,
     device: str | torch.device = "cpu",
+    batched: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Box, foreground and background views, each float32 (n, 3, S, S) in [0, 1] on `device`.
 
     `image` is uint8 (H, W, 3); `boxes` (n, 4) xyxy in image pixels; `full_masks` (n, H, W) bool. See the
-    module docstring for the sampling and masking conventions.
+    module docstring for the sampling and masking conventions. Every view of every proposal is cut at once
+    on `device`; ``batched=False`` cuts the foreground views one roi_align per proposal instead (the same
+    numbers, bit for bit: kept as the reference for the tests and the benchmark).
     """
     device = torch.device(device)
     img = _image_tensor(image, device)
@@ -112,9 +118,83 @@ def crop_views(
     # fg: multiply image and mask only inside each square's window (the pixels its samples can read), then
     # resample with the square expressed in window coordinates. Same values as resampling the full masked
     # image (the window holds every pixel the bilinear samples touch), at a cost set by the crop, not the image.
-    hp, wp = height + 2, width + 2
+    fg_views = _fg_views if batched else _fg_views_loop
+    fg_view = fg_views(padded, masks.to(device=device, dtype=torch.bool), squares, size)
+    bg_view = (box_view - fg_view).clamp_min_(0.0)
+    return box_view, fg_view, bg_view
+
+
+_WINDOW_PIXELS = 1 << 22  # fg windows cut together: at most this many pixels (n x window height x width)
+
+
+def _fg_views(padded: torch.Tensor, masks: torch.Tensor, squares: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, 3, S, S) foreground views: each square's window of the zero-ringed image times its mask, all
+    windows of a chunk at once (gathered into one (n, 3, h, w) batch, zero beyond each window) and one
+    roi_align over them.
+
+    The same numbers as one roi_align per window (`_fg_views_loop`): each roi reads its own window at
+    the same origin, so its sample coordinates are the same floats; a window's zero extension is never read
+    where the window is the whole square (samples stay half a pixel inside it), and where the window was cut
+    at the image's zero ring the extension is zero like the ring.
+    """
+    n, device = len(squares), padded.device
+    hp, wp = padded.shape[1:]
+    lo = (squares.floor() - 1).clamp_min(0).to(torch.int64)
+    hi = (squares.ceil() + 1).to(torch.int64)
+    x0, y0 = lo[:, 0], lo[:, 1]
+    x1, y1 = hi[:, 2].clamp(max=wp), hi[:, 3].clamp(max=hp)
+    miss = (x1 <= x0) | (y1 <= y0)  # the square misses the image entirely
+    win_h, win_w = (y1 - y0).clamp_min(1), (x1 - x0).clamp_min(1)
+    rois = torch.cat([torch.arange(n, device=device, dtype=torch.float32)[:, None], squares], dim=1)
+    rois[:, 1:] -= torch.stack([x0, y0, x0, y0], dim=1).float()  # the square in its window's coordinates
+    largest = int((win_h * win_w).max())
+    step = max(1, _WINDOW_PIXELS // largest)  # masks per chunk (one chunk on small images)
+    views = []
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        window_hw = (int(win_h[rows].max()), int(win_w[rows].max()))
+        views.append(
+            _fg_chunk(padded, masks, (y0[rows], x0[rows], y1[rows], x1[rows]), rois[rows], window_hw, size, start)
+        )
+    fg = torch.cat(views) if len(views) > 1 else views[0]
+    return torch.where(miss[:, None, None, None], torch.zeros((), device=device), fg)
+
+
+def _fg_chunk(
+    padded: torch.Tensor,
+    masks: torch.Tensor,
+    window: tuple[torch.Tensor, ...],
+    rois: torch.Tensor,
+    window_hw: tuple[int, int],
+    size: int,
+    first: int,
+) -> torch.Tensor:
+    """Foreground views of one chunk of masks (from row `first`): windows (y0, x0, y1, x1) in padded-image
+    coordinates, gathered into a zero batch of `window_hw`."""
+    y0, x0, y1, x1 = window
+    n, (hw_h, hw_w), device = len(y0), window_hw, padded.device
+    height, width = masks.shape[1:]
+    rows = y0[:, None] + torch.arange(hw_h, device=device)[None]  # (n, h) in padded-image coordinates
+    cols = x0[:, None] + torch.arange(hw_w, device=device)[None]
+    row_ok = (rows < y1[:, None]) & (rows >= 1) & (rows <= height)  # inside the window and the image
+    col_ok = (cols < x1[:, None]) & (cols >= 1) & (cols <= width)
+    r = rows.clamp(1, height) - 1  # in mask (unpadded) coordinates
+    c = cols.clamp(1, width) - 1
+    keep = masks[torch.arange(first, first + n, device=device)[:, None, None], r[:, :, None], c[:, None, :]]
+    keep &= row_ok[:, :, None] & col_ok[:, None, :]
+    pixels = padded[:, rows.clamp_max(padded.shape[1] - 1)[:, :, None], cols.clamp_max(padded.shape[2] - 1)[:, None, :]]
+    windows = pixels.permute(1, 0, 2, 3) * keep[:, None]
+    rois = rois.clone()
+    rois[:, 0] -= first
+    return roi_align(windows, rois, size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def _fg_views_loop(padded: torch.Tensor, masks: torch.Tensor, squares: torch.Tensor, size: int) -> torch.Tensor:
+    """The foreground views one roi_align per mask (the definition `_fg_views` batches; tests, benchmark)."""
+    n, device = len(squares), padded.device
+    hp, wp = padded.shape[1:]
     mask_pad = torch.zeros((n, hp, wp), dtype=torch.bool, device=device)
-    mask_pad[:, 1:-1, 1:-1] = masks.to(device=device, dtype=torch.bool)
+    mask_pad[:, 1:-1, 1:-1] = masks
     lo = (squares.floor() - 1).clamp_min(0).to(torch.int64).tolist()
     hi = (squares.ceil() + 1).to(torch.int64).tolist()
     fg_parts = []
@@ -128,9 +208,7 @@ def crop_views(
         offset = torch.tensor([x0, y0, x0, y0], dtype=torch.float32, device=device)
         roi = torch.cat([torch.zeros(1, device=device), squares[k] - offset])[None]
         fg_parts.append(roi_align(window[None], roi, size, spatial_scale=1.0, sampling_ratio=-1, aligned=True))
-    fg_view = torch.cat(fg_parts)
-    bg_view = (box_view - fg_view).clamp_min_(0.0)
-    return box_view, fg_view, bg_view
+    return torch.cat(fg_parts)
 
 
 # ------------------------------------------------------------------------------------------ backbone
@@ -272,9 +350,15 @@ def build_backbone(
 
 
 def pool_features(
-    backbone: nn.Module, views: torch.Tensor, batch_size: int, device: str | torch.device = "cpu"
+    backbone: nn.Module,
+    views: torch.Tensor,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    *,
+    amp: str = "off",
 ) -> np.ndarray:
-    """(n, 3, S, S) views → (n, D) float32 features, `batch_size` views per forward, under inference_mode."""
+    """(n, 3, S, S) views → (n, D) float32 features, `batch_size` views per forward, under inference_mode
+    (and autocast in `amp`'s dtype: off | bf16 | fp16, `pipeline.inference.autocast`)."""
     device = torch.device(device)
     backbone = backbone.to(device)
     batch_size = max(1, int(batch_size))
@@ -282,7 +366,9 @@ def pool_features(
     with torch.inference_mode():
         for start in range(0, len(views), batch_size):
             batch = views[start : start + batch_size].to(device, non_blocking=True)
-            outs.append(backbone(batch).float().cpu())
+            with autocast(device, amp):
+                pooled = backbone(batch)
+            outs.append(pooled.float().cpu())
     if not outs:
         return np.zeros((0, int(getattr(backbone, "dim", 0))), dtype=np.float32)
     return torch.cat(outs).numpy().astype(np.float32, copy=False)

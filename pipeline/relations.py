@@ -20,6 +20,11 @@ Rules (indices are image-local, rows of the `masks` argument):
   ``max_iou`` to :func:`hier_pairs` (or ``exclusive=True`` to :func:`relations` / :func:`image_relations`)
   to keep only hierarchy pairs whose IoU is at most the object threshold, making the two sets disjoint.
 
+Device: masks given as a torch tensor on a GPU (the paste's output in `sample`) are counted there, by the
+same one product in float32 (or float64), exact whatever the matmul precision setting (0/1 inputs are exact in
+TF32 and every sum is an integer below 2**24); only the (n, n) counts come back. A CPU tensor or an array is
+counted by numpy.
+
 Resolution: relations are exact on the full-resolution masks. For speed, ``max_side`` downscales the
 masks first so that the longer side is at most ``max_side``, by an integer factor with "any pixel" pooling
 (a block is set when any of its pixels is). Any-pixel pooling is monotone, so full containment survives
@@ -32,6 +37,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from pipeline.errors import PipelineError
 from pipeline.masks import paste_masks
@@ -49,7 +55,11 @@ __all__ = [
 ]
 
 
-def _as_masks(masks: np.ndarray) -> np.ndarray:
+def _as_masks(masks: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    if isinstance(masks, torch.Tensor):
+        if masks.ndim != 3:
+            raise PipelineError(f"relations: expected masks of shape (n, H, W), got shape {tuple(masks.shape)}")
+        return masks.bool()
     masks = np.asarray(masks)
     if masks.ndim != 3:
         raise PipelineError(f"relations: expected masks of shape (n, H, W), got shape {masks.shape}")
@@ -60,7 +70,7 @@ def _empty_pairs() -> np.ndarray:
     return np.zeros((0, 2), dtype=np.int64)
 
 
-def pair_stats(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pair_stats(masks: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Pairwise intersections (n, n) int64 and areas (n,) int64 of (n, H, W) bool masks, by one matmul.
 
     The product runs in float32 when H * W <= 2**24 (every partial sum is an integer below 2**24, so the
@@ -68,12 +78,27 @@ def pair_stats(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     masks = _as_masks(masks)
     n = len(masks)
+    if isinstance(masks, torch.Tensor):
+        if masks.device.type != "cpu":
+            return _pair_stats_torch(masks)
+        masks = masks.numpy()
     flat = masks.reshape(n, masks.shape[1] * masks.shape[2])
     dtype = np.float32 if flat.shape[1] <= _EXACT_FLOAT32 else np.float64
     flat_f = flat.astype(dtype)
     inter = np.rint(flat_f @ flat_f.T).astype(np.int64)
     area = flat.sum(axis=1, dtype=np.int64)
     return inter, area
+
+
+def _pair_stats_torch(masks: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """`pair_stats` of (n, H, W) bool masks on their device (a GPU); the counts come back as numpy int64."""
+    flat = masks.reshape(len(masks), -1)
+    dtype = torch.float32 if flat.shape[1] <= _EXACT_FLOAT32 else torch.float64
+    with torch.autocast(flat.device.type, enabled=False):
+        flat_f = flat.to(dtype)
+        inter = torch.round(flat_f @ flat_f.T).to(torch.int64)
+    area = flat.sum(dim=1, dtype=torch.int64)
+    return inter.cpu().numpy(), area.cpu().numpy()
 
 
 def _iou(inter: np.ndarray, area: np.ndarray) -> np.ndarray:
@@ -136,7 +161,7 @@ def downscale_factor(image_hw: tuple[int, int], max_side: int | None) -> int:
     return max(1, math.ceil(max(int(image_hw[0]), int(image_hw[1])) / max_side))
 
 
-def downscale(masks: np.ndarray, factor: int) -> np.ndarray:
+def downscale(masks: np.ndarray | torch.Tensor, factor: int) -> np.ndarray | torch.Tensor:
     """Any-pixel pooling of (n, H, W) bool masks by an integer `factor` -> (n, ceil(H/f), ceil(W/f)) bool."""
     masks = _as_masks(masks)
     factor = int(factor)
@@ -146,13 +171,17 @@ def downscale(masks: np.ndarray, factor: int) -> np.ndarray:
         return masks
     n, height, width = masks.shape
     out_h, out_w = -(-height // factor), -(-width // factor)
+    if isinstance(masks, torch.Tensor):
+        padded = torch.zeros((n, out_h * factor, out_w * factor), dtype=torch.bool, device=masks.device)
+        padded[:, :height, :width] = masks
+        return padded.reshape(n, out_h, factor, out_w, factor).any(dim=4).any(dim=2)
     padded = np.zeros((n, out_h * factor, out_w * factor), dtype=bool)
     padded[:, :height, :width] = masks
     return padded.reshape(n, out_h, factor, out_w, factor).any(axis=(2, 4))
 
 
 def relations(
-    full_masks: np.ndarray,
+    full_masks: np.ndarray | torch.Tensor,
     *,
     object_iou: float,
     hier_containment: float,

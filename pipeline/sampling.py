@@ -1,5 +1,7 @@
 """The `sample` step over a whole split: per image, paste the proposals' masks once, find the mask relations
-and cut the three crops; pool every crop with the frozen backbone in batches that span images.
+and cut the three crops (all of an image's proposals at once, on the run device); pool every crop with the
+frozen backbone in batches that span images. Images can be decoded ahead in DataLoader workers (pinned on
+CUDA) and the backbone run under autocast (`pipeline.inference`).
 
 Pair indices come back global (rows of the proposals store), so `pairs/object` and `pairs/hier` index the
 feature arrays directly. Images are independent, so a split can be processed as disjoint image ranges
@@ -19,11 +21,13 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.features import crop_views, pool_features
-from pipeline.masks import paste_masks
+from pipeline.inference import autocast, prefetch
+from pipeline.masks import paste_masks_reference, paste_masks_tensor
 from pipeline.parts import Column, ImageParts
 from pipeline.relations import relations
 
 VIEWS = ("box", "fg", "bg")
+_IMAGES_PER_READ = 8  # images per prefetched batch (workers read `PREFETCH_FACTOR` of these ahead each)
 
 
 @dataclass
@@ -45,8 +49,9 @@ class SplitSamples:
 class _BatchedPool:
     """Accumulates (n, 3, S, S) views across images and pools them `batch_size` at a time."""
 
-    def __init__(self, backbone: nn.Module, batch_size: int, device: str, dim: int) -> None:
+    def __init__(self, backbone: nn.Module, batch_size: int, device: str, dim: int, amp: str = "off") -> None:
         self.backbone, self.batch_size, self.device, self.dim = backbone, max(1, batch_size), device, dim
+        self.amp = amp
         self.pending: list[torch.Tensor] = []
         self.n_pending = 0
         self.out: list[np.ndarray] = []
@@ -60,7 +65,7 @@ class _BatchedPool:
     def flush(self) -> None:
         if self.pending:
             views = torch.cat(self.pending)
-            self.out.append(pool_features(self.backbone, views, self.batch_size, self.device))
+            self.out.append(pool_features(self.backbone, views, self.batch_size, self.device, amp=self.amp))
             self.pending, self.n_pending = [], 0
 
     def result(self) -> np.ndarray:
@@ -84,6 +89,9 @@ def sample_split(
     device: str = "cpu",
     progress: bool = True,
     hier_exclude_objects: bool = False,
+    num_workers: int = 0,
+    amp: str = "off",
+    vectorised: bool = True,
 ) -> SplitSamples:
     """Features and pairs of every proposal of a split.
 
@@ -92,32 +100,49 @@ def sample_split(
     not read. Views of consecutive proposals are pooled `batch_size` at a time (box, fg and bg
     views interleaved per image and separated again at the end). With `hier_exclude_objects`, an object
     pair (IoU above `object_iou`: two proposals of one instance) is never a (parent, child) pair.
+
+    On `device`, per image: the masks are pasted all at once (`pipeline.masks.paste_masks_tensor`, the
+    same bits as torchvision's paste on the CPU), their relations counted by one product, the three crops
+    of every proposal cut at once (`pipeline.features.crop_views`). `num_workers` > 0 decodes the images
+    in DataLoader workers ahead of use (pinned on CUDA); `amp` (off | bf16 | fp16) runs the backbone under
+    autocast. ``vectorised=False`` pastes and cuts proposal by proposal instead (the benchmark's baseline).
     """
     dim = int(getattr(backbone, "dim", 0))
-    pools = {view: _BatchedPool(backbone, batch_size, device, dim) for view in VIEWS}
+    pools = {view: _BatchedPool(backbone, batch_size, device, dim, amp) for view in VIEWS}
+    autocast(device, amp)  # an unsupported amp fails here, before any work
     obj_parts, hier_parts = [], []
     n_images = len(image_offsets) - 1
+    todo = np.flatnonzero(np.diff(np.asarray(image_offsets[: n_images + 1])) > 0).tolist()
+    pin = torch.device(device).type == "cuda"
+
+    def read(i: int) -> tuple[int, np.ndarray | torch.Tensor]:
+        pixels = load_image(i)
+        return i, torch.from_numpy(np.ascontiguousarray(pixels)) if num_workers else pixels
+
     bar = tqdm(total=int(image_offsets[-1]), desc="sample", unit="proposal", disable=not progress, dynamic_ncols=True)
-    for i in range(n_images):
-        start, stop = int(image_offsets[i]), int(image_offsets[i + 1])
-        if stop == start:
-            continue
-        hw = (int(image_hw[i][0]), int(image_hw[i][1]))
-        image_boxes = np.asarray(boxes[start:stop])
-        full = paste_masks(np.asarray(masks[start:stop]), image_boxes, hw)
-        obj, hier = relations(
-            full,
-            object_iou=object_iou,
-            hier_containment=hier_containment,
-            max_side=relation_max_side,
-            exclusive=hier_exclude_objects,
-        )
-        obj_parts.append(obj + start)
-        hier_parts.append(hier + start)
-        views = crop_views(load_image(i), image_boxes, full, crop_size, device=device)
-        for view, tensor in zip(VIEWS, views, strict=True):
-            pools[view].add(tensor)
-        bar.update(stop - start)
+    for batch in prefetch(todo, read, batch_size=_IMAGES_PER_READ, num_workers=num_workers, pin_memory=pin):
+        for i, pixels in batch:
+            start, stop = int(image_offsets[i]), int(image_offsets[i + 1])
+            hw = (int(image_hw[i][0]), int(image_hw[i][1]))
+            image_boxes = torch.from_numpy(np.ascontiguousarray(boxes[start:stop])).to(device, non_blocking=True)
+            image_masks = torch.from_numpy(np.ascontiguousarray(masks[start:stop])).to(device, non_blocking=True)
+            if vectorised:
+                full = paste_masks_tensor(image_masks, image_boxes, hw, device=device)
+            else:
+                full = paste_masks_reference(image_masks, image_boxes, hw).to(device)
+            obj, hier = relations(
+                full,
+                object_iou=object_iou,
+                hier_containment=hier_containment,
+                max_side=relation_max_side,
+                exclusive=hier_exclude_objects,
+            )
+            obj_parts.append(obj + start)
+            hier_parts.append(hier + start)
+            views = crop_views(pixels, image_boxes, full, crop_size, device=device, batched=vectorised)
+            for view, tensor in zip(VIEWS, views, strict=True):
+                pools[view].add(tensor)
+            bar.update(stop - start)
     bar.close()
     features = {view: pool.result() for view, pool in pools.items()}
     empty = np.zeros((0, 2), np.int64)
@@ -157,12 +182,14 @@ def sample_parts(
     rank: int = 0,
     world_size: int = 1,
     hier_exclude_objects: bool = False,
+    num_workers: int = 0,
+    amp: str = "off",
 ) -> None:
     """`sample_split` over every part of `parts` not yet on disk (this rank's share), one part in memory.
 
     `proposals` is the proposals store (a zarr group: image_offsets, image_hw, boxes, masks);
     `load_image(i)` returns image i of the store. Pairs are saved part-local; `ImageParts.assemble`
-    makes them rows of the whole store.
+    makes them rows of the whole store. `num_workers` and `amp` as in `sample_split`.
     """
     offsets = np.asarray(proposals["image_offsets"][...])
     image_hw = np.asarray(proposals["image_hw"][...])
@@ -186,6 +213,8 @@ def sample_parts(
             device=device,
             progress=False,
             hier_exclude_objects=hier_exclude_objects,
+            num_workers=num_workers,
+            amp=amp,
         )
         arrays = {f"features/{view}": result.features[view].astype(dtype) for view in VIEWS}
         arrays.update({"pairs/object": result.object_pairs, "pairs/hier": result.hier_pairs})

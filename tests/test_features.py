@@ -246,3 +246,122 @@ def test_extract_image(r18):
     np.testing.assert_allclose(again["fg"], out["fg"], atol=1e-4)
     empty = extract_image(image, np.zeros((0, 4)), np.zeros((0, 14, 14), np.uint8), r18, 32, "cpu")
     assert all(v.shape == (0, 512) for v in empty.values())
+
+
+# ------------------------------------------------------------------------- batched crops, whole splits
+
+
+def _random_scene(seed: int, height: int, width: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An image, n boxes of every kind (inside, across the border, tiny, the whole image, squares that leave
+    the image) and masks that are random blobs, noise, empty or full."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    x0, y0 = rng.uniform(-0.2 * width, width, n), rng.uniform(-0.2 * height, height, n)
+    w, h = rng.uniform(0.2, 1.1 * width, n), rng.uniform(0.2, 1.1 * height, n)
+    tiny = rng.random(n) < 0.2
+    w, h = np.where(tiny, rng.uniform(0, 1, n), w), np.where(tiny, rng.uniform(0, 1, n), h)
+    boxes = np.stack([x0, y0, x0 + w, y0 + h], axis=1).astype(np.float32)
+    boxes[0] = [0, 0, width, height]
+    boxes[1] = [width - 2, 0, width, height]  # a tall strip: its square leaves the image to the right
+    masks = rng.random((n, height, width)) < rng.uniform(0, 1, (n, 1, 1))
+    masks[2] = False
+    masks[3] = True
+    return image, boxes, masks
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("hw", "size"), [((64, 64), 32), ((45, 97), 64), ((130, 70), 48)])
+def test_batched_crops_are_the_per_proposal_loop_bit_for_bit(seed, hw, size):
+    image, boxes, masks = _random_scene(seed, *hw, n=24)
+    batched = crop_views(image, boxes, masks, size)
+    loop = crop_views(image, boxes, masks, size, batched=False)
+    for got, want in zip(batched, loop, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_batched_crops_in_chunks_and_squares_off_the_image(monkeypatch):
+    import pipeline.features as features
+
+    image, boxes, masks = _random_scene(9, 40, 50, n=12)
+    boxes[4] = [-30, -30, -10, -10]  # the square misses the image: zero views
+    boxes[5] = [55, 10, 70, 20]
+    whole = crop_views(image, boxes, masks, 32)
+    assert torch.all(whole[1][4] == 0) and torch.all(whole[1][5] == 0)
+    monkeypatch.setattr(features, "_WINDOW_PIXELS", 2 * 52 * 52)  # two windows per chunk at most
+    for got, want in zip(crop_views(image, boxes, masks, 32), whole, strict=True):
+        assert torch.equal(got, want)
+    for got, want in zip(crop_views(image, boxes, masks, 32, batched=False), whole, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_pool_features_under_autocast(r18):
+    views = torch.rand(6, 3, 32, 32)
+    full = pool_features(r18, views, 4, "cpu")
+    for amp in ("bf16", "fp16"):
+        try:
+            mixed = pool_features(r18, views, 4, "cpu", amp=amp)
+        except PipelineError as err:  # a torch build without that CPU autocast says so in one line
+            assert amp in str(err)
+            continue
+        assert mixed.dtype == np.float32 and mixed.shape == full.shape
+        assert np.abs(mixed - full).max() <= 0.05 * np.abs(full).max()
+    with pytest.raises(PipelineError, match="amp"):
+        pool_features(r18, views, 4, "cpu", amp="fp8")
+
+
+def _split_inputs(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, size=(48, 56, 3), dtype=np.uint8) for _ in range(7)]
+    counts = [3, 0, 5, 1, 0, 4, 2]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    n = int(offsets[-1])
+    x0, y0 = rng.uniform(0, 40, n), rng.uniform(0, 30, n)
+    boxes = np.stack([x0, y0, x0 + rng.uniform(2, 16, n), y0 + rng.uniform(2, 18, n)], 1).astype(np.float32)
+    masks = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)
+    masks[::2] = np.where(masks[::2] > 100, 200, 20)  # blocky maps: overlapping masks
+    boxes[[0, 2]] = [[2, 2, 40, 40], [8, 8, 30, 30]]  # image 0: full maps, one box inside another, a (parent, child)
+    masks[[0, 2]] = 255
+    boxes[1] = [4, 4, 38, 39]  # nearly the parent: an object pair
+    masks[1] = 255
+    hw = np.array([img.shape[:2] for img in images])
+    return images, hw, offsets, boxes, masks
+
+
+@pytest.mark.parametrize(("vectorised", "num_workers"), [(False, 0), (True, 2)])
+def test_sample_split_is_the_same_vectorised_and_with_workers(r18, vectorised, num_workers):
+    from pipeline.sampling import sample_split
+
+    images, hw, offsets, boxes, masks = _split_inputs()
+    read = []
+
+    def load(i: int) -> np.ndarray:
+        read.append(i)
+        return images[i]
+
+    kw = {"crop_size": 32, "object_iou": 0.1, "hier_containment": 0.8, "relation_max_side": None, "batch_size": 5}
+    base = sample_split(load, hw, offsets, boxes, masks, r18, progress=False, **kw)
+    assert read == [0, 2, 3, 5, 6]  # images without proposals are not read
+    other = sample_split(
+        load, hw, offsets, boxes, masks, r18, progress=False, vectorised=vectorised, num_workers=num_workers, **kw
+    )
+    assert len(base.object_pairs) and len(base.hier_pairs)
+    assert np.array_equal(base.object_pairs, other.object_pairs)
+    assert np.array_equal(base.hier_pairs, other.hier_pairs)
+    for view in ("box", "fg", "bg"):
+        assert np.array_equal(base.features[view], other.features[view])
+
+
+def test_sample_split_worker_errors_are_the_stage_s_own(r18):
+    from pipeline.sampling import sample_split
+
+    images, hw, offsets, boxes, masks = _split_inputs()
+
+    def load(i: int) -> np.ndarray:
+        if i == 5:
+            raise PipelineError("image 5: file not found")
+        return images[i]
+
+    kw = {"crop_size": 32, "object_iou": 0.4, "hier_containment": 1.0, "relation_max_side": None, "batch_size": 8}
+    for workers in (0, 2):
+        with pytest.raises(PipelineError, match=r"^image 5: file not found$"):
+            sample_split(load, hw, offsets, boxes, masks, r18, progress=False, num_workers=workers, **kw)

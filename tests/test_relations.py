@@ -219,3 +219,32 @@ def test_downscale_equals_naive_blocks(masks, factor):
             for x in range(d.shape[2]):
                 assert d[k, y, x] == masks[k, y * factor : (y + 1) * factor, x * factor : (x + 1) * factor].any()
     assert d.shape == (n, -(-h // factor), -(-w // factor))
+
+
+# ------------------------------------------------------------------------ masks as torch tensors (sample)
+
+
+@settings(max_examples=60, deadline=None)
+@given(masks=masks_strategy, factor=st.integers(1, 4), exclusive=st.booleans())
+def test_tensor_masks_give_the_arrays_pairs(masks, factor, exclusive):
+    """`sample` passes the paste's tensor: the same pairs, and the device count equals numpy's."""
+    import torch
+
+    from pipeline.relations import _pair_stats_torch
+
+    tensor = torch.from_numpy(masks)
+    assert np.array_equal(downscale(tensor, factor).numpy(), downscale(masks, factor))
+    side = max(masks.shape[1:]) // factor or None
+    want = relations(masks, object_iou=0.4, hier_containment=0.9, max_side=side, exclusive=exclusive)
+    got = relations(tensor, object_iou=0.4, hier_containment=0.9, max_side=side, exclusive=exclusive)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    inter, area = _pair_stats_torch(tensor)  # the GPU path, run on the CPU here
+    ref_inter, ref_area = pair_stats(masks)
+    assert inter.dtype == np.int64 and np.array_equal(inter, ref_inter) and np.array_equal(area, ref_area)
+
+
+def test_tensor_masks_of_the_wrong_shape():
+    import torch
+
+    with pytest.raises(PipelineError, match="expected masks of shape"):
+        relations(torch.zeros((4, 4), dtype=torch.bool), object_iou=0.4, hier_containment=1.0)

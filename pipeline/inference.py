@@ -1,0 +1,118 @@
+"""Inference plumbing shared by `propose` and `sample`: inputs read ahead in DataLoader workers, and autocast.
+
+`prefetch(items, read, ...)` yields `read(item)` for every item, in order, in lists of `batch_size`. With
+``num_workers=0`` it reads in the calling process, one batch when it is asked for (what the stages always did);
+with workers the reads (image decoding) run in `num_workers` processes, `prefetch_factor` batches ahead each,
+and on CUDA the batches come back in pinned memory, so that ``.to(device, non_blocking=True)`` overlaps the
+copy with the work already queued. A PipelineError raised by `read` in a worker (a missing image, say) is
+raised again in the calling process when its item's batch is reached, with its own one-line message: the
+same error, at the same point, as without workers.
+
+`autocast(device, amp)`: torch's automatic mixed precision for inference, ``amp`` one of ``off`` (a no-op),
+``bf16`` or ``fp16``; a device type or torch build without autocast in that dtype is a PipelineError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from pipeline.errors import PipelineError
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PREFETCH_FACTOR = 2  # batches each worker reads ahead (torch's default)
+
+__all__ = ["AMP_DTYPES", "PREFETCH_FACTOR", "autocast", "prefetch"]
+
+
+def autocast(device: str | torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """A context running eligible ops in `amp`'s dtype on `device` (``off``: a null context)."""
+    if amp not in AMP_DTYPES:
+        raise PipelineError(f"amp: expected one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    if not torch.amp.is_autocast_available(device_type):
+        raise PipelineError(f"amp {amp}: torch has no autocast for device {device_type!r} (use amp: off)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        context = torch.autocast(device_type, dtype=dtype)
+    for warning in caught:  # older torch builds disable autocast for an unsupported dtype with a warning
+        if "not supported" in str(warning.message) or "Disabling autocast" in str(warning.message):
+            raise PipelineError(
+                f"amp {amp}: this torch build has no {dtype} autocast on {device_type} (use bf16 or off)"
+            )
+    return context
+
+
+class _Failed:
+    """A PipelineError raised by `read` in a worker, carried back to be raised in the calling process."""
+
+    def __init__(self, error: PipelineError) -> None:
+        self.error = error
+
+
+class _Reads(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence, read: Callable[[Any], Any]) -> None:
+        self.items, self.read = items, read
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.read(self.items[index])
+        except PipelineError as err:
+            return _Failed(err)
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def _checked(batch: list) -> list:
+    for value in batch:
+        if isinstance(value, _Failed):
+            raise value.error
+    return batch
+
+
+def prefetch(
+    items: Iterable,
+    read: Callable[[Any], Any],
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    prefetch_factor: int = PREFETCH_FACTOR,
+) -> Iterator[list]:
+    """Lists of ``read(item)`` for consecutive `batch_size` items, in order (see the module docstring).
+
+    `pin_memory` takes effect only with workers and CUDA (elsewhere there is nothing to pin for). Workers
+    are forked where the platform allows it, so `read` may be a closure; elsewhere it must pickle.
+    """
+    items = list(items)
+    batch_size = max(1, int(batch_size))
+    if num_workers <= 0:
+        for start in range(0, len(items), batch_size):
+            yield [read(item) for item in items[start : start + batch_size]]
+        return
+    methods = multiprocessing.get_all_start_methods()
+    loader = torch.utils.data.DataLoader(
+        _Reads(items, read),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=int(num_workers),
+        collate_fn=_as_list,
+        pin_memory=bool(pin_memory) and torch.cuda.is_available(),
+        prefetch_factor=max(1, int(prefetch_factor)),
+        multiprocessing_context="fork" if "fork" in methods else None,
+    )
+    for batch in loader:
+        yield _checked(batch)
