@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from pipeline.data.lvis_format import image_path, load_image
 from pipeline.errors import PipelineError
+from pipeline.inference import prefetch
 from pipeline.parts import Column, ImageParts
 from pipeline.store import offsets_from_counts
 
@@ -56,45 +58,51 @@ class SplitProposals:
 def propose_split(
     images: list[dict],
     image_root: Path,
-    infer: Callable[[list[np.ndarray]], list[dict]],
+    infer: Callable[[list[np.ndarray | torch.Tensor]], list[dict]],
     *,
     batch_size: int,
     mask_size: int,
     on_missing_image: str = "error",
     progress: bool = True,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> SplitProposals:
     """Run `infer` (a batch of RGB uint8 images -> per-image dicts of boxes, scores, masks) over `images`.
 
     Images keep their order; one that yields no proposal keeps a zero-length row range. A missing or
     unreadable image raises (naming the file) or, with on_missing_image='skip', gets zero rows and is counted.
+    With `num_workers` > 0 the images are decoded in DataLoader workers, a few batches ahead, and reach
+    `infer` as uint8 (H, W, 3) tensors (pinned with `pin_memory`, for a CUDA `infer`); without, in this
+    process as numpy arrays, one batch when it is needed (`pipeline.inference.prefetch`).
     """
     results: list[dict | None] = [None] * len(images)
-    hw = np.zeros((len(images), 2), dtype=np.int64)
+    hw = np.array([(r["height"], r["width"]) for r in images], dtype=np.int64).reshape(-1, 2)
     skipped: list[int] = []
+
+    def read(i: int) -> tuple[int, np.ndarray | torch.Tensor | None]:
+        record = images[i]
+        try:
+            pixels = load_image(image_path(record, image_root))
+        except PipelineError:
+            if on_missing_image != "skip":
+                raise
+            return i, None
+        if pixels.shape[:2] != (record["height"], record["width"]):
+            raise PipelineError(
+                f"{image_path(record, image_root)}: image is {pixels.shape[1]}x{pixels.shape[0]}, "
+                f"annotations say {record['width']}x{record['height']}"
+            )
+        return i, torch.from_numpy(np.ascontiguousarray(pixels)) if num_workers else pixels
+
     bar = tqdm(total=len(images), desc="propose", unit="img", disable=not progress)
-    for start in range(0, len(images), batch_size):
-        batch_idx, batch_img = [], []
-        for i in range(start, min(start + batch_size, len(images))):
-            record = images[i]
-            hw[i] = (record["height"], record["width"])
-            try:
-                pixels = load_image(image_path(record, image_root))
-            except PipelineError:
-                if on_missing_image != "skip":
-                    raise
-                skipped.append(int(record["id"]))
-                continue
-            if pixels.shape[:2] != (record["height"], record["width"]):
-                raise PipelineError(
-                    f"{image_path(record, image_root)}: image is {pixels.shape[1]}x{pixels.shape[0]}, "
-                    f"annotations say {record['width']}x{record['height']}"
-                )
-            batch_idx.append(i)
-            batch_img.append(pixels)
-        if batch_img:
-            for i, out in zip(batch_idx, infer(batch_img), strict=True):
+    batches = prefetch(range(len(images)), read, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+    for batch in batches:
+        batch_idx = [i for i, pixels in batch if pixels is not None]
+        skipped.extend(int(images[i]["id"]) for i, pixels in batch if pixels is None)
+        if batch_idx:
+            for i, out in zip(batch_idx, infer([pixels for _, pixels in batch if pixels is not None]), strict=True):
                 results[i] = out
-        bar.update(min(batch_size, len(images) - start))
+        bar.update(len(batch))
     bar.close()
     empty = {
         "boxes": np.zeros((0, 4), np.float32),
@@ -138,8 +146,12 @@ def propose_parts(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> None:
-    """Propose for every part of `parts` not yet on disk (this rank's share), saving each when done."""
+    """Propose for every part of `parts` not yet on disk (this rank's share), saving each when done.
+
+    `num_workers`, `pin_memory`: image decoding ahead in DataLoader workers (see `propose_split`)."""
     todo = parts.pending(rank, world_size)
     n_todo = sum(stop - start for start, stop in todo)
     bar = tqdm(total=n_todo, desc="propose", unit="img", disable=not progress, dynamic_ncols=True)
@@ -152,6 +164,8 @@ def propose_parts(
             mask_size=mask_size,
             on_missing_image=on_missing_image,
             progress=False,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
         )
         counts = np.diff(result.image_offsets)
         arrays = {name: value for name, value in result.arrays().items() if name != "image_offsets"}

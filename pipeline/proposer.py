@@ -35,6 +35,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -59,6 +60,7 @@ from tqdm import tqdm
 from pipeline.checkpoint import Checkpoint, rng_state, set_rng_state
 from pipeline.device import pick_device
 from pipeline.errors import PipelineError
+from pipeline.inference import autocast
 from pipeline.proposer_data import CocoInstances, _collate, _hflip
 from pipeline.store import torch_bytes, write_bytes
 
@@ -504,9 +506,27 @@ def _empty(mask_size: int) -> dict:
     }
 
 
-def propose(model: MaskRCNN, images: list[np.ndarray], *, device: str, batch_size: int | None = None) -> list[dict]:
+def _is_image(img) -> bool:
+    if isinstance(img, np.ndarray):
+        return img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+    if isinstance(img, torch.Tensor):
+        return img.dtype == torch.uint8 and img.ndim == 3 and img.shape[2] == 3
+    return False
+
+
+def propose(
+    model: MaskRCNN,
+    images: list[np.ndarray | torch.Tensor],
+    *,
+    device: str,
+    batch_size: int | None = None,
+    amp: str = "off",
+) -> list[dict]:
     """Run the proposer on uint8 (H, W, 3) images, `batch_size` at a time (all at once by default).
 
+    Images are numpy arrays or uint8 CPU tensors (pinned ones, from `pipeline.inference.prefetch`, are
+    copied to the device without blocking). `amp` (off | bf16 | fp16) runs the network under autocast;
+    the outputs are float32 whatever it is.
     Per image: `boxes` (n, 4) float32 xyxy in the image's pixels, `scores` (n,) float32, descending,
     `masks` (n, 28, 28) uint8 = round(255 * p), the mask head's box-relative output (not pasted),
     `labels` (n,) int64, the winning class (always 1 for a class-agnostic proposer).
@@ -514,27 +534,38 @@ def propose(model: MaskRCNN, images: list[np.ndarray], *, device: str, batch_siz
     """
     device = pick_device(device)
     for i, img in enumerate(images):
-        if not (isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3):
-            desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+        if not _is_image(img):
+            desc = (
+                f"{img.dtype} {tuple(img.shape)}" if isinstance(img, (np.ndarray, torch.Tensor)) else type(img).__name__
+            )
             raise PipelineError(f"propose: image {i} must be a uint8 (H, W, 3) array, got {desc}")
+    context = autocast(device, amp)  # checked before any work
     model.to(device).eval()
     step = len(images) if not batch_size else int(batch_size)
     results: list[dict] = []
     with torch.inference_mode():
         for start in range(0, len(images), max(1, step)):
-            results.extend(_propose_batch(model, images[start : start + step], device))
+            results.extend(_propose_batch(model, images[start : start + step], device, context))
     return results
 
 
-def _propose_batch(model: MaskRCNN, images: list[np.ndarray], device: str) -> list[dict]:
+def _propose_batch(
+    model: MaskRCNN, images: list[np.ndarray | torch.Tensor], device: str, context=contextlib.nullcontext()
+) -> list[dict]:
     tensors = [
-        torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1).float().div_(255.0) for img in images
+        (img if isinstance(img, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(img)))
+        .to(device, non_blocking=True)
+        .permute(2, 0, 1)
+        .float()
+        .div_(255.0)
+        for img in images
     ]
     original_sizes = [(int(img.shape[0]), int(img.shape[1])) for img in images]
-    image_list, _ = model.transform(tensors)
-    features = model.backbone(image_list.tensors)
-    proposals, _ = model.rpn(image_list, features)
-    detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+    with context:
+        image_list, _ = model.transform(tensors)
+        features = model.backbone(image_list.tensors)
+        proposals, _ = model.rpn(image_list, features)
+        detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
     out = []
     for det, resized, original in zip(detections, image_list.image_sizes, original_sizes, strict=True):
         masks = det["masks"]  # (n, 1, M, M) probabilities of the winning class
@@ -543,7 +574,7 @@ def _propose_batch(model: MaskRCNN, images: list[np.ndarray], device: str) -> li
             out.append(_empty(mask_size))
             continue
         order = torch.argsort(det["scores"], descending=True, stable=True)
-        boxes = resize_boxes(det["boxes"][order], resized, original)
+        boxes = resize_boxes(det["boxes"][order].float(), resized, original)
         out.append(
             {
                 "boxes": boxes.float().cpu().numpy().astype(np.float32),

@@ -532,3 +532,60 @@ def test_excluded_images_are_left_out(world, tmp_path):
     with pytest.raises(PipelineError, match="77.png"):  # without the exclusion, the missing file is read
         train_proposer(build_model("resnet18", SIZE), with_missing, root, epochs=1, batch_size=7, lr=0.01,
                        seed=0, device="cpu", progress=False)  # fmt: skip
+
+
+# ------------------------------------------------------------------------ inference: workers, tensors, amp
+
+
+def test_propose_takes_tensors_and_amp():
+    torch.manual_seed(0)
+    model = build_model("resnet18", SIZE, score_thresh=0.0, max_proposals=5)
+    images = [_image(8), _image(9)]
+    ref = propose(model, images, device="cpu")
+    from_tensors = propose(model, [torch.from_numpy(img) for img in images], device="cpu")
+    for a, b in zip(ref, from_tensors, strict=True):
+        assert all(np.array_equal(a[k], b[k]) for k in ("boxes", "scores", "masks", "labels"))
+    for amp in ("bf16", "fp16"):
+        try:
+            mixed = propose(model, images, device="cpu", amp=amp)
+        except PipelineError as err:  # a torch build without that CPU autocast says so in one line
+            assert amp in str(err)
+            continue
+        for res in mixed:
+            _check_contract(res, 5)
+    with pytest.raises(PipelineError, match="amp"):
+        propose(model, images, device="cpu", amp="int8")
+    with pytest.raises(PipelineError, match="uint8"):
+        propose(model, [torch.zeros((8, 8, 3))], device="cpu")
+
+
+def _records(world) -> tuple[list[dict], Path]:
+    path, root = world
+    records = json.loads(path.read_text())["images"][:6]
+    return records + [{"id": 77, "file_name": "train/missing.png", "height": SIZE, "width": SIZE}], root
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_propose_split_with_workers_is_the_in_process_split(world, num_workers):
+    from pipeline.proposals import propose_split
+
+    records, root = _records(world)
+    torch.manual_seed(0)
+    model = build_model("resnet18", SIZE, score_thresh=0.0, max_proposals=4)
+    seen = []
+
+    def infer(batch):
+        seen.append([type(img).__name__ for img in batch])
+        return propose(model, batch, device="cpu")
+
+    kw = {"batch_size": 3, "mask_size": MASK_SIZE, "on_missing_image": "skip", "progress": False}
+    base = propose_split(records, root, lambda b: propose(model, b, device="cpu"), **kw)
+    got = propose_split(records, root, infer, num_workers=num_workers, **kw)
+    assert got.skipped == base.skipped == [77]
+    assert [len(b) for b in seen] == [3, 3]  # the missing image is left out of its batch
+    assert {t for b in seen for t in b} == {"Tensor" if num_workers else "ndarray"}
+    for name, value in base.arrays().items():
+        assert np.array_equal(getattr(got, name), value), name
+    with pytest.raises(PipelineError, match=r"missing\.png") as err:
+        propose_split(records, root, infer, num_workers=num_workers, **{**kw, "on_missing_image": "error"})
+    assert "DataLoader" not in str(err.value)  # the stage's own one-line error, not a worker traceback
