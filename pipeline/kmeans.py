@@ -8,11 +8,12 @@ Both geometries run the same loop (`_lloyd`); only the geometry differs:
    (Poincaré: Einstein midpoint or Fréchet mean; Euclidean: mean), nearest-centroid assignment; until the relative
    inertia change is ``< tol`` (and no cluster was re-seeded) or after ``max_iter`` updates.
 
-The assignment (`pipeline.kmeans_assign`) equals the float64 brute force over every centroid (a float64 GEMM on the
-CPU, faiss float32 on GPUs, both certified, exact fallback); the centroid updates (`pipeline.kmeans_update`) are
-per-group float64 sums. Points ``x`` may be a numpy array or a zarr array (anything with ``shape``, ``len`` and
-row slices): every per-point pass reads blocks of rows, so the memory held across a run is the outputs (assignment
-int32 and distance float64, 12 bytes per point), the k-means++ sample and O(block) temporaries, whatever N is.
+The assignment (`pipeline.kmeans_assign`) equals the float64 brute force over every centroid (float32 then float64
+GEMMs on the CPU, faiss float32 on GPUs, all certified, near-ties decided exactly); the centroid updates
+(`pipeline.kmeans_update`) are per-group float64 sums. Points ``x`` may be a numpy array or a zarr array (anything
+with ``shape``, ``len`` and row slices): every per-point pass reads blocks of rows, so the memory held across a run
+is the outputs (assignment int32 and distance float64, 12 bytes per point), the k-means++ sample and O(block)
+temporaries, whatever N is.
 The result does not depend on the block size nor on whether ``x`` is a numpy or a zarr array.
 """
 

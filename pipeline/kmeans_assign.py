@@ -13,32 +13,35 @@ D(m)))``); Euclidean: ``sum (x_i - m_i)^2`` (the distance is its square root); b
 `assign_exact` evaluates it over every centroid (``O(N K d)``, the reference).
 
 **The search.** For a fixed point both rankings are that of ``t_j = a_j |x - y_j|^2`` (``a_j = 1 / D(y_j)``; 1 in
-Euclidean space), which is one matrix product: with ``p`` the centroids' mean, ``x' = (x - p, |x - p|^2, 1)`` and
-``y'_j = (-2 a_j (y_j - p), a_j, a_j |y_j - p|^2)``, ``t_j = x' . y'_j``. Two engines compute it:
+Euclidean space). With ``p`` the centroids' mean, ``r = |x - p|``, ``s_j = |y_j - p|``,
+``x'' = (x - p, r^2, 1, r)`` and ``y''_j = (-2 a_j (y_j - p), a_j (1 - beta), a_j s_j^2 (1 - beta), -2 beta a_j
+s_j)``, one matrix product gives ``x'' . y''_j = t_j - beta a_j (r + s_j)^2``. Computed in a precision of unit
+roundoff ``u``, an entry is off by at most ``gamma a_j (r + s_j)^2`` (``gamma``: the GEMM's ``(n + 2) u`` for
+``n = d + 3`` terms, in any summation order, plus the rounding of ``x''`` and ``y''``; ``sum_k |x''_k y''_k| <=
+a_j (r + s_j)^2`` by Cauchy-Schwarz), so with ``beta = 1.02 gamma`` *every computed entry is a lower bound of its
+t_j* (less an underflow term ``eta``, negligible unless entries are ~1e-38). The engines:
 
-- CPU (the default without a GPU): a float64 GEMM in tiles of rows on all threads (numpy, one BLAS thread per
-  worker), the smallest entry per row and the smallest of the others (``T.argmin``, then ``T.min`` with the winner
-  masked): candidate ``j1`` and ``bound``, a value every other centroid's computed ``t`` reaches.
-- GPU (faiss-gpu sees a GPU): a faiss ``IndexFlatIP`` of the ``-y'_j`` in float32, replicated on every visible
-  GPU (each searches a share of the rows), top ``candidates`` (at least 2): the candidates and, as ``bound``, the
-  last one's value. The rows the float32 certificate leaves open are redone by the float64 engine on the CPU.
+- CPU (the default without a GPU), in tiles of rows on all threads (numpy, one BLAS thread per worker): the
+  float32 GEMM, per row its smallest entry ``j1`` and the smallest of the others (``argmin``, then ``min`` with
+  ``j1`` masked: the lower bound of every other centroid); the rows it cannot certify, the same in float64.
+- GPU (faiss-gpu sees a GPU): a faiss ``IndexFlatIP`` of the ``-y''_j`` in float32, replicated on every visible
+  GPU (each searches a share of the rows), top ``candidates`` (at least 2), the last one's value the lower bound
+  of every centroid outside them; the rows it cannot certify go to the CPU's float64 GEMM.
 
-**The certificate.** A computed entry is off by at most ``gamma a_j (|x - p| + |y_j - p|)^2`` (``gamma`` = the
-GEMM's ``(n + 2) u`` for ``n = d + 2`` terms, plus the rounding of ``x'`` and ``y'``, ``u`` the unit roundoff of
-the engine), and ``(r + s)^2 <= 2 (s - r)^2 + 8 r^2 <= 2|x - y|^2 + 8 r^2`` (also with ``r`` and ``s`` swapped),
-so every centroid outside the candidates has ``t_j >= (bound - 8 gamma min(a_max |x - p|^2, max_j a_j
-|y_j - p|^2)) / (1 + 2 gamma)``. The candidates are re-ranked by the reference value itself; the best one's
-direct-difference ``t`` (relative error ``<= (d + 7) u``) must stay below that bound with a margin that covers the
-reference value's own rounding, so that the reference value of every other centroid is strictly larger. A row
-that fails goes to the next engine (GPU float32 -> CPU float64) and finally to `assign_exact`'s brute force. The
-result is therefore the reference rule's assignment over all centroids, whatever the engine, and the distance is
-the winner's reference value computed as `assign_exact` computes it (bit-identical).
+**The certificate.** The candidates are re-ranked by the reference value itself; the best one's direct-difference
+``t`` (relative error ``<= (d + 7) u``), times a margin that covers the reference value's own rounding (its
+*ceiling*), must stay below the lower bound of every other centroid, so that their reference values are all
+strictly larger. A row that fails in float64 is decided by the reference value over the centroids whose float64
+lower bound is under its ceiling (its near-ties: exact duplicates, or gaps below ~1e-13 of ``a_j (r + s_j)^2``),
+or over every centroid when those are more than a quarter of them. The result is therefore the reference rule's
+assignment over all centroids, whatever the engine, block size or thread count, and the distance is the winner's
+reference value computed as `assign_exact` computes it (bit-identical).
 
-What the certificate assumes: IEEE float32 / float64 arithmetic in the GEMM in any summation order (not TF32
-or float16: do not set NVIDIA_TF32_OVERRIDE=1 for faiss). Where it is weak: next to the boundary the float32
-error (``a_j ~ 1 / (2 gap)``) exceeds the gaps between centroids, so on a GPU the share of rows redone in float64
-grows with ``1 / gap`` (it is logged and returned in ``stats``); in float64 only true near-ties (relative gaps
-``<~ 1e-13 a_max``) reach the brute force.
+What the certificate assumes: IEEE float32 / float64 arithmetic in the GEMM (not TF32 or float16: do not set
+NVIDIA_TF32_OVERRIDE=1 for faiss). Where float32 is weak: next to the boundary its error (``a_j ~ 1 / (2 gap)``)
+exceeds the gaps between near centroids, so the share of rows redone in float64 grows with ``1 / gap`` (16 % at
+d = 16 and 29 % at d = 256 in benchmarks/bench_kmeans.py, radii to ``1 - |x| = 1e-3``; logged, and returned in
+``stats``).
 """
 
 from __future__ import annotations
@@ -172,16 +175,15 @@ def _sq_diff(xb: np.ndarray, cent: np.ndarray, cand: np.ndarray | None) -> np.nd
 
 
 class Side(NamedTuple):
-    """The centroids' side of one assignment: the reference value's terms and the GEMM's base."""
+    """The centroids' side of one assignment: the reference value's terms and the GEMM's bases."""
 
     cent: np.ndarray  # (K, d) float64
     data: tuple[np.ndarray, ...]  # the reference value's per-centroid terms (Poincaré: D(m))
     weight: np.ndarray  # (K,) a_j: t_j = a_j |x - y_j|^2
     centre: np.ndarray  # (d,) p, the centroids' mean
-    base: np.ndarray  # (d + 2, K) float64: the columns y'_j (see the module doc)
-    a_max: float  # max_j a_j
-    m_s: float  # max_j a_j |y_j - p|^2
-    big: float  # max |base| (for the float32 underflow term)
+    base: np.ndarray  # (d + 3, K) float64: the columns y''_j with float64's beta (see the module doc)
+    base32: np.ndarray  # (d + 3, K) float32: the same with float32's beta
+    big: float  # max |base| (for the underflow term)
 
 
 def _side(cent: np.ndarray, weight: np.ndarray, data: tuple[np.ndarray, ...]) -> Side:
@@ -189,11 +191,17 @@ def _side(cent: np.ndarray, weight: np.ndarray, data: tuple[np.ndarray, ...]) ->
     p = cent.mean(axis=0)
     yc = cent - p
     s2 = np.einsum("ij,ij->i", yc, yc)
-    base = np.empty((d + 2, k))
-    base[:d] = yc.T * (-2 * weight)
-    base[d] = weight
-    base[d + 1] = weight * s2
-    return Side(cent, data, weight, p, base, float(weight.max()), float((weight * s2).max()), float(abs(base).max()))
+
+    def columns(beta: float) -> np.ndarray:
+        base = np.empty((d + 3, k))
+        base[:d] = yc.T * (-2 * weight)
+        base[d] = weight * (1 - beta)
+        base[d + 1] = weight * s2 * (1 - beta)
+        base[d + 2] = (-2 * beta) * weight * np.sqrt(s2)
+        return base
+
+    base = columns(_beta(d, _U64))
+    return Side(cent, data, weight, p, base, columns(_beta(d, _U32)).astype(np.float32), float(abs(base).max()))
 
 
 class Poincare:
@@ -244,23 +252,35 @@ class Euclidean:
 Geometry = Poincare | Euclidean
 
 
-def _gamma(d: int, unit: float) -> float:
-    """Relative error factor of one computed entry ``x' . y'_j`` in arithmetic of unit roundoff ``unit`` (see the
-    module doc): the GEMM's ``n + 2`` for ``n = d + 2`` terms, ``2 (d + 5)`` float64 units for computing ``x'`` and
-    ``y'``, and one more rounding of each when they are cast to float32."""
+def _gamma(n: int, unit: float) -> float:
+    """Relative error factor of one computed product ``x'' . y''_j`` of ``n`` terms in arithmetic of unit roundoff
+    ``unit``, against ``sum_k |x''_k y''_k|``: the GEMM's ``n + 2``, ``2 n + 10`` float64 units for computing the
+    entries, and one more rounding of each when they are cast to float32."""
     cast = 2 * unit if unit > _U64 else 0.0
-    return 1.01 * ((d + 4) * unit + 2 * (d + 5) * _U64 + cast)
+    return 1.01 * ((n + 2) * unit + (2 * n + 10) * _U64 + cast)
 
 
-def _augment(xb: np.ndarray, side: Side) -> tuple[np.ndarray, np.ndarray]:
-    """``x' = (x - p, |x - p|^2, 1)`` (b, d + 2) float64 and ``|x - p|^2``."""
+def _beta(d: int, unit: float) -> float:
+    """The share of ``a_j (r + s_j)^2`` subtracted from every entry, so that a computed entry is at most ``t_j``."""
+    return 1.02 * _gamma(d + 3, unit)
+
+
+def _eta(unit: float, n: int, xa: np.ndarray, big: float) -> float:
+    """Absolute error from underflow (gradual or not) in a product of ``n`` terms of the precision of ``unit``."""
+    tiny = float(np.finfo(np.float32 if unit > _U64 else np.float64).tiny)
+    return (n + 2) * tiny * (1 + float(np.abs(xa).max(initial=0.0))) * (1 + big)
+
+
+def _augment(xb: np.ndarray, side: Side) -> np.ndarray:
+    """``x'' = (x - p, |x - p|^2, 1, |x - p|)`` (b, d + 3) float64."""
     b, d = xb.shape
-    xa = np.empty((b, d + 2))
+    xa = np.empty((b, d + 3))
     np.subtract(xb, side.centre, out=xa[:, :d])
     r2 = np.einsum("ij,ij->i", xa[:, :d], xa[:, :d])
     xa[:, d] = r2
     xa[:, d + 1] = 1.0
-    return xa, r2
+    xa[:, d + 2] = np.sqrt(r2)
+    return xa
 
 
 def _exact(geom: Geometry, xb: np.ndarray, rows: tuple, side: Side) -> tuple[np.ndarray, np.ndarray]:
@@ -284,7 +304,7 @@ class _Checked(NamedTuple):
     assignment: np.ndarray  # (b,) int32: the best candidate by the reference value
     value: np.ndarray  # (b,) its reference value
     certified: np.ndarray  # (b,) bool: no other centroid can have a reference value as small
-    ceiling: np.ndarray  # (b,) a centroid whose computed t exceeds this cannot be as small either
+    ceiling: np.ndarray  # (b,) a centroid whose t is above this cannot be as small either
 
 
 def _rerank(
@@ -299,62 +319,73 @@ def _rerank(
     return cand[r, jj].astype(np.int32), value[r, jj], diff2[r, jj]
 
 
-def _certify(
+def _certify(geom: Geometry, xb: np.ndarray, rows: tuple, side: Side, cand: np.ndarray, lower: np.ndarray) -> _Checked:
+    """Re-rank the candidates ``cand`` (b, m), sorted ascending per row, by the reference value and certify the
+    best against every other centroid, whose exact ``t`` is at least ``lower`` (b,)."""
+    d = xb.shape[1]
+    a, value, diff2 = _rerank(geom, xb, rows, side, cand)
+    eps = 4 * (d + 16) * _U64  # t's error (direct differences) and the reference value's rounding, both sides
+    ceiling = diff2 * side.weight[a] * ((1 + eps) / (1 - eps))
+    return _Checked(a, value, ceiling < lower, ceiling)
+
+
+def _top2(xa: np.ndarray, base: np.ndarray, buffer: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The GEMM ``xa @ base`` (into ``buffer`` when given: no page faults per tile), its smallest entry per row and
+    the smallest of the others: ``(j1, second as float64, tile with j1's entries set to inf)``."""
+    tile = np.matmul(xa, base, out=None if buffer is None else buffer[: len(xa)])
+    j1 = tile.argmin(axis=1)
+    tile[np.arange(len(j1)), j1] = np.inf
+    return j1, tile.min(axis=1).astype(np.float64), tile
+
+
+def _gemm(
     geom: Geometry,
     xb: np.ndarray,
     rows: tuple,
     side: Side,
-    cand: np.ndarray,
-    bound: np.ndarray,
-    r2: np.ndarray,
-    gamma: float,
-    eta: float = 0.0,
-) -> _Checked:
-    """Re-rank the candidates ``cand`` (b, m), sorted ascending per row, by the reference value and certify the
-    best against every other centroid, whose computed ``t`` is at least ``bound`` (b,) with entries off by at most
-    ``gamma a_j (r + s_j)^2 + eta`` (the module doc)."""
-    d = xb.shape[1]
-    a, value, diff2 = _rerank(geom, xb, rows, side, cand)
-    t = diff2 * side.weight[a]  # t_a within (d + 7) u of the exact value
-    slack = 8.02 * gamma * np.minimum(side.a_max * r2, side.m_s) + eta
-    eps = 4 * (d + 16) * _U64  # t's error and the reference value's rounding on both sides
-    # a centroid j has t_j >= (computed t_j - slack) / (1 + 2 gamma): above the ceiling it cannot beat ``a``
-    ceiling = t * ((1 + eps) / (1 - eps)) * (1 + 2 * gamma) + slack
-    return _Checked(a, value, ceiling < bound, ceiling)
-
-
-def _gemm64(
-    geom: Geometry, xb: np.ndarray, rows: tuple, side: Side, buffer: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """One tile of rows on the float64 engine: GEMM (into ``buffer``, (>= b, K), when given: no page faults per
-    tile), the two smallest entries per row, the certificate. A row it leaves open is decided by the reference
-    value over the centroids whose computed ``t`` is under its ceiling (the near-ties), or over every centroid when
-    those are more than a quarter. Returns ``(assignment, value, rows decided so)``."""
-    k = len(side.cent)
-    xa, r2 = _augment(xb, side)
-    tile = np.matmul(xa, side.base, out=None if buffer is None else buffer[: len(xb)])  # (b, K): every t_j
-    j1 = tile.argmin(axis=1)
-    tile[np.arange(len(j1)), j1] = np.inf
-    bound = tile.min(axis=1)
-    gamma = _gamma(xb.shape[1], _U64)
-    checked = _certify(geom, xb, rows, side, j1[:, None], bound, r2, gamma)
-    a, v = checked.assignment, checked.value
-    todo = np.flatnonzero(~checked.certified)
-    if not todo.size:
-        return a, v, 0
-    inside = tile[todo] <= checked.ceiling[todo, None]
-    inside[np.arange(todo.size), j1[todo]] = True
-    counts = inside.sum(axis=1)
+    buffers: dict[str, np.ndarray],
+    float32: bool = True,
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """One tile of rows on the CPU: the float32 GEMM's lower bounds and certificate (``float32``), the float64
+    GEMM's for the rows it leaves open, and for the rows still open the reference value over the centroids whose
+    lower bound is under the row's ceiling (the near-ties; every centroid when those are more than a quarter).
+    ``buffers``: a worker's reusable tiles by dtype. Returns ``(assignment, value, rows redone in float64, rows
+    decided over their near-ties)``."""
+    k, n = len(side.cent), xb.shape[1] + 3
+    xa = _augment(xb, side)
+    todo = np.arange(len(xb))
+    if float32:
+        xa32 = xa.astype(np.float32)
+        j1, lower, _ = _top2(xa32, side.base32, buffers.get("float32"))
+        lower -= _eta(_U32, n, xa, side.big)
+        checked = _certify(geom, xb, rows, side, j1[:, None], lower)
+        a, v = checked.assignment, checked.value
+        todo = np.flatnonzero(~checked.certified)
+        if not todo.size:
+            return a, v, 0, 0
+    else:
+        a, v = np.empty(len(xb), dtype=np.int32), np.empty(len(xb))
     xt, rt = xb[todo], tuple(q[todo] for q in rows)
+    j1, lower, tile = _top2(xa[todo], side.base, buffers.get("float64"))
+    checked = _certify(geom, xt, rt, side, j1[:, None], lower - _eta(_U64, n, xa, side.big))
+    a[todo], v[todo] = checked.assignment, checked.value
+    open_ = np.flatnonzero(~checked.certified)
+    redone = int(todo.size) if float32 else 0
+    if not open_.size:
+        return a, v, redone, 0
+    inside = tile[open_] <= checked.ceiling[open_, None]
+    inside[np.arange(open_.size), j1[open_]] = True
+    counts = inside.sum(axis=1)
+    xo, ro = xt[open_], tuple(q[open_] for q in rt)
     if counts.max() > max(4, k // 4):
-        a[todo], v[todo] = _exact(geom, xt, rt, side)
-        return a, v, int(todo.size)
+        a[todo[open_]], v[todo[open_]] = _exact(geom, xo, ro, side)
+        return a, v, redone, int(open_.size)
     row, col = np.nonzero(inside)  # row by row, ascending centroid index
     starts = np.cumsum(counts) - counts
     cand = np.repeat(col[starts][:, None], counts.max(), axis=1)  # padded with each row's first candidate
     cand[row, np.arange(len(col)) - starts[row]] = col
-    a[todo], v[todo], _ = _rerank(geom, xt, rt, side, cand)
-    return a, v, int(todo.size)
+    a[todo[open_]], v[todo[open_]], _ = _rerank(geom, xo, ro, side, cand)
+    return a, v, redone, int(open_.size)
 
 
 # ---------------------------------------------------------------------------------------------------- engines
@@ -422,13 +453,13 @@ def search_name(use_gpu: bool | None = None, devices: Sequence[int] | None = Non
     gpus = _gpu_devices(use_gpu, devices)
     if gpus:
         return f"{_faiss_version()} float32 on GPU {gpus} + float64 certificate"
-    return f"float64 GEMM on cpu, {threads()} threads ({_faiss_version()} sees no GPU or use_gpu=False)"
+    return f"float32/float64 GEMM on cpu, {threads()} threads ({_faiss_version()} sees no GPU or use_gpu=False)"
 
 
 class _Faiss:
     """The search engine of an assignment: faiss float32 on GPUs (``use_gpu`` None and a GPU, or True; the ids
-    ``devices``, default every visible GPU), else the float64 GEMM on the CPU. ``force_faiss_cpu`` runs the faiss
-    float32 path on the CPU (tests of its certificate). ``name`` says which (logged at INFO once per process)."""
+    ``devices``, default every visible GPU), else the float32 / float64 GEMM on the CPU. ``force_faiss_cpu`` runs
+    the faiss float32 path on the CPU (tests of its certificate). ``name`` says which (INFO once per process)."""
 
     def __init__(
         self, use_gpu: bool | None, devices: Sequence[int] | None = None, *, force_faiss_cpu: bool = False
@@ -465,9 +496,9 @@ class _Faiss:
 class _Assigner:
     """Nearest centroid of every row of ``x``, block by block (nothing per point is kept between calls).
 
-    ``geometry``: a `Poincare` / `Euclidean`, or a curvature c (the Poincaré ball). After a call: ``fallback``
-    the rows the brute force recomputed, ``redone`` the rows the faiss float32 certificate left to the float64
-    engine (0 on the CPU engine).
+    ``geometry``: a `Poincare` / `Euclidean`, or a curvature c (the Poincaré ball). After a call: ``redone`` the
+    rows the float32 certificate (CPU GEMM or faiss) left to the float64 GEMM, ``fallback`` the rows decided by
+    the reference value over their near-ties (or every centroid).
     """
 
     def __init__(
@@ -478,41 +509,41 @@ class _Assigner:
         self.rows = rows_per_block(x, block_rows)
         self.fallback = self.redone = 0
 
-    def _float64(self, pool: ThreadPoolExecutor | None, xb: np.ndarray, rows: tuple, side: Side) -> tuple:
-        """The float64 engine over the rows of ``xb`` in tiles (on the pool's workers when given)."""
+    def _cpu(self, pool: ThreadPoolExecutor | None, xb: np.ndarray, rows: tuple, side: Side, float32: bool) -> tuple:
+        """`_gemm` over the rows of ``xb`` in tiles (on the pool's workers when given), from float32 or float64."""
         k = len(side.cent)
         step = max(16, _TILE // k)
         tiles = [slice(i, min(len(xb), i + step)) for i in range(0, len(xb), step)]
-        local = threading.local()  # one tile buffer per worker thread
+        local = threading.local()  # one pair of tile buffers per worker thread
 
         def run(s: slice) -> tuple:
-            if getattr(local, "buffer", None) is None:
-                local.buffer = np.empty((min(step, len(xb)), k))
-            return _gemm64(self.geom, xb[s], tuple(q[s] for q in rows), side, local.buffer)
+            if getattr(local, "buffers", None) is None:
+                b = min(step, len(xb))
+                local.buffers = {"float32": np.empty((b, k), dtype=np.float32), "float64": np.empty((b, k))}
+            return _gemm(self.geom, xb[s], tuple(q[s] for q in rows), side, local.buffers, float32)
 
         done = list(pool.map(run, tiles)) if pool is not None and len(tiles) > 1 else [run(s) for s in tiles]
         if not done:
-            return np.empty(0, dtype=np.int32), np.empty(0), 0
+            return np.empty(0, dtype=np.int32), np.empty(0), 0, 0
         return (
-            np.concatenate([a for a, _, _ in done]),
-            np.concatenate([v for _, v, _ in done]),
-            sum(f for _, _, f in done),
+            np.concatenate([t[0] for t in done]),
+            np.concatenate([t[1] for t in done]),
+            sum(t[2] for t in done),
+            sum(t[3] for t in done),
         )
 
-    def _float32(self, index: Any, kk: int, xb: np.ndarray, rows: tuple, side: Side, pool) -> tuple:
-        """The faiss float32 engine on the rows of ``xb``; the rows it cannot certify go to the float64 engine."""
-        xa, r2 = _augment(xb, side)
-        dist, cand = index.search(xa.astype(np.float32), kk)  # inner products with -y': -t, largest first
-        bound = -dist[:, kk - 1].astype(np.float64)
+    def _faiss(self, index: Any, kk: int, xb: np.ndarray, rows: tuple, side: Side, pool) -> tuple:
+        """faiss float32 on the rows of ``xb``; the rows it cannot certify go to the CPU's float64 GEMM."""
+        xa = _augment(xb, side)
+        dist, cand = index.search(xa.astype(np.float32), kk)  # inner products with -y'': largest first
+        lower = -dist[:, kk - 1].astype(np.float64) - _eta(_U32, xa.shape[1], xa, side.big)
         cand = np.sort(cand, axis=1)  # ties go to the lowest index, as in the brute force
-        n = xa.shape[1]
-        eta = 2.0**-140 * n * (1 + float(np.abs(xa).max(initial=0.0)) + side.big) ** 2  # float32 underflow
-        checked = _certify(self.geom, xb, rows, side, cand, bound, r2, _gamma(xb.shape[1], _U32), eta)
+        checked = _certify(self.geom, xb, rows, side, cand, lower)
         a, v = checked.assignment, checked.value
         todo = np.flatnonzero(~checked.certified)
         fallback = 0
         if todo.size:
-            a[todo], v[todo], fallback = self._float64(pool, xb[todo], tuple(q[todo] for q in rows), side)
+            a[todo], v[todo], _, fallback = self._cpu(pool, xb[todo], tuple(q[todo] for q in rows), side, False)
         return a, v, int(todo.size), fallback
 
     def __call__(
@@ -526,7 +557,7 @@ class _Assigner:
         assignment, distance = out if out is not None else (np.empty(n, dtype=np.int32), np.empty(n))
         side = geom.side(np.ascontiguousarray(cent, dtype=np.float64))
         kk = min(max(self.candidates, 2), k)  # one candidate would leave the certificate nothing to compare with
-        index = engine.index((-side.base.T).astype(np.float32)) if engine.faiss and kk < k else None
+        index = engine.index(np.ascontiguousarray(-side.base32.T)) if engine.faiss and kk < k else None
         fallback = redone = 0
         workers = engine.threads
         pool_context = ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()
@@ -536,18 +567,18 @@ class _Assigner:
                 rows = geom.rows(xb)
                 if k == 1:
                     a, v = _exact(geom, xb, rows, side)
+                    r = f = 0
                 elif index is not None:
-                    a, v, r, f = self._float32(index, kk, xb, rows, side, pool)
-                    redone += r
-                    fallback += f
+                    a, v, r, f = self._faiss(index, kk, xb, rows, side, pool)
                 else:
-                    a, v, f = self._float64(pool, xb, rows, side)
-                    fallback += f
+                    a, v, r, f = self._cpu(pool, xb, rows, side, True)
+                redone += r
+                fallback += f
                 assignment[s] = a
                 distance[s] = geom.distance(v)
         self.fallback, self.redone = fallback, redone
         if fallback or redone:
-            log.debug("%d of %d points redone in float64, %d by the brute force", redone, n, fallback)
+            log.debug("%d of %d points redone in float64, %d decided over their near-ties", redone, n, fallback)
         return assignment, distance
 
 
@@ -575,8 +606,8 @@ def assign(
     ``(assignment int32 (N,), distance float64 (N,))``, equal to `assign_exact`. ``geometry`` "poincare"
     (curvature -c) or "euclidean" (``c`` unused); ``x`` as in the module doc; ``candidates``: the faiss top-k.
 
-    ``stats``, when given, receives ``{"fallback": rows of the brute force, "redone": rows the float32 certificate
-    sent to float64, "search": the engine's name, "gpu": whether faiss ran on a GPU}``.
+    ``stats``, when given, receives ``{"redone": rows the float32 certificate sent to float64, "fallback": rows
+    float64 left to their near-ties, "search": the engine's name, "gpu": whether faiss ran on a GPU}``.
     """
     geom = _geometry(geometry, c)
     x = check_points(x, geom.c, block_rows)

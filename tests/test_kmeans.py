@@ -1,5 +1,5 @@
 """k-means (pipeline.kmeans): recovery of separated clusters (also next to the boundary), the certified
-assignment (float64 GEMM, faiss float32) against a float64 brute force, determinism, empty clusters, Euclidean
+assignment (float32 / float64 GEMM, faiss float32) against a float64 brute force, determinism, empty clusters, Euclidean
 k-means, errors, choosing k. Streaming and the shared Lloyd loop: tests/test_kmeans_streaming.py; property tests
 of the assignment and its engines: tests/test_kmeans_assign.py."""
 
@@ -174,11 +174,11 @@ def test_assign_equals_float64_brute_force(d, c, centroid_kind):
     np.testing.assert_allclose(dist, ref_d, rtol=1e-9, atol=1e-12)
     # torch's and numpy's norms differ by an ulp, i.e. ~1e-6 of a 1e-10 gap to the boundary
     np.testing.assert_allclose(dist, hyp.dist(x, cent[a], c), rtol=1e-7, atol=1e-12)
-    assert not stats["gpu"] and stats["search"].startswith("float64 GEMM on cpu")
-    assert 0 <= stats["fallback"] <= len(x) and stats["redone"] == 0
+    assert not stats["gpu"] and stats["search"].startswith("float32/float64 GEMM on cpu")
+    assert 0 <= stats["fallback"] <= stats["redone"] <= len(x)
     if centroid_kind == "inside":
-        # certified by the GEMM alone for most rows: the search, not the brute force, is exercised
-        assert stats["fallback"] < len(x) // 10
+        # certified by the float32 GEMM alone for most rows: the search, not the fallbacks, is exercised
+        assert stats["redone"] < len(x) // 10
 
 
 @pytest.mark.parametrize("d", [2, 16, 64])
