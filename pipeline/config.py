@@ -27,6 +27,12 @@ import yaml
 
 from pipeline.errors import PipelineError
 
+# How a param enters the params a store records (`store_params`): one that only sets how fast a stage runs
+# never does; one added after the stores existed does only when set away from its default, so that the
+# stores made with the default keep their bytes.
+SPEED_ONLY = {"store": "never"}
+RECORDED_WHEN_SET = {"store": "when_set"}
+
 
 @dataclass(frozen=True)
 class SyntheticData:
@@ -72,6 +78,8 @@ class Propose:
     max_proposals: int = 20
     batch_size: int = 8
     on_missing_image: Literal["error", "skip"] = "error"
+    num_workers: int = field(default=0, metadata=SPEED_ONLY)  # DataLoader workers decoding images (0: in-process)
+    amp: Literal["off", "bf16", "fp16"] = field(default="off", metadata=RECORDED_WHEN_SET)  # inference autocast
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,8 @@ class Sample:
     relation_max_side: int | None = None
     batch_size: int = 128
     dtype: Literal["float16", "float32"] = "float16"
+    num_workers: int = field(default=0, metadata=SPEED_ONLY)  # DataLoader workers decoding images (0: in-process)
+    amp: Literal["off", "bf16", "fp16"] = field(default="off", metadata=RECORDED_WHEN_SET)  # backbone autocast
 
 
 @dataclass(frozen=True)
@@ -139,7 +149,7 @@ class Dist:
 @dataclass(frozen=True)
 class Params:
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:<n> (checked in _check_together)
     data: Data = field(default_factory=Data)
     proposer: Proposer = field(default_factory=Proposer)
     propose: Propose = field(default_factory=Propose)
@@ -171,11 +181,13 @@ RANGES: dict[str, str] = {
     "propose.nms_thresh": "[0, 1]",  # 0 suppresses any overlap, 1 none
     "propose.max_proposals": ">= 1",
     "propose.batch_size": ">= 1",
+    "propose.num_workers": ">= 0",
     "sample.crop_size": ">= 32",  # the backbone's stride: smaller crops pool less than one feature cell
     "sample.object_iou": "[0, 1)",  # pairs with IoU > this: 1 makes none (pipeline/relations.py)
     "sample.hier_containment": "(0, 1]",  # fraction >= this: 0 pairs every larger mask (pipeline/relations.py)
     "sample.relation_max_side": ">= 1",
     "sample.batch_size": ">= 1",
+    "sample.num_workers": ">= 0",
     "embed.seed": SEED,
     "embed.curvature": "> 0",
     "embed.hidden": ">= 1",
@@ -199,6 +211,7 @@ RANGES: dict[str, str] = {
     "dist.nproc": ">= 1",
 }
 
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # what pipeline/device.py's pick_device takes
 _BOUND = re.compile(r"(>=|>) (-?[0-9.]+)")
 _INTERVAL = re.compile(r"([\[(])(-?[0-9.]+), (-?[0-9.]+)([\])])")
 # YAML 1.2 floats (plus YAML 1.1's underscores): exponents without a dot or a sign, and -.5, are numbers
@@ -281,6 +294,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin is Literal:
+        if value is False and "off" in typing.get_args(tp):
+            return "off"  # YAML 1.1 reads a bare `off` as false
         if value not in typing.get_args(tp):
             raise PipelineError(f"{source}: {key}: expected one of {_type_name(tp)}, got {value!r}")
         return value
@@ -324,7 +339,9 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
 
 
 def _check_together(p: Params, source: str) -> None:
-    """The rules that involve more than one value."""
+    """The rules that involve more than one value (and the device's spelling)."""
+    if not _DEVICE.fullmatch(p.device):
+        raise PipelineError(f"{source}: device: expected auto, cpu, cuda or cuda:<n>, got {p.device!r}")
     k_range = p.cluster.k_range
     ok = len(k_range) == 3 and 1 <= k_range[0] <= k_range[1] and k_range[2] >= 1
     if not ok or len(range(k_range[0], k_range[1] + 1, k_range[2])) < 3:
@@ -365,3 +382,15 @@ def load_params(path: Path | str = "params.yaml") -> Params:
 def as_dict(obj: Any) -> dict:
     """Params (or one group) as a plain dict, for store attrs and logs."""
     return dataclasses.asdict(obj)
+
+
+def store_params(group: Any) -> dict:
+    """One params group as the dict a store records and keys its parts by: `as_dict` without the params that
+    only set the speed (`SPEED_ONLY`: num_workers) and without those at their default that were added after
+    the stores existed (`RECORDED_WHEN_SET`: amp off), so a default store keeps its bytes."""
+    out = as_dict(group)
+    for f in dataclasses.fields(group):
+        rule = f.metadata.get("store")
+        if rule == "never" or (rule == "when_set" and getattr(group, f.name) == f.default):
+            del out[f.name]
+    return out

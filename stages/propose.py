@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import as_dict
+from pipeline.config import store_params
 from pipeline.data.annotation_stream import load_image_records
 from pipeline.data.dataset import read_manifest
 from pipeline.device import pick_device
@@ -60,7 +60,7 @@ def main(
     proposer_digest = file_digest(PROPOSER_CHECKPOINT)
     key = {
         "split": split,
-        "propose": as_dict(cfg),
+        "propose": store_params(cfg),
         "device": device,
         "proposer_digest": proposer_digest,
         "annotations": manifest.files.get(str(gt_path), str(gt_path)),
@@ -73,10 +73,12 @@ def main(
         parts,
         images,
         Path(manifest.image_root),
-        lambda batch: propose(model, batch, device=run_device),
+        lambda batch: propose(model, batch, device=run_device, amp=cfg.amp),
         batch_size=cfg.batch_size,
         mask_size=mask_size,
         on_missing_image=cfg.on_missing_image,
+        num_workers=cfg.num_workers,
+        pin_memory=run_device.startswith("cuda"),
         rank=ranks.rank,
         world_size=ranks.world_size,
     )
@@ -89,7 +91,7 @@ def main(
     n_props, n_empty = int(counts.sum()), int((counts == 0).sum())
     attrs = {
         "split": split,
-        "params": {"propose": as_dict(cfg), "device": device},
+        "params": {"propose": store_params(cfg), "device": device},
         "proposer_checkpoint": str(PROPOSER_CHECKPOINT),
         "proposer_digest": proposer_digest,
         "annotations": str(gt_path),

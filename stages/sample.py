@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.config import as_dict
+from pipeline.config import store_params
 from pipeline.data.dataset import read_manifest
 from pipeline.device import pick_device
 from pipeline.distributed import init_ranks, launch_ranks, main_first, main_goes_on, rank_device, shutdown
@@ -47,7 +47,7 @@ def main(
     out = split_dir(split) / "samples.zarr"
     key = {
         "split": split,
-        "sample": as_dict(cfg),
+        "sample": store_params(cfg),
         "seed": p.seed,
         "device": device,
         "proposals": proposals.attrs["fingerprint"],
@@ -78,6 +78,8 @@ def main(
         relation_max_side=cfg.relation_max_side,
         batch_size=cfg.batch_size,
         device=run_device,
+        num_workers=cfg.num_workers,
+        amp=cfg.amp,
         rank=ranks.rank,
         world_size=ranks.world_size,
     )
@@ -91,7 +93,7 @@ def main(
     }
     attrs = {
         "split": split,
-        "params": {"sample": as_dict(cfg), "seed": p.seed, "device": device},
+        "params": {"sample": store_params(cfg), "seed": p.seed, "device": device},
         "backbone": backbone.init,
         "feature_dim": int(backbone.dim),
         "feature_dtype": cfg.dtype,

@@ -357,3 +357,30 @@ def test_stage_refuses_bad_params_before_any_work(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
     assert "propose.score_thresh: must be in [0, 1), got 2" in lines[0]
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:3"])
+def test_devices_accepted(device):
+    assert parse_params({**default(), "device": device}).device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CUDA", "cuda:0 "])
+def test_bad_device_named(device):
+    with pytest.raises(PipelineError, match=r"^params\.yaml: device: expected auto, cpu, cuda or cuda:<n>, got"):
+        parse_params({**default(), "device": device})
+
+
+def test_amp_and_workers(tmp_path):
+    from pipeline.config import store_params
+
+    p = load_params(ROOT / "params.yaml")  # a bare `off` (YAML 1.1's false) is the choice "off"
+    assert p.propose.amp == p.sample.amp == "off" and p.propose.num_workers == p.sample.num_workers == 0
+    assert load_params(with_value(tmp_path, "sample.amp", "bf16")).sample.amp == "bf16"
+    with pytest.raises(PipelineError, match=r"propose\.amp: expected one of 'off' \| 'bf16' \| 'fp16', got 'fp8'"):
+        load_params(with_value(tmp_path, "propose.amp", "fp8"))
+    with pytest.raises(PipelineError, match=r"sample\.num_workers: must be >= 0, got -1"):
+        load_params(with_value(tmp_path, "sample.num_workers", "-1"))
+    # a store records neither the workers nor amp at its default: the stores made before them keep their bytes
+    assert "num_workers" not in store_params(p.propose) and "amp" not in store_params(p.sample)
+    faster = dataclasses.replace(p.sample, num_workers=4, amp="bf16")
+    assert store_params(faster) == {**store_params(p.sample), "amp": "bf16"}
