@@ -30,22 +30,17 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.kmeans_assign import (  # noqa: F401  (re-exported: the assignment's public and private names)
-    BLOCK_ROWS,
     Euclidean,
     Geometry,
     Poincare,
     _arg,
     _Assigner,
     _den_gap,
-    _Faiss,
     assign,
     assign_exact,
-    check_points,
-    faiss_backend,
-    read_rows,
-    search_name,
-    visible_gpus,
 )
+from pipeline.kmeans_blocks import BLOCK_ROWS, check_points, read_rows  # noqa: F401  (re-exported)
+from pipeline.kmeans_engines import _Faiss, faiss_backend, search_name, visible_gpus  # noqa: F401  (re-exported)
 from pipeline.kmeans_update import _update
 
 log = logging.getLogger(__name__)
@@ -222,7 +217,7 @@ def hyperbolic_kmeans(
     assignment/distances are those of the returned centroids. ``use_gpu``: None = GPU faiss when available,
     False = CPU, True = GPU or error; ``gpu_devices``: the GPU ids faiss uses (default every visible one).
     ``progress`` logs every iteration at INFO (else DEBUG). ``block_rows``: rows per block of ``x`` (default
-    `pipeline.kmeans_assign.rows_per_block`); the result does not depend on it nor on the threads or GPUs.
+    `pipeline.kmeans_blocks.rows_per_block`); the result does not depend on it nor on the threads or GPUs.
     """
     if centroid not in ("einstein", "frechet"):
         raise PipelineError(f"centroid must be 'einstein' or 'frechet', got {centroid!r}")

@@ -1,10 +1,8 @@
 """Nearest-centroid assignment of k-means (pipeline.kmeans), streamed by blocks of rows, in both geometries.
 
-Points ``x`` are any (N, d) array that supports ``x.shape`` and row slices ``x[i:j]`` (a numpy array,
-or a zarr array that is never read whole): every per-point computation reads one block of rows, converts it to
-float64 and keeps nothing of it after the block. Blocks are ``BLOCK_ROWS`` rows (fewer for wide
-rows, rounded down to a multiple of a zarr array's chunk length: `rows_per_block`), or the ``block_rows`` a
-caller passes. The result does not depend on the block size, nor on the number of threads or GPUs.
+Points ``x`` are read by blocks of rows as pipeline.kmeans_blocks describes (a numpy or a zarr array, never read
+whole); the search engine (CPU threads, faiss on GPUs) is chosen by pipeline.kmeans_engines. The result does not
+depend on the block size, nor on the number of threads or GPUs.
 
 **The rule.** Every point goes to the centroid of smallest float64 *reference value*, ties to the lowest index:
 Poincaré ball of curvature -c: ``sqrt(c)|x - m| / sqrt(D(x) D(m))`` with ``D = (1 - sqrt(c)|.|)(1 + sqrt(c)|.|)``
@@ -19,7 +17,8 @@ s_j)``, one matrix product gives ``x'' . y''_j = t_j - beta a_j (r + s_j)^2``. C
 roundoff ``u``, an entry is off by at most ``gamma a_j (r + s_j)^2`` (``gamma``: the GEMM's ``(n + 2) u`` for
 ``n = d + 3`` terms, in any summation order, plus the rounding of ``x''`` and ``y''``; ``sum_k |x''_k y''_k| <=
 a_j (r + s_j)^2`` by Cauchy-Schwarz), so with ``beta = 1.02 gamma`` *every computed entry is a lower bound of its
-t_j* (less an underflow term ``eta``, negligible unless entries are ~1e-38). The engines:
+t_j* (less an underflow term ``eta``, negligible unless entries are ~1e-38). The engines (which one runs,
+its threads and GPUs: pipeline.kmeans_engines):
 
 - CPU (the default without a GPU), in tiles of rows on all threads (numpy, one BLAS thread per worker): the
   float32 GEMM, per row its smallest entry ``j1`` and the smallest of the others (``argmin``, then ``min`` with
@@ -50,107 +49,20 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
-
-try:
-    import faiss
-except ImportError:  # installed without the cpu / gpu extra: the CPU's float64 GEMM needs no faiss
-    faiss = None
 
 from pipeline.errors import PipelineError
+from pipeline.kmeans_blocks import _BLOCK, blocks, check_points, read_block, rows_per_block
+from pipeline.kmeans_engines import _Faiss, _one_blas_thread
 
 log = logging.getLogger(__name__)
 
 _U32 = 2.0**-24
 _U64 = 2.0**-53
-_BLOCK = 1 << 22  # elements of a float64 temporary (32 MB)
 _TILE = 1 << 20  # elements of one worker's float64 GEMM tile (8 MB)
-BLOCK_ROWS = 65_536  # rows of points per block (at most; see rows_per_block)
-
-
-# ------------------------------------------------------------------------------------------------- blocks
-
-
-def rows_per_block(x: Any, rows: int | None = None) -> int:
-    """Rows per block of ``x``: ``rows`` when given; else ``BLOCK_ROWS``, fewer when a float64 block would
-    exceed ``_BLOCK`` elements, rounded down to a multiple of the zarr chunk length along axis 0 (at least one)."""
-    if rows is not None:
-        if int(rows) < 1:
-            raise PipelineError(f"block_rows must be >= 1, got {rows}")
-        return int(rows)
-    rows = max(1, min(BLOCK_ROWS, _BLOCK // max(1, int(x.shape[1]))))
-    chunks = getattr(x, "chunks", None)
-    if chunks:
-        chunk = max(1, int(chunks[0]))
-        rows = max(chunk, rows // chunk * chunk)
-    return rows
-
-
-def blocks(n: int, rows: int) -> Iterator[slice]:
-    """Consecutive row slices of ``rows`` rows (the last one shorter) covering ``range(n)``."""
-    for i in range(0, n, rows):
-        yield slice(i, min(n, i + rows))
-
-
-def read_block(x: Any, rows: slice) -> np.ndarray:
-    """Rows of ``x`` as a float64 C-contiguous numpy array (a view when ``x`` already is one)."""
-    return np.ascontiguousarray(x[rows], dtype=np.float64)
-
-
-def read_rows(x: Any, index: np.ndarray, rows: int | None = None) -> np.ndarray:
-    """Rows ``index`` (sorted, unique) of ``x`` as float64, read without loading ``x`` whole."""
-    index = np.asarray(index, dtype=np.int64)
-    if isinstance(x, np.ndarray):
-        return np.ascontiguousarray(x[index], dtype=np.float64)
-    if hasattr(x, "get_orthogonal_selection"):  # zarr: only the chunks that hold the rows
-        return np.ascontiguousarray(x.get_orthogonal_selection((index, slice(None))), dtype=np.float64)
-    out = np.empty((len(index), x.shape[1]))
-    for s in blocks(x.shape[0], rows_per_block(x, rows)):
-        lo, hi = np.searchsorted(index, [s.start, s.stop])
-        if hi > lo:
-            out[lo:hi] = read_block(x, s)[index[lo:hi] - s.start]
-    return out
-
-
-def check_points(x: Any, c: float | None, rows: int | None = None) -> Any:
-    """``x`` checked block by block (numpy arrays and zarr arrays are returned as they are, anything else through
-    ``np.asarray``); one-line PipelineError on a bad shape or dtype, NaN/inf, or (when ``c`` is given) points on
-    or outside the ball ``|x| >= 1/sqrt(c)``."""
-    if not (hasattr(x, "shape") and isinstance(getattr(x, "dtype", None), np.dtype) and hasattr(x, "__getitem__")):
-        x = np.asarray(x)  # lists, tensors, ...
-    shape, dtype = tuple(x.shape), np.dtype(x.dtype)
-    if len(shape) != 2 or shape[1] < 1 or dtype.kind not in "fiu":
-        raise PipelineError(f"embeddings must be a numeric (N, d) array, got shape {shape} dtype {dtype}")
-    if c is not None and not (math.isfinite(c) and c > 0):
-        raise PipelineError(f"curvature c must be a positive number, got {c}")
-    n_bad = n_out = 0
-    first_bad = first_out = -1
-    r_out = 0.0
-    for s in blocks(shape[0], rows_per_block(x, rows)):
-        xb = read_block(x, s)
-        bad = np.flatnonzero(~np.isfinite(xb).all(axis=1))
-        if bad.size and not n_bad:
-            first_bad = s.start + int(bad[0])
-        n_bad += bad.size
-        if c is not None:
-            r = math.sqrt(c) * np.linalg.norm(xb, axis=1)
-            out = np.flatnonzero(r >= 1)
-            if out.size and not n_out:
-                first_out, r_out = s.start + int(out[0]), float(r[out[0]])
-            n_out += out.size
-    if n_bad:
-        raise PipelineError(f"{n_bad} embeddings contain NaN or inf (first at index {first_bad})")
-    if n_out:
-        raise PipelineError(
-            f"{n_out} embeddings lie on or outside the Poincaré ball |x| < 1/sqrt(c) = {1 / math.sqrt(c):.6g} "
-            f"(first at index {first_out}, |x| = {r_out / math.sqrt(c):.17g})"
-        )
-    return x
 
 
 # ------------------------------------------------------------------------------------------------- geometry
@@ -388,109 +300,7 @@ def _gemm(
     return a, v, redone, int(open_.size)
 
 
-# ---------------------------------------------------------------------------------------------------- engines
-
-
-def visible_gpus() -> int:
-    """How many GPUs faiss sees (0 with faiss-cpu, or without faiss)."""
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-
-
-def _faiss_version() -> str:
-    return f"faiss {faiss.__version__}" if faiss is not None else "no faiss"
-
-
-def faiss_backend() -> str:
-    """Which faiss this process has: "faiss <version> on gpu" when faiss sees a GPU (faiss-gpu with CUDA), else
-    "... on cpu". (On the CPU the assignment's search is the float64 GEMM, not faiss: see `_Faiss.name`.)"""
-    return f"{_faiss_version()} on {'gpu' if visible_gpus() > 0 else 'cpu'}"
-
-
-def threads() -> int:
-    """Worker threads of the float64 engine: torch's intra-op thread count (OMP_NUM_THREADS under torchrun)."""
-    return max(1, torch.get_num_threads())
-
-
-_CONTROLLER = None
-
-
-@contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    """BLAS on one thread inside the block (the workers are the parallelism), restored after."""
-    global _CONTROLLER
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        yield
-        return
-    if _CONTROLLER is None:
-        _CONTROLLER = ThreadpoolController()
-    with _CONTROLLER.limit(limits=1, user_api="blas"):
-        yield
-
-
-_RESOURCES: dict[int, Any] = {}  # one faiss StandardGpuResources per GPU id, kept for the process
-_LOGGED: set[str] = set()
-
-
-def _gpu_devices(use_gpu: bool | None, devices: Sequence[int] | None) -> list[int]:
-    """The GPU ids the search uses: none when ``use_gpu`` is False or faiss sees no GPU, else ``devices`` (default
-    every visible one); PipelineError when ``use_gpu`` is True and there is none."""
-    n_gpus = visible_gpus()
-    if use_gpu and n_gpus == 0:
-        raise PipelineError("use_gpu=True but faiss sees no GPU (is faiss-gpu installed? see `make setup-gpu`)")
-    if n_gpus == 0 or use_gpu is False:
-        return []
-    chosen = [int(g) for g in (range(n_gpus) if devices is None else devices)]
-    bad = [g for g in chosen if not 0 <= g < n_gpus]
-    if not chosen or bad:
-        raise PipelineError(f"GPU devices {list(chosen)} are not among the {n_gpus} GPUs faiss sees")
-    return chosen
-
-
-def search_name(use_gpu: bool | None = None, devices: Sequence[int] | None = None) -> str:
-    """What `assign` runs with these arguments, in words: faiss on which GPUs, or the CPU's float64 GEMM."""
-    gpus = _gpu_devices(use_gpu, devices)
-    if gpus:
-        return f"{_faiss_version()} float32 on GPU {gpus} + float64 certificate"
-    return f"float32/float64 GEMM on cpu, {threads()} threads ({_faiss_version()} sees no GPU or use_gpu=False)"
-
-
-class _Faiss:
-    """The search engine of an assignment: faiss float32 on GPUs (``use_gpu`` None and a GPU, or True; the ids
-    ``devices``, default every visible GPU), else the float32 / float64 GEMM on the CPU. ``force_faiss_cpu`` runs
-    the faiss float32 path on the CPU (tests of its certificate). ``name`` says which (INFO once per process)."""
-
-    def __init__(
-        self, use_gpu: bool | None, devices: Sequence[int] | None = None, *, force_faiss_cpu: bool = False
-    ) -> None:
-        self.devices = _gpu_devices(use_gpu, devices)
-        if force_faiss_cpu and faiss is None:
-            raise PipelineError("the faiss float32 search needs faiss (make setup installs faiss-cpu)")
-        self.gpu = bool(self.devices)
-        self.faiss = self.gpu or force_faiss_cpu
-        self.threads = threads()
-        if self.gpu:
-            for g in self.devices:
-                if g not in _RESOURCES:
-                    _RESOURCES[g] = faiss.StandardGpuResources()
-        self.name = f"{_faiss_version()} float32 on cpu" if force_faiss_cpu else search_name(use_gpu, devices)
-        log.log(logging.DEBUG if self.name in _LOGGED else logging.INFO, "nearest-centroid search: %s", self.name)
-        _LOGGED.add(self.name)
-
-    def index(self, base32: np.ndarray) -> Any:
-        """A flat inner-product index holding ``base32`` (K, n) float32, replicated on every GPU of ``devices``
-        (each searches a share of the queries), searched with ``.search(queries, k)``."""
-        index = faiss.IndexFlatIP(base32.shape[1])
-        index.add(np.ascontiguousarray(base32, dtype=np.float32))
-        if self.gpu:
-            if len(self.devices) == 1:
-                return faiss.index_cpu_to_gpu(_RESOURCES[self.devices[0]], self.devices[0], index)
-            options = faiss.GpuMultipleClonerOptions()
-            options.shard = False  # replicas: the K centroids are small, the N queries are split across GPUs
-            resources = [_RESOURCES[g] for g in self.devices]
-            return faiss.index_cpu_to_gpu_multiple_py(resources, index, options, self.devices)
-        return index
+# ------------------------------------------------------------------------------------------------- assignment
 
 
 class _Assigner:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline import hyperbolic as hyp
-from pipeline.kmeans_assign import blocks, read_block, rows_per_block
+from pipeline.kmeans_blocks import blocks, read_block, rows_per_block
 
 #: a fresh iterator over (rows float64 (b, d), groups int (b,)) blocks covering every point once, per pass
 Blocks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]

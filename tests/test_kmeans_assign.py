@@ -16,14 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import kmeans_assign as ka
+from pipeline import kmeans_engines as ke
 from pipeline.distributed import Ranks
 from pipeline.errors import PipelineError
 from pipeline.kmeans import assign, assign_exact
 from tests.test_kmeans import mixed_points, unit_rows
 
 ENGINES = {
-    "cpu": lambda: ka._Faiss(False),  # float32 GEMM, float64 GEMM for the rows it leaves open
-    "faiss32": lambda: ka._Faiss(False, force_faiss_cpu=True),  # faiss float32 top-k (the GPU path), then float64
+    "cpu": lambda: ke._Faiss(False),  # float32 GEMM, float64 GEMM for the rows it leaves open
+    "faiss32": lambda: ke._Faiss(False, force_faiss_cpu=True),  # faiss float32 top-k (the GPU path), then float64
 }
 
 
@@ -151,7 +152,7 @@ def test_certificate_survives_adversarial_rounding(monkeypatch):
         return t
 
     monkeypatch.setattr(ka.np, "matmul", worst)
-    assigner = ka._Assigner(x, geom, ka._Faiss(False), 4)
+    assigner = ka._Assigner(x, geom, ke._Faiss(False), 4)
     a, v, redone, fallback = assigner._cpu(None, x, geom.rows(x), side, False)
     monkeypatch.undo()
     ex_a, ex_d = assign_exact(x, cent)
@@ -166,7 +167,7 @@ def test_result_does_not_depend_on_threads_or_blocks(monkeypatch):
     cent = np.concatenate([x[:100], near_ties(rng, x[:100], 50, 1e-12, 1.0)])
     runs = []
     for workers, rows, tile in [(1, None, ka._TILE), (2, 777, ka._TILE), (3, 1000, 3000)]:
-        monkeypatch.setattr(ka, "threads", lambda w=workers: w)
+        monkeypatch.setattr(ke, "threads", lambda w=workers: w)
         monkeypatch.setattr(ka, "_TILE", tile)
         runs.append(assign(x, cent, use_gpu=False, block_rows=rows))
     for a, dist in runs[1:]:
@@ -202,7 +203,7 @@ def two_gpus(monkeypatch):
 
     monkeypatch.setattr(faiss, "index_cpu_to_gpu_multiple_py", multiple, raising=False)
     monkeypatch.setattr(faiss, "index_cpu_to_gpu", single, raising=False)
-    monkeypatch.setattr(ka, "_RESOURCES", {})
+    monkeypatch.setattr(ke, "_RESOURCES", {})
     return calls
 
 
@@ -218,10 +219,10 @@ def test_gpu_search_is_replicated_over_every_visible_gpu(two_gpus):
     np.testing.assert_array_equal(dist, assign_exact(x, cent)[1])
     assign(x, cent, use_gpu=False, stats=stats)
     assert not stats["gpu"] and len(two_gpus) == 1
-    assign(x, cent, stats=stats, engine=ka._Faiss(None, [1]))  # a torchrun rank's own GPU
+    assign(x, cent, stats=stats, engine=ke._Faiss(None, [1]))  # a torchrun rank's own GPU
     assert two_gpus[-1] == ("one", 1) and "GPU [1]" in stats["search"]
     with pytest.raises(PipelineError, match="not among the 2 GPUs"):
-        ka._Faiss(None, [2])
+        ke._Faiss(None, [2])
 
 
 def test_torchrun_ranks_take_their_own_gpu(two_gpus):
@@ -234,20 +235,20 @@ def test_torchrun_ranks_take_their_own_gpu(two_gpus):
 
 @pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="a GPU is visible to faiss")
 def test_without_gpu_the_search_is_the_cpu_gemm():
-    assert ka.search_name().startswith("float32/float64 GEMM on cpu")
-    assert ka.faiss_backend() == f"faiss {faiss.__version__} on cpu"
+    assert ke.search_name().startswith("float32/float64 GEMM on cpu")
+    assert ke.faiss_backend() == f"faiss {faiss.__version__} on cpu"
     with pytest.raises(PipelineError, match="sees no GPU"):
-        ka._Faiss(True)
+        ke._Faiss(True)
 
 
 def test_the_cpu_search_needs_no_faiss(monkeypatch):
     """Installed without the cpu / gpu extra (no faiss module): the CPU's GEMM still assigns, and says so."""
-    monkeypatch.setattr(ka, "faiss", None)
+    monkeypatch.setattr(ke, "faiss", None)
     rng = np.random.default_rng(7)
     x = mixed_points(rng, 500, 8, 1.0)
     stats: dict = {}
     a, dist = assign(x, x[:20], stats=stats)
     np.testing.assert_array_equal(a, assign_exact(x, x[:20])[0])
-    assert "no faiss" in stats["search"] and ka.faiss_backend() == "no faiss on cpu"
+    assert "no faiss" in stats["search"] and ke.faiss_backend() == "no faiss on cpu"
     with pytest.raises(PipelineError, match="needs faiss"):
-        ka._Faiss(False, force_faiss_cpu=True)
+        ke._Faiss(False, force_faiss_cpu=True)

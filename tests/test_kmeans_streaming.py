@@ -1,7 +1,7 @@
-"""Streamed k-means (pipeline.kmeans_update, pipeline.kmeans_assign): the block-wise centroid updates against the
-one-shot closed forms of pipeline.hyperbolic, zarr or block-read input against numpy input (bit-identical, blocks
-smaller than N), block sizes, checks across blocks, the farthest-first re-seeding walk; the Euclidean assignment
-against a float64 brute force and the one Lloyd loop both geometries share."""
+"""Streamed k-means (pipeline.kmeans_update, pipeline.kmeans_blocks, pipeline.kmeans_assign): the block-wise
+centroid updates against the one-shot closed forms of pipeline.hyperbolic, zarr or block-read input against numpy
+input (bit-identical, blocks smaller than N), block sizes, checks across blocks, the farthest-first re-seeding walk;
+the Euclidean assignment against a float64 brute force and the one Lloyd loop both geometries share."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import zarr
 
 from pipeline import hyperbolic as hyp
 from pipeline import kmeans as km
-from pipeline import kmeans_assign as ka
+from pipeline import kmeans_blocks as kb
 from pipeline import kmeans_update as ku
 from pipeline.errors import PipelineError
 from pipeline.kmeans import assign, assign_exact, euclidean_kmeans, hyperbolic_kmeans, kmeans
@@ -119,20 +119,20 @@ def test_zarr_input_gives_the_numpy_result(tmp_path, geometry, centroid):
 def test_rows_per_block_follow_the_zarr_chunks(tmp_path, monkeypatch):
     x = np.zeros((1000, 8), dtype=np.float32)
     z = zarr_array(tmp_path / "x.zarr", x, 50)
-    assert ka.rows_per_block(x) == ka.BLOCK_ROWS
-    assert ka.rows_per_block(np.zeros((10, 1024))) == ka._BLOCK // 1024  # a float64 block of wide rows stays small
-    monkeypatch.setattr(ka, "BLOCK_ROWS", 120)
-    assert ka.rows_per_block(x) == 120
-    assert ka.rows_per_block(z) == 100  # a multiple of the chunk length
-    monkeypatch.setattr(ka, "BLOCK_ROWS", 30)
-    assert ka.rows_per_block(z) == 50  # at least one chunk
-    assert ka.rows_per_block(z, 7) == 7
+    assert kb.rows_per_block(x) == kb.BLOCK_ROWS
+    assert kb.rows_per_block(np.zeros((10, 1024))) == kb._BLOCK // 1024  # a float64 block of wide rows stays small
+    monkeypatch.setattr(kb, "BLOCK_ROWS", 120)
+    assert kb.rows_per_block(x) == 120
+    assert kb.rows_per_block(z) == 100  # a multiple of the chunk length
+    monkeypatch.setattr(kb, "BLOCK_ROWS", 30)
+    assert kb.rows_per_block(z) == 50  # at least one chunk
+    assert kb.rows_per_block(z, 7) == 7
     with pytest.raises(PipelineError, match="block_rows"):
-        ka.rows_per_block(x, 0)
+        kb.rows_per_block(x, 0)
     idx = np.array([0, 49, 50, 51, 777, 999])
     xr = np.random.default_rng(0).normal(size=(1000, 8)).astype(np.float32)
     for src in (xr, zarr_array(tmp_path / "r.zarr", xr, 50), RowReader(xr)):
-        np.testing.assert_array_equal(ka.read_rows(src, idx, 97), xr[idx].astype(np.float64))
+        np.testing.assert_array_equal(kb.read_rows(src, idx, 97), xr[idx].astype(np.float64))
 
 
 def test_checks_report_global_indices_across_blocks():
