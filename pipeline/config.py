@@ -62,13 +62,17 @@ class Data:
 
 @dataclass(frozen=True)
 class Proposer:
+    seed: int = 0  # initial weights, batch order, augmentations, RoI samples (the global seed makes the data)
     backbone: Literal["resnet18", "resnet50", "mobilenet_v3"] = "resnet18"
     image_size: int = 128
     weights: str | None = None
     epochs: int = 8
-    batch_size: int = 4
+    batch_size: int = 4  # the global batch: split across the ranks under torchrun
     lr: float = 0.02
     checkpoint_every: int = 100
+    roi_align_grad: Literal["sparse", "torchvision"] = "torchvision"  # RoIAlign's CPU backward (pipeline/roi_align.py)
+    fpn_channels: int = 256  # FPN width, the heads' input (torchvision: 256)
+    rois_per_image: int | None = None  # RoIs sampled per image for the box and mask heads (None: 64 below 512 px)
 
 
 @dataclass(frozen=True)
@@ -172,11 +176,14 @@ RANGES: dict[str, str] = {
     "data.synthetic.image_size": ">= 32",  # pipeline/data/synthetic.py's minimum
     "data.synthetic.n_categories": "[1, 400]",  # pipeline/data/synthetic.py's limits
     "data.synthetic.max_objects": ">= 1",
+    "proposer.seed": SEED,
     "proposer.image_size": ">= 64",  # pipeline/proposer.py's build_model minimum
     "proposer.epochs": ">= 1",
     "proposer.batch_size": ">= 1",
     "proposer.lr": "> 0",
     "proposer.checkpoint_every": ">= 1",
+    "proposer.fpn_channels": ">= 8",
+    "proposer.rois_per_image": ">= 4",
     "propose.score_thresh": "[0, 1)",  # kept when score > thresh: 1 keeps nothing
     "propose.nms_thresh": "[0, 1]",  # 0 suppresses any overlap, 1 none
     "propose.max_proposals": ">= 1",

@@ -43,25 +43,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import mobilenet_v3_large, resnet18, resnet50
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _mobilenet_extractor, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import misc as misc_nn_ops
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from tqdm import tqdm
 
 from pipeline.checkpoint import Checkpoint, rng_state, set_rng_state
 from pipeline.device import pick_device
+from pipeline.distributed import Ranks, main_first
 from pipeline.errors import PipelineError
 from pipeline.inference import autocast
 from pipeline.proposer_data import CocoInstances, _collate, _hflip
+from pipeline.roi_align import SparseGradRoIAlign
 from pipeline.store import torch_bytes, write_bytes
 
 BACKBONES = ("resnet18", "resnet50", "mobilenet_v3")
@@ -69,8 +73,10 @@ LIGHT_BOX_FEATURES = 512  # box-head width of the light heads (torchvision: 1024
 LIGHT_MASK_LAYERS = (128, 128)  # mask-head convolutions of the light heads (torchvision: 4 x 256)
 GRAD_CLIP_NORM = 10.0  # a randomly initialised detector's first steps can blow up without it
 MASK_SIZE = 28  # the mask head's native output resolution (14 x 14 RoIAlign, upsampled x2)
+FPN_CHANNELS = 256  # torchvision's FPN width (build_model's fpn_channels default)
 _COCO_ANCHORS = ((32,), (64,), (128,), (256,), (512,))  # torchvision's maskrcnn_resnet50_fpn anchors
 _MOBILENET_LEVELS = [2, 3, 4]  # strides 8, 16, 32 (+ max-pool level at 64): small objects need stride 8
+_RANK_SEED_STRIDE = 1_000_003  # rank r > 0 seeds its RoI samplers with seed + r * this (rank 0: seed)
 log = logging.getLogger(__name__)
 
 
@@ -113,11 +119,36 @@ def _anchor_base(image_size: int) -> int:
     return int(min(32, max(4, round(16 * image_size / 128))))
 
 
-def _backbone(backbone: str, trainable_layers: int, norm_layer) -> tuple[nn.Module, tuple[tuple[int, ...], ...]]:
+def _resnet_fpn(trunk: nn.Module, trainable_layers: int, out_channels: int) -> BackboneWithFPN:
+    """torchvision's `_resnet_fpn_extractor` (layers 1-4, max-pool level) with `out_channels` FPN channels
+    instead of its fixed 256."""
+    if out_channels == FPN_CHANNELS:
+        return _resnet_fpn_extractor(trunk, trainable_layers)  # torchvision's own: the same modules, the same draws
+    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        layers_to_train.append("bn1")
+    for name, parameter in trunk.named_parameters():
+        if all(not name.startswith(layer) for layer in layers_to_train):
+            parameter.requires_grad_(False)
+    stage2 = trunk.inplanes // 8
+    return BackboneWithFPN(
+        trunk,
+        {f"layer{k}": str(v) for v, k in enumerate([1, 2, 3, 4])},
+        [stage2 * 2 ** (i - 1) for i in [1, 2, 3, 4]],
+        out_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+
+
+def _backbone(
+    backbone: str, trainable_layers: int, norm_layer, fpn_channels: int = 256
+) -> tuple[nn.Module, tuple[tuple[int, ...], ...]]:
     """FPN backbone and the strides (relative to 4) of its feature levels, in order."""
     if backbone in ("resnet18", "resnet50"):
         trunk = (resnet18 if backbone == "resnet18" else resnet50)(weights=None, norm_layer=norm_layer)
-        return _resnet_fpn_extractor(trunk, min(trainable_layers, 5)), (1, 2, 4, 8, 16)
+        return _resnet_fpn(trunk, min(trainable_layers, 5), fpn_channels), (1, 2, 4, 8, 16)
+    if fpn_channels != FPN_CHANNELS:
+        raise PipelineError(f"proposer fpn_channels other than {FPN_CHANNELS} need a resnet backbone, not {backbone}")
     if backbone == "mobilenet_v3":
         trunk = mobilenet_v3_large(weights=None, norm_layer=norm_layer)
         n_stages = 6  # conv1 + 4 strided blocks + last layer
@@ -139,6 +170,7 @@ def build_model(
     anchor_sizes: tuple[tuple[int, ...], ...] | None = None,
     frozen_batchnorm: bool = False,
     light_heads: bool | None = None,
+    fpn_channels: int = 256,
 ) -> MaskRCNN:
     """A randomly initialised, class-agnostic Mask R-CNN for images resized to `image_size` (longer side).
 
@@ -146,13 +178,16 @@ def build_model(
     `rpn_nms_thresh` is the RPN's. Batch norm is trainable (torchvision's choice without pretrained
     weights) unless `frozen_batchnorm` (the layout of torchvision's COCO-trained checkpoints).
     `anchor_sizes`: one tuple per FPN level; default from `image_size` (see the module docstring).
+    `fpn_channels`: the width of the FPN and so of every head's input (torchvision: 256; resnets only).
     """
     if image_size < 64:
         raise PipelineError(f"proposer image_size must be at least 64 pixels, got {image_size}")
     if num_classes < 2:
         raise PipelineError(f"num_classes must be at least 2 (background + object), got {num_classes}")
     norm_layer = misc_nn_ops.FrozenBatchNorm2d if frozen_batchnorm else nn.BatchNorm2d
-    body, level_strides = _backbone(backbone, trainable_layers, norm_layer)
+    if fpn_channels < 1:
+        raise PipelineError(f"proposer fpn_channels must be at least 1, got {fpn_channels}")
+    body, level_strides = _backbone(backbone, trainable_layers, norm_layer, fpn_channels)
     if anchor_sizes is None:
         base = _anchor_base(image_size)
         anchor_sizes = tuple((base * s,) for s in level_strides)
@@ -189,6 +224,8 @@ def build_model(
     )
     model.light_heads = light
     model.roi_heads.__class__ = _ClassAgnosticRoIHeads
+    for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+        pool.__class__ = SparseGradRoIAlign  # torchvision's module until training turns on its sparse backward
     return model
 
 
@@ -209,6 +246,14 @@ def _lr_at(step: int, total: int, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _share(m: int, rank: int, world_size: int) -> tuple[int, int]:
+    """This rank's images [lo, hi) of a global batch of `m`: contiguous, sizes differing by at most one (the
+    first ranks take the extra ones; a rank's share is empty only when m < world_size)."""
+    q, r = divmod(m, world_size)
+    lo = rank * q + min(rank, r)
+    return lo, lo + q + (rank < r)
+
+
 class _EpochBatches(torch.utils.data.Sampler):
     """The batches of `DataLoader(shuffle=True, generator=g)`, reproduced draw for draw, that can start mid-epoch.
 
@@ -218,10 +263,15 @@ class _EpochBatches(torch.utils.data.Sampler):
     the generator's state after them is the next epoch's start. The DataLoader itself draws one int64
     (the workers' base seed) from `g` before that, when it is iterated. Setting `skip` makes the next
     epoch start at its `skip`-th batch: the same permutation, without loading the skipped images.
+
+    With several ranks each one yields its `_share` of every global batch (every rank draws the same
+    permutation), or, where that share is empty, the global batch's first image as a placeholder (the
+    training loop gives its loss the weight 0).
     """
 
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> None:
         self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.rank, self.world_size = rank, world_size
         self.skip = 0
 
     def __len__(self) -> int:
@@ -232,10 +282,13 @@ class _EpochBatches(torch.utils.data.Sampler):
         torch.randperm(self.n, generator=self.generator)  # RandomSampler's empty tail draw
         skip, self.skip = self.skip, 0
         for start in range(skip * self.batch_size, self.n, self.batch_size):
-            yield order[start : start + self.batch_size]
+            batch = order[start : start + self.batch_size]
+            lo, hi = _share(len(batch), self.rank, self.world_size)
+            yield batch[lo:hi] if hi > lo else batch[:1]
 
 
 _RESUME_KEYS = {"model", "optimizer", "step", "total", "n_images", "history", "rng", "flip_gen", "epoch_start"}
+ROI_ALIGN_GRADS = ("sparse", "torchvision")
 
 
 class TrainHistory(list):
@@ -246,6 +299,21 @@ class TrainHistory(list):
     resumed_from: int = 0
     n_images: int = 0
     n_excluded: int = 0
+
+
+def _set_roi_align_grad(model: MaskRCNN, sparse: bool) -> None:
+    for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+        if isinstance(pool, SparseGradRoIAlign):
+            pool.sparse_grad = sparse
+
+
+def _all_gather(value, ranks: Ranks) -> list:
+    """Every rank's `value` (any picklable object), in rank order; [value] with one rank."""
+    if ranks.world_size == 1:
+        return [value]
+    out: list = [None] * ranks.world_size
+    dist.all_gather_object(out, value)
+    return out
 
 
 def train_proposer(
@@ -264,6 +332,9 @@ def train_proposer(
     exclude_image_ids: Iterable[int] = (),
     checkpoint: Checkpoint | None = None,
     checkpoint_every: int = 100,
+    roi_align_grad: str = "sparse",
+    rois_per_image: int | None = None,
+    ranks: Ranks = Ranks(),
 ) -> TrainHistory:
     """Train `model` in place on the instances of `coco_json`; returns one dict of floats per step.
 
@@ -271,14 +342,28 @@ def train_proposer(
     loss_rpn_box_reg), their sum `loss` and the step's `lr`. `log_step(step, that dict)` is called
     once for every step, in order, 0 to the last (after a resume: first for the saved steps, at once).
     Seeds torch's global RNG with `seed` (the RoI samplers draw from it). Images whose id is in
-    `exclude_image_ids` are never trained on.
+    `exclude_image_ids` are never trained on. `roi_align_grad`: `sparse` (RoIAlign's CPU backward as one
+    sparse matrix product, `pipeline.roi_align`) or `torchvision` (its own kernel: the same gradient up to
+    the order of float additions, several times slower). `rois_per_image`: the RoIs the box head samples per
+    image (at most a quarter positive, the mask head's), None for the model's own (`build_model`: 64 below
+    512 px, else 512).
 
     With `checkpoint`, the full training state (weights, optimizer, step, history, every RNG: torch's
     global and CUDA ones, the batch order's and the augmentations' generators) is saved every
     `checkpoint_every` steps, and a saved state of the same key is resumed from: the run then ends with
     the same weights as an uninterrupted one (bit for bit on the CPU). The caller clears the checkpoint
     once it has saved the model. The key must cover everything that changes training (params, seed,
-    inputs, excluded ids, device type); the step count and the number of images are checked here too.
+    inputs, excluded ids, device type, number of ranks); the step count and the number of images are
+    checked here too.
+
+    Several ranks (`ranks`, from `pipeline.distributed.init_ranks` under torchrun): DistributedDataParallel
+    over the process group (gloo on the CPU, NCCL on GPUs). `batch_size` is the global batch, so the
+    schedule, the learning rate and each image's augmentation do not depend on the number of ranks: every
+    rank draws the same batch order and augmentations and trains on its `_share` of each batch; its loss is
+    weighted by its share of the batch (DDP averages the gradients over ranks, so the sum is the mean over
+    the batch's images even when the last batch of an epoch does not split evenly), and the logged losses
+    are the batch's (all-reduced). Batch norm statistics are per rank (no SyncBatchNorm on the CPU). Rank 0
+    alone writes the checkpoint, with every rank's RNG state; every rank resumes from it.
     """
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise PipelineError(
@@ -286,6 +371,18 @@ def train_proposer(
         )
     if checkpoint is not None and checkpoint_every < 1:
         raise PipelineError(f"proposer checkpoint_every must be at least 1, got {checkpoint_every}")
+    if roi_align_grad not in ROI_ALIGN_GRADS:
+        raise PipelineError(
+            f"proposer roi_align_grad must be one of {', '.join(ROI_ALIGN_GRADS)}, got {roi_align_grad!r}"
+        )
+    if rois_per_image is not None and rois_per_image < 1:
+        raise PipelineError(f"proposer rois_per_image must be at least 1, got {rois_per_image}")
+    world = ranks.world_size
+    if batch_size % world:
+        raise PipelineError(
+            f"proposer.batch_size {batch_size} is the global batch, split across the {world} ranks: "
+            f"it must be a multiple of {world}"
+        )
     device = pick_device(device)
     dataset = CocoInstances(
         coco_json, image_root, skip_empty=True, label_map=label_map, exclude_image_ids=exclude_image_ids
@@ -293,25 +390,36 @@ def train_proposer(
     if len(dataset) == 0:
         raise PipelineError(f"{coco_json}: no image with a usable annotation to train the proposer on")
     torch.manual_seed(seed)
+    if ranks.rank:
+        torch.manual_seed(seed + _RANK_SEED_STRIDE * ranks.rank)  # each rank's own RoI samples
     shuffle_gen = torch.Generator().manual_seed(seed)
     flip_gen = torch.Generator().manual_seed(seed + 1)
-    batches = _EpochBatches(len(dataset), batch_size, shuffle_gen)
+    n = len(dataset)
+    batches = _EpochBatches(n, batch_size, shuffle_gen, ranks.rank, world)
     # generator=shuffle_gen: the loader draws its base seed from it, as with shuffle=True (same order)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, generator=shuffle_gen, num_workers=0, collate_fn=_collate
     )
     model.to(device).train()
+    if rois_per_image is not None:
+        model.roi_heads.fg_bg_sampler.batch_size_per_image = rois_per_image
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     per_epoch = len(batches)
     total = epochs * per_epoch
     history = TrainHistory()
-    history.n_images, history.n_excluded = len(dataset), dataset.n_excluded
+    history.n_images, history.n_excluded = n, dataset.n_excluded
     step = 0
     epoch_start = shuffle_gen.get_state()  # the batch order's generator when the current epoch began
-    state = checkpoint.load() if checkpoint is not None else None
+    state = None
+    if checkpoint is not None:
+        with main_first(ranks):  # rank 0 removes a checkpoint of another key before the others look
+            state = checkpoint.load()
     if state is not None and not (
-        state.keys() >= _RESUME_KEYS and state["total"] == total and state["n_images"] == len(dataset)
+        state.keys() >= _RESUME_KEYS
+        and state["total"] == total
+        and state["n_images"] == n
+        and (world == 1 or len(state.get("rank_rng", ())) == world)
     ):
         log.warning("%s: checkpoint of another schedule, data set or format; starting from scratch", checkpoint.path)
         state = None
@@ -320,7 +428,7 @@ def train_proposer(
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         history.extend(state["history"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rank_rng"][ranks.rank] if world > 1 else state["rng"])
         flip_gen.set_state(state["flip_gen"])
         epoch_start = state["epoch_start"]
         history.resumed_from = step
@@ -328,17 +436,41 @@ def train_proposer(
         if log_step is not None:
             for done, record in enumerate(history):
                 log_step(done, record)
+    if len(set(_all_gather(step, ranks))) > 1:
+        raise PipelineError("proposer training: the ranks found different checkpoints; delete checkpoints/ and rerun")
+    net = model
+    if world > 1:
+        index = torch.device(device).index
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if index is None else [index])
+    _set_roi_align_grad(model, roi_align_grad == "sparse")
     first_epoch, batches.skip = divmod(step, per_epoch)
-    bar = tqdm(total=total, initial=step, desc="train proposer", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc="train proposer",
+        unit="step",
+        disable=not (progress and ranks.is_main),
+        dynamic_ncols=True,
+    )
     try:
         for epoch in range(first_epoch, epochs):
             shuffle_gen.set_state(epoch_start)
             for images, targets in loader:
-                flips = torch.rand(len(images), generator=flip_gen) < 0.5
-                flipped = zip(images, targets, flips.tolist(), strict=True)
-                pairs = [_hflip(im, t) if f else (im, t) for im, t, f in flipped]
+                m = min(batch_size, n - (step - epoch * per_epoch) * batch_size)  # the global batch's images
+                lo, hi = _share(m, ranks.rank, world)
+                # every rank draws the whole batch's augmentations: an image's do not depend on the ranks
+                flips = (torch.rand(m, generator=flip_gen) < 0.5).tolist()
                 # colour is what tells base categories apart, not what makes an object: permute the channels
-                pairs = [(im[torch.randperm(3, generator=flip_gen)], t) for im, t in pairs]
+                orders = [torch.randperm(3, generator=flip_gen) for _ in range(m)]
+                if hi == lo:  # no image of this batch for this rank: a placeholder whose loss weighs nothing
+                    lo, hi, weight = 0, 1, 0.0
+                else:
+                    weight = world * (hi - lo) / m  # DDP averages over ranks: the sum is the batch's mean
+                pairs = [
+                    (_hflip(im, t) if flip else (im, t))
+                    for im, t, flip in zip(images, targets, flips[lo:hi], strict=True)
+                ]
+                pairs = [(im[order], t) for (im, t), order in zip(pairs, orders[lo:hi], strict=True)]
                 images = [im.to(device) for im, _ in pairs]
                 targets = [
                     {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for _, t in pairs
@@ -346,17 +478,24 @@ def train_proposer(
                 step_lr = _lr_at(step, total, lr)
                 for group in optimizer.param_groups:
                     group["lr"] = step_lr
-                losses = model(images, targets)
+                losses = net(images, targets)
                 loss = sum(losses.values())
-                record = {k: float(v.detach()) for k, v in losses.items()}
-                record["loss"] = float(loss.detach())
+                if world == 1:
+                    record = {k: float(v.detach()) for k, v in losses.items()}
+                    record["loss"] = float(loss.detach())
+                else:  # the batch's losses: each rank's, weighted by its share
+                    names = [*losses, "loss"]
+                    values = torch.tensor([float(v.detach()) for v in [*losses.values(), loss]], dtype=torch.float64)
+                    values *= weight / world
+                    dist.all_reduce(values)
+                    record = dict(zip(names, values.tolist(), strict=True))
                 if not math.isfinite(record["loss"]):
                     parts = ", ".join(f"{k}={v:.4g}" for k, v in record.items())
                     raise PipelineError(
                         f"proposer training diverged at step {step} (epoch {epoch}): {parts}; try a lower lr"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if weight == 1.0 else loss * weight).backward()
                 torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
                 optimizer.step()
                 record["lr"] = step_lr
@@ -367,25 +506,29 @@ def train_proposer(
                 bar.update(1)
                 step += 1
                 if checkpoint is not None and step % checkpoint_every == 0 and step < total:
-                    # the epoch the next step belongs to: this one, or (after its last batch) the next, whose
-                    # start is the generator's state now (the sampler made all of its draws at the start)
-                    next_start = shuffle_gen.get_state() if step % per_epoch == 0 else epoch_start
-                    checkpoint.save(
-                        {
-                            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                            "optimizer": optimizer.state_dict(),
-                            "step": step,
-                            "total": total,
-                            "n_images": len(dataset),
-                            "history": list(history),
-                            "rng": rng_state(),
-                            "flip_gen": flip_gen.get_state(),
-                            "epoch_start": next_start,
-                        }
-                    )
+                    rngs = _all_gather(rng_state(), ranks)  # every rank's RoI sampler state
+                    if ranks.is_main:
+                        # the epoch the next step belongs to: this one, or (after its last batch) the next, whose
+                        # start is the generator's state now (the sampler made all of its draws at the start)
+                        next_start = shuffle_gen.get_state() if step % per_epoch == 0 else epoch_start
+                        checkpoint.save(
+                            {
+                                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                "optimizer": optimizer.state_dict(),
+                                "step": step,
+                                "total": total,
+                                "n_images": n,
+                                "history": list(history),
+                                "rng": rngs[0],
+                                **({"rank_rng": rngs} if world > 1 else {}),
+                                "flip_gen": flip_gen.get_state(),
+                                "epoch_start": next_start,
+                            }
+                        )
             epoch_start = shuffle_gen.get_state()
     finally:
         bar.close()
+        _set_roi_align_grad(model, False)
     model.eval()
     return history
 
@@ -395,7 +538,8 @@ def train_proposer(
 
 
 def save_checkpoint(model: MaskRCNN, path: Path, backbone: str, image_size: int) -> None:
-    """Write {state_dict, backbone, image_size, num_classes} atomically (temporary file, then rename)."""
+    """Write {state_dict, backbone, image_size, num_classes, light_heads, and fpn_channels when not 256}
+    atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -405,6 +549,8 @@ def save_checkpoint(model: MaskRCNN, path: Path, backbone: str, image_size: int)
         "num_classes": _num_classes(model),
         "light_heads": bool(getattr(model, "light_heads", False)),
     }
+    if model.backbone.out_channels != FPN_CHANNELS:  # recorded only when not torchvision's (older files lack it)
+        payload["fpn_channels"] = int(model.backbone.out_channels)
     write_bytes(path, torch_bytes(payload))
 
 
@@ -468,7 +614,12 @@ def load_checkpoint(path: Path, backbone: str | None = None, image_size: int | N
             )
         light = bool(payload.get("light_heads", False))
         model = build_model(
-            backbone, image_size, num_classes=int(payload["num_classes"]), light_heads=light, **infer_kw
+            backbone,
+            image_size,
+            num_classes=int(payload["num_classes"]),
+            light_heads=light,
+            fpn_channels=int(payload.get("fpn_channels", FPN_CHANNELS)),
+            **infer_kw,
         )
         if not isinstance(payload["state_dict"], dict):
             raise PipelineError(f"{path}: proposer checkpoint's state_dict is not a dict")

@@ -45,6 +45,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
         score_thresh=SCORE_THRESH,
         nms_thresh=p.propose.nms_thresh,
         max_proposals=p.evaluate.max_dets,
+        fpn_channels=cfg.fpn_channels,
     )
     history = train_proposer(
         model,
@@ -56,6 +57,8 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
         seed=p.seed,
         device=device,
         label_map=label_map,
+        roi_align_grad=cfg.roi_align_grad,
+        rois_per_image=cfg.rois_per_image,
     )
     save_checkpoint(model, CHECKPOINT, cfg.backbone, cfg.image_size)
     gt = load_lvis(manifest.split_json("val"))

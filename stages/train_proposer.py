@@ -11,10 +11,19 @@ a rerun after a kill goes on from there (same final weights) when nothing that c
 Live directory starts afresh (resume=False) and a resumed run first re-logs the saved steps (train_proposer
 calls `log_step` for them), so the curves and the summary are those of an uninterrupted run; with
 Live(resume=True) the steps logged between the last checkpoint and the kill would appear twice.
+
+Under `torchrun --nproc_per_node N -m stages.train_proposer` (or with `dist.nproc: N`, which makes `dvc repro`
+launch the stage that way, `pipeline.distributed.launch_ranks`) the ranks train one model with
+DistributedDataParallel (gloo on the CPU, NCCL on GPUs; `pipeline/distributed.py`): `proposer.batch_size`
+is the global batch, split across the ranks (it must be a multiple of N), so the schedule and the
+learning rate do not depend on N. Rank 0 alone logs to dvclive, writes the checkpoints and
+models/proposer.pt and prints the summary; a killed run restarted with the same command resumes from the
+last checkpoint, as with one process. The other ranks leave once training is done.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,6 +34,8 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.config import Params
 from pipeline.data.dataset import Manifest, read_manifest
 from pipeline.device import pick_device
+from pipeline.distributed import init_ranks, launch_ranks, main_goes_on, rank_device, shutdown
+from pipeline.errors import PipelineError
 from pipeline.proposer import build_model, load_checkpoint, save_checkpoint, train_proposer
 from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, params, summary
 
@@ -32,25 +43,33 @@ LIVE_DIR = "dvclive/train_proposer"
 LOG_EVERY = 5  # steps between dvclive points
 
 
-def checkpoint_key(p: Params, manifest: Manifest, device: str) -> dict:
+def checkpoint_key(p: Params, manifest: Manifest, device: str, world_size: int = 1) -> dict:
     """What a resumable training state depends on: the training params (not `checkpoint_every`), the seed,
-    the training file and its images (the manifest's input digests), the excluded ids, the device type."""
+    the training file and its images (the manifest's input digests), the excluded ids, the device type and
+    the number of ranks (each rank's RoI sampler state is saved; one process's key is the same as before
+    ranks existed)."""
     cfg = p.proposer
-    return {
+    key = {
         "proposer": {
             "backbone": cfg.backbone,
             "image_size": cfg.image_size,
             "epochs": cfg.epochs,
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
+            "roi_align_grad": cfg.roi_align_grad,
+            "fpn_channels": cfg.fpn_channels,
+            "rois_per_image": cfg.rois_per_image,
         },
-        "seed": p.seed,
+        "seed": cfg.seed,
         "proposer_json": str(manifest.proposer_json),
         "image_root": str(manifest.proposer_images()),
         "files": dict(sorted(manifest.files.items())),
         "excluded": sorted(int(i) for i in manifest.proposer_excluded_image_ids),
         "device": str(torch.device(device).type),
     }
+    if world_size > 1:
+        key["world_size"] = world_size
+    return key
 
 
 @clean_errors
@@ -60,24 +79,29 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
     cfg = p.proposer
     manifest = read_manifest(MANIFEST)
     device = pick_device(p.device)
-    torch.manual_seed(p.seed)
+    if not cfg.weights and cfg.batch_size % p.dist.nproc:  # said once, before any rank starts
+        raise PipelineError(
+            f"proposer.batch_size {cfg.batch_size} is the global batch, split across dist.nproc = {p.dist.nproc} "
+            f"ranks: it must be a multiple of {p.dist.nproc}"
+        )
+    if launch_ranks("stages.train_proposer", p.dist.nproc, device):
+        return  # `dist.nproc` > 1: this process ran the stage as that many torchrun ranks
+    ranks = init_ranks(device)
+    device = rank_device(device, ranks)
+    torch.manual_seed(cfg.seed)
     checkpoint: Checkpoint | None = None
-    with Live(LIVE_DIR, save_dvc_exp=False, dvcyaml=None) as live:
+    # dvclive on rank 0 only: the other ranks log nothing
+    live_dir = Live(LIVE_DIR, save_dvc_exp=False, dvcyaml=None) if ranks.is_main else nullcontext()
+    with live_dir as live:
         if cfg.weights:
+            if not main_goes_on(ranks):
+                return  # nothing to train: rank 0 alone loads the weights and writes them
             model = load_checkpoint(Path(cfg.weights), cfg.backbone, cfg.image_size)
             text = f"loaded {cfg.weights} (no training)"
             live.summary["steps"] = 0
         else:
-            model = build_model(cfg.backbone, cfg.image_size)
-
-            def log_step(step: int, losses: dict[str, float]) -> None:
-                if step % LOG_EVERY == 0:
-                    live.step = step  # the plots' x axis is the training step, not the count of logged points
-                    for name, value in losses.items():
-                        live.log_metric(f"train/{name}", value)
-                    live.next_step()
-
-            checkpoint = Checkpoint("train_proposer", checkpoint_key(p, manifest, device))
+            model = build_model(cfg.backbone, cfg.image_size, fpn_channels=cfg.fpn_channels)
+            checkpoint = Checkpoint("train_proposer", checkpoint_key(p, manifest, device, ranks.world_size))
             history = train_proposer(
                 model,
                 Path(manifest.proposer_json),
@@ -85,13 +109,18 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
                 epochs=cfg.epochs,
                 batch_size=cfg.batch_size,
                 lr=cfg.lr,
-                seed=p.seed,
+                seed=cfg.seed,
                 device=device,
-                log_step=log_step,
+                log_step=_logger(live) if ranks.is_main else None,
                 exclude_image_ids=manifest.proposer_excluded_image_ids,
                 checkpoint=checkpoint,
                 checkpoint_every=cfg.checkpoint_every,
+                roi_align_grad=cfg.roi_align_grad,
+                rois_per_image=cfg.rois_per_image,
+                ranks=ranks,
             )
+            if not main_goes_on(ranks):
+                return  # trained: rank 0 holds the same weights and writes them
             live.summary["steps"] = len(history)
             final = history[-1]["loss"] if history else float("nan")
             live.summary["final_loss"] = final
@@ -99,6 +128,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
             live.summary["excluded_images"] = history.n_excluded
             text = (
                 f"trained {cfg.backbone} FPN for {len(history)} steps on {device}"
+                + (f" with {ranks.world_size} ranks" if ranks.world_size > 1 else "")
                 + (f" (resumed from step {history.resumed_from})" if history.resumed_from else "")
                 + f", final loss {final:.3f}; {history.n_images} images, {history.n_excluded} excluded (LVIS val)"
             )
@@ -106,6 +136,18 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
     if checkpoint is not None:
         checkpoint.clear()  # the weights are saved: nothing left to resume
     summary("train_proposer", text + f"; wrote {PROPOSER_CHECKPOINT}", timer)
+    shutdown(ranks)  # rank 0 leaves the group last, once everything is written
+
+
+def _logger(live: Live):
+    def log_step(step: int, losses: dict[str, float]) -> None:
+        if step % LOG_EVERY == 0:
+            live.step = step  # the plots' x axis is the training step, not the count of logged points
+            for name, value in losses.items():
+                live.log_metric(f"train/{name}", value)
+            live.next_step()
+
+    return log_step
 
 
 if __name__ == "__main__":

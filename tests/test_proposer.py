@@ -19,12 +19,13 @@ from PIL import Image
 from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops import misc as misc_nn_ops
-from torchvision.ops import roi_align
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import Params, Proposer
 from pipeline.data.dataset import Manifest
+from pipeline.distributed import Ranks
 from pipeline.errors import PipelineError
 from pipeline.proposal_metrics import evaluate_proposals
 from pipeline.proposer import (
@@ -32,6 +33,7 @@ from pipeline.proposer import (
     MASK_SIZE,
     _ClassAgnosticRoIHeads,
     _EpochBatches,
+    _share,
     build_model,
     load_checkpoint,
     propose,
@@ -39,6 +41,7 @@ from pipeline.proposer import (
     train_proposer,
 )
 from pipeline.proposer_data import CocoInstances, _decode_segmentation
+from pipeline.roi_align import SparseGradRoIAlign
 
 torch.set_num_threads(1)
 
@@ -498,11 +501,18 @@ def test_checkpoint_key_covers_what_changes_training():
         base_category_ids=[1], files={"p.json": "abc"}, proposer_excluded_image_ids=[3, 1],
     )  # fmt: skip
     base = checkpoint_key(Params(), manifest, "cpu")
+    other_grad = "torchvision" if Proposer().roi_align_grad == "sparse" else "sparse"
     assert checkpoint_key(Params(proposer=Proposer(checkpoint_every=7)), manifest, "cpu") == base
+    assert checkpoint_key(Params(seed=1), manifest, "cpu") == base  # the global seed makes the data, not the training
+    assert checkpoint_key(Params(), manifest, "cpu", world_size=1) == base
     changed = [
         checkpoint_key(Params(proposer=Proposer(lr=0.5)), manifest, "cpu"),
         checkpoint_key(Params(proposer=Proposer(epochs=2)), manifest, "cpu"),
-        checkpoint_key(Params(seed=1), manifest, "cpu"),
+        checkpoint_key(Params(proposer=Proposer(seed=1)), manifest, "cpu"),
+        checkpoint_key(Params(proposer=Proposer(roi_align_grad=other_grad)), manifest, "cpu"),
+        checkpoint_key(Params(proposer=Proposer(fpn_channels=64)), manifest, "cpu"),
+        checkpoint_key(Params(proposer=Proposer(rois_per_image=16)), manifest, "cpu"),
+        checkpoint_key(Params(), manifest, "cpu", world_size=2),  # each rank's RNG state is saved
         checkpoint_key(Params(), manifest, "cuda"),
         checkpoint_key(Params(), Manifest(**{**manifest.__dict__, "files": {"p.json": "abd"}}), "cpu"),
         checkpoint_key(Params(), Manifest(**{**manifest.__dict__, "proposer_excluded_image_ids": [1]}), "cpu"),
@@ -589,3 +599,186 @@ def test_propose_split_with_workers_is_the_in_process_split(world, num_workers):
     with pytest.raises(PipelineError, match=r"missing\.png") as err:
         propose_split(records, root, infer, num_workers=num_workers, **{**kw, "on_missing_image": "error"})
     assert "DataLoader" not in str(err.value)  # the stage's own one-line error, not a worker traceback
+
+
+# --------------------------------------------------------------------------------------------------
+# the sparse RoIAlign gradient, the FPN width, the RoI budget
+
+
+def _pools(output_size: int) -> tuple[MultiScaleRoIAlign, SparseGradRoIAlign]:
+    reference = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size, 2)
+    sparse = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size, 2)
+    sparse.__class__ = SparseGradRoIAlign
+    sparse.sparse_grad = True
+    return reference, sparse
+
+
+@pytest.mark.parametrize("output_size", [7, 14])
+def test_sparse_roi_align_gradient_is_torchvision_s(output_size):
+    """Forward: torchvision's values exactly; backward: its gradient to float rounding, at every FPN level,
+    for RoIs at the image's edges, under a pixel and over the whole image."""
+    gen = torch.Generator().manual_seed(output_size)
+    features = {str(i): torch.randn(3, 8, 256 // 2**i, 192 // 2**i, generator=gen) for i in range(4)}
+    xy = torch.rand(60, 2, generator=gen) * torch.tensor([760.0, 1010.0])
+    wh = torch.rand(60, 2, generator=gen) ** 3 * 1000 + 0.2
+    boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([768.0, 1024.0]))], 1)
+    boxes[:3] = torch.tensor([[0.0, 0.0, 768.0, 1024.0], [767.5, 1023.5, 768.0, 1024.0], [0.0, 0.0, 0.3, 0.3]])
+    boxes = [boxes[:25], boxes[25:26], boxes[26:]]
+    shapes = [(1024, 768)] * 3
+    reference, sparse = _pools(output_size)
+    ours = {k: v.clone().requires_grad_() for k, v in features.items()}
+    theirs = {k: v.clone().requires_grad_() for k, v in features.items()}
+    out, expected = sparse(ours, boxes, shapes), reference(theirs, boxes, shapes)
+    assert torch.equal(out, expected)
+    grad = torch.randn(expected.shape, generator=gen)
+    out.backward(grad)
+    expected.backward(grad)
+    for level in features:
+        assert theirs[level].grad.abs().max() > 0, level  # every level pooled something
+        torch.testing.assert_close(ours[level].grad, theirs[level].grad, rtol=0, atol=1e-4)
+    with torch.no_grad():  # inference and a module left off are torchvision's own
+        assert torch.equal(sparse(features, boxes, shapes), reference(features, boxes, shapes))
+
+
+def test_sparse_and_torchvision_gradients_train_alike(world):
+    """`roi_align_grad`: the whole model's gradient of one step is torchvision's to float rounding, and training
+    with either starts from the same losses (the forward is the same)."""
+    path, root = world
+    data = CocoInstances(path, root)
+    images, targets = (list(x) for x in zip(*(data[i] for i in range(3)), strict=True))
+    torch.manual_seed(0)
+    model = build_model("resnet18", SIZE).train()
+    grads = {}
+    for sparse in (True, False):
+        for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+            pool.sparse_grad = sparse
+        torch.manual_seed(1)  # the same RoI samples
+        model.zero_grad()
+        sum(model(images, targets).values()).backward()
+        grads[sparse] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    for name, expected in grads[False].items():
+        scale = float(expected.abs().max())
+        assert (grads[True][name] - expected).abs().max() <= 1e-4 * scale + 1e-9, name
+    first = {}
+    for grad in ("sparse", "torchvision"):
+        torch.manual_seed(0)
+        model = build_model("resnet18", SIZE)
+        first[grad] = train_proposer(model, path, root, epochs=1, batch_size=2, lr=0.01, seed=3, device="cpu",
+                                     progress=False, roi_align_grad=grad)[0]  # fmt: skip
+        assert not any(p.sparse_grad for p in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool))
+    assert first["sparse"] == first["torchvision"]
+    with pytest.raises(PipelineError, match="roi_align_grad"):
+        train_proposer(build_model("resnet18", SIZE), path, root, epochs=1, batch_size=2, lr=0.01, seed=0,
+                       device="cpu", progress=False, roi_align_grad="cuda")  # fmt: skip
+
+
+def test_fpn_width_and_roi_budget(world, tmp_path):
+    path, root = world
+    torch.manual_seed(0)
+    model = build_model("resnet18", SIZE, fpn_channels=64)
+    assert model.backbone.out_channels == 64 and model.roi_heads.box_head.fc6.in_features == 64 * 7 * 7
+    train_proposer(model, path, root, epochs=1, batch_size=3, lr=0.01, seed=0, device="cpu", progress=False,
+                   rois_per_image=16)  # fmt: skip
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 16
+    saved = tmp_path / "p.pt"
+    save_checkpoint(model, saved, "resnet18", SIZE)
+    assert torch.load(saved, weights_only=True)["fpn_channels"] == 64  # absent at 256: older files keep their bytes
+    images = [_image(1)]
+    loaded = load_checkpoint(saved, "resnet18", SIZE)
+    for a, b in zip(propose(model, images, device="cpu"), propose(loaded, images, device="cpu"), strict=True):
+        np.testing.assert_array_equal(a["masks"], b["masks"])
+    with pytest.raises(PipelineError, match="resnet"):
+        build_model("mobilenet_v3", SIZE, fpn_channels=64)
+
+
+# --------------------------------------------------------------------------------------------------
+# ranks: the global batch split, DDP under torchrun
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+def test_every_global_batch_is_split_across_the_ranks(world_size):
+    for m in range(1, 9):
+        shares = [_share(m, r, world_size) for r in range(world_size)]
+        assert [i for lo, hi in shares for i in range(lo, hi)] == list(range(m))
+        assert max(hi - lo for lo, hi in shares) - min(hi - lo for lo, hi in shares) <= 1
+    n, batch = 11, 6  # batches of 6 and 5
+    one = list(_EpochBatches(n, batch, torch.Generator().manual_seed(1)))
+    per_rank = [
+        list(_EpochBatches(n, batch, torch.Generator().manual_seed(1), r, world_size)) for r in range(world_size)
+    ]
+    for b, batch_images in enumerate(one):
+        shares = [_share(len(batch_images), r, world_size) for r in range(world_size)]
+        got = [per_rank[r][b] for r in range(world_size)]
+        assert [i for (lo, hi), g in zip(shares, got, strict=True) if hi > lo for i in g] == batch_images
+        assert all(g == batch_images[:1] for (lo, hi), g in zip(shares, got, strict=True) if hi == lo)  # placeholder
+
+
+def test_the_global_batch_must_split_evenly(world):
+    path, root = world
+    with pytest.raises(PipelineError, match="global batch.*multiple of 2"):
+        train_proposer(build_model("resnet18", SIZE), path, root, epochs=1, batch_size=3, lr=0.01, seed=0,
+                       device="cpu", progress=False, ranks=Ranks(0, 2, 0))  # fmt: skip
+
+
+def _torchrun_workspace(tmp_path: Path) -> Path:
+    from tests.test_e2e import TINY, copy_repo
+
+    tiny = {**TINY, "data.synthetic.n_train": 16, "data.synthetic.n_val": 4, "data.synthetic.n_categories": 8,
+            "data.synthetic.max_objects": 3, "proposer.epochs": 3, "proposer.checkpoint_every": 2}  # fmt: skip
+    repo = copy_repo(tmp_path / "repo", tiny, "tiny")
+    done = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return repo
+
+
+def test_torchrun_trains_one_model_and_a_killed_run_resumes_to_it(tmp_path):
+    """`torchrun --standalone --nproc_per_node 2 -m stages.train_proposer` (gloo, CPU): DDP over the split global
+    batch, rank 0 alone writes models/proposer.pt, dvclive and the summary; a 2-rank run (`dist.nproc: 2`) whose
+    rank 1 is killed after a checkpoint resumes, with the same command, to the uninterrupted run's bytes."""
+    from tests.test_e2e import params_with, rank_pid
+
+    repo = _torchrun_workspace(tmp_path)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run([*torchrun, "-m", "stages.train_proposer"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert output.count("[train_proposer]") == 1 and "with 2 ranks" in output  # rank 0's summary only
+    reference = (repo / "models/proposer.pt").read_bytes()
+    state = repo / "checkpoints/train_proposer/state.pt"
+    assert not state.exists()  # cleared once the model is written
+    metrics = json.loads((repo / "dvclive/train_proposer/metrics.json").read_text())
+    steps = metrics["steps"]
+    assert steps == 3 * -(-metrics["train_images"] // 4)  # 3 epochs of global batches of 4
+    (repo / "models/proposer.pt").unlink()
+
+    cmd = [sys.executable, "-m", "stages.train_proposer", "--params-file", params_with(repo, "two.yaml", dist__nproc=2)]
+    with open(tmp_path / "killed.txt", "w") as out:
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=out, stderr=out)
+    deadline = time.monotonic() + 300
+    try:
+        while not state.exists():  # rank 0 saved step 2's checkpoint
+            assert proc.poll() is None, (tmp_path / "killed.txt").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.01)
+        victim = rank_pid(1, repo)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=120) == 1
+    finally:
+        proc.kill()
+    assert "rank 1 of 2 was killed by SIGKILL" in (tmp_path / "killed.txt").read_text()
+    assert not (repo / "models/proposer.pt").exists()
+    at = int(torch.load(state, weights_only=False)["state"]["step"])
+    assert 2 <= at < steps
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert f"resumed from step {at} of {steps}" in done.stderr
+    assert (repo / "models/proposer.pt").read_bytes() == reference
+    assert not state.exists()
