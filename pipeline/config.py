@@ -70,9 +70,9 @@ class Proposer:
     batch_size: int = 4  # the global batch: split across the ranks under torchrun
     lr: float = 0.02
     checkpoint_every: int = 100
-    roi_align_grad: Literal["sparse", "torchvision"] = "torchvision"  # RoIAlign's CPU backward (pipeline/roi_align.py)
-    fpn_channels: int = 256  # FPN width, the heads' input (torchvision: 256)
-    rois_per_image: int | None = None  # RoIs sampled per image for the box and mask heads (None: 64 below 512 px)
+    roi_align_grad: Literal["sparse", "torchvision"] = "sparse"  # RoIAlign's CPU backward (pipeline/roi_align.py)
+    fpn_channels: int = 128  # FPN width, the heads' input (torchvision: 256)
+    rois_per_image: int | None = 32  # RoIs sampled per image for the box and mask heads (None: 64 below 512 px)
 
 
 @dataclass(frozen=True)
