@@ -15,8 +15,9 @@ Masking happens in pixel space at full resolution *before* resampling, as in the
 so masked-out pixels are black (0) and, by linearity of the resampling, ``fg + bg == box`` (``bg`` is
 computed as ``box - fg``). Every proposal of an image is cut at once on the run device: one roi_align over
 the image for the box views, one over a batch of the masked windows around each square for the foreground
-views (the same bits as one roi_align per window, which ``crop_views(..., batched=False)`` keeps). The views are float32 RGB in [0, 1]; they are *not* normalised. The ImageNet
-mean/std normalisation is the first operation of the backbone returned by :func:`build_backbone`, i.e.
+views (the same bits as one roi_align per window, which ``crop_views(..., batched=False)`` keeps). The
+views are float32 RGB in [0, 1]; they are *not* normalised. The ImageNet mean/std normalisation is the first
+operation of the backbone returned by :func:`build_backbone`, i.e.
 it is applied after masking (a masked-out pixel enters the network as ``-mean / std``, the value of a
 black pixel) — the same normalisation torchvision's Mask R-CNN applies to its [0, 1] input, so a
 proposer-initialised trunk sees the input statistics it was trained with.
