@@ -1,12 +1,25 @@
-"""Benchmark of the sample stage's two kernels (a script, not a test).
+"""Benchmark of the sample stage (a script, not a test).
 
 1. Pair finding for one image: the vectorised rules (one matmul, pipeline.relations.relations) against a
    naive Python double loop over pairs, for 20 random masks at 128x128 and at 640x480, plus the
    `max_side` downscale option.
 2. Feature extraction throughput (proposals/s; three crops per proposal, one forward) with resnet18 at
    crop sizes 64 and 224, split into crop time and backbone time.
+3. Paste and crop on the val split's own proposals (data/val/proposals.zarr, `make repro` first): all of an
+   image's masks at once (`paste_masks_tensor`, `crop_views`) against one proposal at a time (torchvision's
+   paste loop, one roi_align per foreground window), ms per image and proposals/s; the outputs are checked
+   bit-identical.
+4. The whole `sample_split` over the val split, images read from disk as the stage does, for each way of
+   running it: baseline (all at once on the device, images decoded in this process, float32), paste and
+   crop one proposal at a time, N DataLoader workers decoding ahead (pinned only on CUDA), the backbone
+   under bf16 / fp16 autocast (fp16 on a CPU only where this torch build has it), workers + bf16; images/s
+   and proposals/s with the ratio to the baseline, and for amp the largest feature difference to float32's.
 
-    python benchmarks/bench_sample.py [--threads 2] [--device cpu] [--reps 3]
+Sections 3 and 4 run every mode once per round, `--repeat` rounds interleaved, and report each mode's best
+round: a busy neighbour on a shared machine slows every mode alike.
+
+    python benchmarks/bench_sample.py [--threads 2] [--device cpu] [--reps 3] [--repeat 3] [--workers 2]
+                                      [--sections 1234] [--images N]
 """
 
 from __future__ import annotations
@@ -19,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
 from pipeline.features import build_backbone, crop_views, pool_features  # noqa: E402
 from pipeline.relations import relations  # noqa: E402
@@ -109,16 +123,179 @@ def bench_features(reps: int, device: str) -> None:
     print(f"\nthroughput ratio crop 64 / crop 224: {results[64] / results[224]:.1f}x")
 
 
+def _val_split(n_images: int | None = None):
+    """The first `n_images` images of the val split (all: None): proposals, image loader and a
+    proposer-initialised backbone (random without a proposer)."""
+    import os
+
+    import zarr
+
+    from pipeline.data.dataset import read_manifest
+    from stages.common import image_loader
+
+    os.chdir(ROOT)  # the manifest's paths are relative to the repository
+    group = zarr.open_group(ROOT / "data/val/proposals.zarr", mode="r")
+    arrays = {
+        name: np.asarray(group[name][...]) for name in ("image_ids", "image_hw", "image_offsets", "boxes", "masks")
+    }
+    load = image_loader(read_manifest(ROOT / "data/prepared/dataset.json"), "val", arrays["image_ids"])
+    if n_images is not None:
+        last = int(arrays["image_offsets"][n_images])
+        arrays["image_offsets"] = arrays["image_offsets"][: n_images + 1]
+        arrays["image_hw"] = arrays["image_hw"][:n_images]
+        arrays["boxes"], arrays["masks"] = arrays["boxes"][:last], arrays["masks"][:last]
+    checkpoint = ROOT / "models/proposer.pt"
+    init = "proposer" if checkpoint.is_file() else "random"
+    backbone = build_backbone("resnet18", init, seed=0, proposer_checkpoint=checkpoint)
+    return arrays, load, backbone
+
+
+def _rounds(modes: dict, run, repeat: int) -> dict:
+    """Best (shortest) result of each mode over `repeat` interleaved rounds; run(mode) -> dict with seconds."""
+    best = {}
+    for _ in range(max(1, repeat)):
+        for name, mode in modes.items():
+            row = run(mode)
+            if "error" in row or name not in best or row["seconds"] < best[name]["seconds"]:
+                best[name] = row
+    return best
+
+
+def bench_paste_crop(repeat: int, device: str, n_images: int | None) -> None:
+    from pipeline.masks import paste_masks_reference, paste_masks_tensor
+
+    arrays, load, _ = _val_split(n_images)
+    offsets, hw, boxes, masks = arrays["image_offsets"], arrays["image_hw"], arrays["boxes"], arrays["masks"]
+    todo = [i for i in range(len(offsets) - 1) if offsets[i + 1] > offsets[i]]
+    images = {i: load(i) for i in todo}
+    n_props = int(offsets[-1])
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def run(mode: dict) -> dict:
+        vectorised, outputs = mode["vectorised"], []
+        paste_s = crop_s = 0.0
+        for i in todo:
+            s, e = int(offsets[i]), int(offsets[i + 1])
+            box_t = torch.from_numpy(boxes[s:e]).to(device)
+            map_t = torch.from_numpy(masks[s:e]).to(device)
+            sync()
+            t0 = time.perf_counter()
+            if vectorised:
+                full = paste_masks_tensor(map_t, box_t, tuple(hw[i]), device=device)
+            else:
+                full = paste_masks_reference(map_t, box_t, tuple(hw[i])).to(device)
+            sync()
+            t1 = time.perf_counter()
+            views = crop_views(images[i], box_t, full, 64, device=device, batched=vectorised)
+            sync()
+            crop_s += time.perf_counter() - t1
+            paste_s += t1 - t0
+            outputs.append((full.cpu(), [v.cpu() for v in views]))
+        return {"seconds": paste_s + crop_s, "paste": paste_s, "crop": crop_s, "outputs": outputs}
+
+    modes = {"all at once (device)": {"vectorised": True}, "one proposal at a time (loop)": {"vectorised": False}}
+    best = _rounds(modes, run, repeat)
+    a, b = (best[name]["outputs"] for name in modes)
+    same = all(
+        torch.equal(x[0], y[0]) and all(torch.equal(u, v) for u, v in zip(x[1], y[1], strict=True))
+        for x, y in zip(a, b, strict=True)
+    )
+    print(
+        f"\n## Paste + crop (64 px) of the val split's {n_props} proposals on {len(todo)} images, {device} "
+        f"(best of {repeat})\n"
+    )
+    print("| mode | paste ms/image | crop ms/image | proposals/s | vs loop |")
+    print("|---|---:|---:|---:|---:|")
+    loop = best["one proposal at a time (loop)"]["seconds"]
+    for name, row in best.items():
+        print(
+            f"| {name} | {1e3 * row['paste'] / len(todo):.2f} | {1e3 * row['crop'] / len(todo):.2f} | "
+            f"{n_props / row['seconds']:.0f} | {loop / row['seconds']:.2f}x |"
+        )
+    print(f"\nmasks and views bit-identical between the two: {same}")
+
+
+def bench_split(repeat: int, device: str, workers: int, n_images: int | None) -> None:
+    from pipeline.errors import PipelineError
+    from pipeline.sampling import sample_split
+
+    arrays, load, backbone = _val_split(n_images)
+    offsets = arrays["image_offsets"]
+    n_images, n_props = int(np.count_nonzero(np.diff(offsets))), int(offsets[-1])
+    kw = {"crop_size": 64, "object_iou": 0.4, "hier_containment": 1.0, "relation_max_side": None, "batch_size": 128}
+    kw |= {"hier_exclude_objects": True, "device": device, "progress": False}
+
+    def run(mode: dict) -> dict:
+        args = (load, arrays["image_hw"], offsets, arrays["boxes"], arrays["masks"], backbone)
+        try:
+            sample_split(*args[:2], offsets[:2], *args[3:], **kw, amp=mode["amp"])  # warm-up (and amp support)
+        except PipelineError as err:
+            return {"error": str(err)}
+        start = time.perf_counter()
+        out = sample_split(*args, **kw, **mode)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return {
+            "seconds": time.perf_counter() - start,
+            "features": out.features,
+            "pairs": (out.object_pairs, out.hier_pairs),
+        }
+
+    base = {"vectorised": True, "num_workers": 0, "amp": "off"}
+    modes = {
+        "baseline (all at once)": base,
+        "paste + crop one at a time": {**base, "vectorised": False},
+        "workers 1": {**base, "num_workers": 1},
+        f"workers {workers}": {**base, "num_workers": workers},
+        "amp bf16": {**base, "amp": "bf16"},
+        "amp fp16": {**base, "amp": "fp16"},
+        f"workers {workers} + bf16": {**base, "num_workers": workers, "amp": "bf16"},
+    }
+    best = _rounds(modes, run, repeat)
+    ref = best["baseline (all at once)"]
+    print(
+        f"\n## sample_split over the val split: {n_props} proposals on {n_images} images, crop 64, {device} "
+        f"(best of {repeat})\n"
+    )
+    print("| mode | images/s | proposals/s | vs baseline | same pairs | max feature diff vs baseline |")
+    print("|---|---:|---:|---:|---|---:|")
+    for name, row in best.items():
+        if "error" in row:
+            print(f"| {name} | n/a | n/a | n/a | n/a | {row['error']} |")
+            continue
+        pairs = all(np.array_equal(a, b) for a, b in zip(row["pairs"], ref["pairs"], strict=True))
+        scale = max(float(np.abs(ref["features"][v]).max()) for v in ref["features"])
+        diff = max(float(np.abs(row["features"][v] - ref["features"][v]).max()) for v in ref["features"]) / scale
+        print(
+            f"| {name} | {n_images / row['seconds']:.1f} | {n_props / row['seconds']:.0f} | "
+            f"{ref['seconds'] / row['seconds']:.2f}x | {'yes' if pairs else 'no'} | {diff:.1e} |"
+        )
+    print("\n(max feature diff: the largest absolute difference over the three views, relative to the largest feature)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds of sections 3 and 4")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--sections", default="1234")
+    parser.add_argument("--images", type=int, help="the first N val images in sections 3 and 4 (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    bench_pairs(args.reps)
-    bench_features(args.reps, args.device)
+    if "1" in args.sections:
+        bench_pairs(args.reps)
+    if "2" in args.sections:
+        bench_features(args.reps, args.device)
+    if "3" in args.sections:
+        bench_paste_crop(args.repeat, args.device, args.images)
+    if "4" in args.sections:
+        bench_split(args.repeat, args.device, args.workers, args.images)
 
 
 if __name__ == "__main__":
