@@ -116,8 +116,8 @@ def main() -> None:
     base = statistics.median(r["wall"] for r in runs[BASELINE])
     base_cpu = statistics.median(r["cpu"] for r in runs[BASELINE])
     print(
-        f"\ntrain_proposer steps on the embedded world (128 px, batch {args.batch_size}), {args.threads} thread(s), CPU; "
-        f"median of {args.repeat} interleaved rounds of {args.steps} steps after {args.warmup}; spread = min-max\n"
+        f"\ntrain_proposer steps on the embedded world (128 px, batch {args.batch_size}), {args.threads} thread(s), "
+        f"CPU; median of {args.repeat} interleaved rounds of {args.steps} steps after {args.warmup}; spread = min-max\n"
     )
     print("| variant | steps/s | images/s | ms/step wall (spread) | speed-up | CPU ms/step (spread) | CPU speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|")
