@@ -372,8 +372,8 @@ def train_embedder(
                     if use_hier:
                         rows = torch.from_numpy(block.hier_pairs[cycles["hier"].take(len(idx))].T.copy())
                         chunks["hier"] = [(view, rows[0]), (view, rows[1])]
-                    sizes = {term: len(parts[0][1]) for term, parts in chunks.items()}  # the global batch's
-                    triplets += sum(sizes.values())
+                    step_triplets = {term: len(parts[0][1]) for term, parts in chunks.items()}  # global batch's
+                    triplets += sum(step_triplets.values())
                     if world > 1:  # this rank's share of every term's triplets
                         chunks = {t: [(v, i[rank::world]) for v, i in parts] for t, parts in chunks.items()}
                     flat = [views[view][i] for parts in chunks.values() for view, i in parts]
@@ -395,7 +395,7 @@ def train_embedder(
                             h = hier_hinges(*emb[term], head.norm_distance, margin)
                         else:  # mask: anchor box, positive fg, negative bg; object: an object pair and a negative
                             h = triplet_hinges(*emb[term], head.distance, margin)
-                        terms[term] = hinge_mean(h) if world == 1 else _share_of_mean(h, sizes[term], world)
+                        terms[term] = hinge_mean(h) if world == 1 else _share_of_mean(h, step_triplets[term], world)
                         counts += [(h.detach() > 0).sum().to(zero.dtype), zero + h.numel()]
                     total = sum(w[t] * terms[t] for t in active)
                     stacked = torch.stack([terms[t].detach() for t in active] + [total.detach(), *counts])
