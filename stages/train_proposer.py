@@ -44,7 +44,8 @@ from pipeline.data.dataset import Manifest, read_manifest
 from pipeline.device import pick_device
 from pipeline.distributed import init_ranks, launch_ranks, main_goes_on, rank_device, shutdown
 from pipeline.errors import PipelineError
-from pipeline.proposer import build_model, load_checkpoint, save_checkpoint, train_proposer
+from pipeline.proposer import build_model, load_checkpoint, save_checkpoint
+from pipeline.proposer_train import train_proposer
 from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, params, summary
 
 LIVE_DIR = "dvclive/train_proposer"
