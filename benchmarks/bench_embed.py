@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.embedding_train import train_embedder  # noqa: E402
+from pipeline.models.embedding_train import train_embedder  # noqa: E402
 
 
 def synthetic(n: int, d: int, per_image: int = 20, seed: int = 0):

@@ -1,7 +1,7 @@
 """Benchmark of the cluster stage's nearest-centroid assignment, one Lloyd iteration and one evaluation (a script,
 not a test).
 
-1. The assignment `pipeline.kmeans.assign` (hyperbolic, c = 1, and Euclidean) against faiss' Euclidean search of the
+1. The assignment `kmeans.assign` (hyperbolic, c = 1, and Euclidean) against faiss' Euclidean search of the
    same arrays (``IndexFlatL2``, float32, k = 1: the nearest centroid, uncertified; and k = 2, the top-2 a
    certificate needs), each timed ``--repeat`` times (best kept, faiss and ours interleaved: the 2-core development
    machine is shared), with the share of rows the float64 certificate left to the near-tie / brute-force path. The
@@ -65,7 +65,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
 from pipeline import hyperbolic as hyp  # noqa: E402
-from pipeline.kmeans import _update, assign, euclidean_kmeans, search_name  # noqa: E402
+from pipeline.geometry.kmeans import _update, assign, euclidean_kmeans, search_name  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------- data
 
@@ -138,7 +138,7 @@ def bench_assign(n: int, k: int, dims: list[int]) -> None:
         f"{ARGS.repeat})\n"
     )
     print(
-        "`ours`: pipeline.kmeans.assign (input check + certified search + distances); `faiss k=1`: IndexFlatL2 "
+        "`ours`: kmeans.assign (input check + certified search + distances); `faiss k=1`: IndexFlatL2 "
         "search of the same arrays in float32 (nearest centroid, uncertified); `faiss k=2`: its top-2; "
         "`float64 rows`: rows the float32 certificate left to the float64 GEMM; `near-tie rows`: rows the float64 "
         "certificate left to the reference value over their near-ties or every centroid; "
@@ -221,7 +221,7 @@ def bench_eval() -> None:
     from pipeline.data.dataset import read_manifest
     from pipeline.evaluation.evaluate import evaluate_clusters, metrics_table
     from pipeline.evaluation.lvis_eval import load_lvis
-    from pipeline.store import open_store, read_array
+    from pipeline.stores.store import open_store, read_array
 
     start = time.perf_counter()
     cfg = load_params("params.yaml").evaluate

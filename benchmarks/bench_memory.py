@@ -21,7 +21,7 @@ Inputs are fabricated so that two cores can run them in minutes while the data s
   `train_proposer` trains 2 steps on 8 images, the rest of its COCO file excluded through the manifest;
 - `propose` and `sample` run a network on every proposal, so only some images have files (propose skips
   the others, `on_missing_image: skip`) or proposals (sample): the annotation file keeps its full size;
-- the stores downstream of `propose` written directly (pipeline.store.StoreWriter, the attrs and
+- the stores downstream of `propose` written directly (pipeline.stores.store.StoreWriter, the attrs and
   fingerprint chain the stages check): random features of resnet50's width (D = 2048, float16) for embed,
   embeddings inside the unit ball for cluster, masks of a larger side than the mask head's 28 where a
   stage reads masks (more bytes per proposal: a stage that held them whole would show it).
@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
 from pipeline.config import as_dict, load_params, parse_params  # noqa: E402
 from pipeline.data.dataset import Manifest, write_manifest  # noqa: E402
-from pipeline.store import StoreWriter, atomic_path, offsets_from_counts  # noqa: E402
+from pipeline.stores.store import StoreWriter, atomic_path, offsets_from_counts  # noqa: E402
 
 GB = 1 << 30
 MB = 1 << 20
@@ -462,7 +462,7 @@ def write_proposer(path: Path, image_size: int) -> None:
     """An untrained proposer checkpoint (what `train_proposer` writes), resnet18 FPN for image_size images."""
     import torch
 
-    from pipeline.proposer import build_model, save_checkpoint
+    from pipeline.models.proposer import build_model, save_checkpoint
 
     torch.manual_seed(0)
     save_checkpoint(build_model("resnet18", image_size), path, "resnet18", image_size)

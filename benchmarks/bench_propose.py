@@ -1,5 +1,5 @@
 """Benchmark of the propose stage (a script, not a test): images/s and proposals/s over the val split, reading
-the images from disk as the stage does (`pipeline.proposals.propose_split`), for each way of running it:
+the images from disk as the stage does (`pipeline.stores.proposals.propose_split`), for each way of running it:
 
     baseline      batch 8, images decoded in this process one batch at a time, float32
     batch 1       one image per forward pass
@@ -52,8 +52,8 @@ def run_mode(mode: dict, threads: int, n_images: int, device: str) -> dict:
     from pipeline.data.annotation_stream import load_image_records
     from pipeline.data.dataset import read_manifest
     from pipeline.errors import PipelineError
-    from pipeline.proposals import propose_split
-    from pipeline.proposer import MASK_SIZE, build_model, load_checkpoint, propose
+    from pipeline.models.proposer import MASK_SIZE, build_model, load_checkpoint, propose
+    from pipeline.stores.proposals import propose_split
 
     torch.set_num_threads(threads)
     manifest = read_manifest(ROOT / "data/prepared/dataset.json")

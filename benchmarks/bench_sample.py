@@ -1,6 +1,6 @@
 """Benchmark of the sample stage (a script, not a test).
 
-1. Pair finding for one image: the vectorised rules (one matmul, pipeline.relations.relations) against a
+1. Pair finding for one image: the vectorised rules (one matmul, pipeline.geometry.relations.relations) against a
    naive Python double loop over pairs, for 20 random masks at 128x128 and at 640x480, plus the
    `max_side` downscale option.
 2. Feature extraction throughput (proposals/s; three crops per proposal, one forward) with resnet18 at
@@ -35,8 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
-from pipeline.features import build_backbone, crop_views, pool_features  # noqa: E402
-from pipeline.relations import relations  # noqa: E402
+from pipeline.geometry.relations import relations  # noqa: E402
+from pipeline.models.features import build_backbone, crop_views, pool_features  # noqa: E402
 
 
 def random_masks(n: int, height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +162,7 @@ def _rounds(modes: dict, run, repeat: int) -> dict:
 
 
 def bench_paste_crop(repeat: int, device: str, n_images: int | None) -> None:
-    from pipeline.masks import paste_masks_reference, paste_masks_tensor
+    from pipeline.geometry.masks import paste_masks_reference, paste_masks_tensor
 
     arrays, load, _ = _val_split(n_images)
     offsets, hw, boxes, masks = arrays["image_offsets"], arrays["image_hw"], arrays["boxes"], arrays["masks"]
@@ -220,7 +220,7 @@ def bench_paste_crop(repeat: int, device: str, n_images: int | None) -> None:
 
 def bench_split(repeat: int, device: str, workers: int, n_images: int | None) -> None:
     from pipeline.errors import PipelineError
-    from pipeline.sampling import sample_split
+    from pipeline.stores.sampling import sample_split
 
     arrays, load, backbone = _val_split(n_images)
     offsets = arrays["image_offsets"]

@@ -53,8 +53,8 @@ def run_variant(name: str, steps: int, warmup: int, threads: int, batch_size: in
     import torch
 
     from pipeline.data.dataset import read_manifest
-    from pipeline.proposer import build_model
-    from pipeline.proposer_train import train_proposer
+    from pipeline.models.proposer import build_model
+    from pipeline.models.proposer_train import train_proposer
 
     torch.set_num_threads(threads)
     build_kw, train_kw, channels_last = VARIANTS[name]

@@ -70,7 +70,9 @@ class Proposer:
     batch_size: int = 4  # the global batch: split across the ranks under torchrun
     lr: float = 0.02
     checkpoint_every: int = 100
-    roi_align_grad: Literal["sparse", "torchvision"] = "sparse"  # RoIAlign's CPU backward (pipeline/roi_align.py)
+    roi_align_grad: Literal["sparse", "torchvision"] = (
+        "sparse"  # RoIAlign's CPU backward (pipeline/models/roi_align.py)
+    )
     fpn_channels: int = 128  # FPN width, the heads' input (torchvision: 256)
     rois_per_image: int | None = 32  # RoIs sampled per image for the box and mask heads (None: 64 below 512 px)
 
@@ -177,7 +179,7 @@ RANGES: dict[str, str] = {
     "data.synthetic.n_categories": "[1, 400]",  # pipeline/data/synthetic.py's limits
     "data.synthetic.max_objects": ">= 1",
     "proposer.seed": SEED,
-    "proposer.image_size": ">= 64",  # pipeline/proposer.py's build_model minimum
+    "proposer.image_size": ">= 64",  # pipeline/models/proposer.py's build_model minimum
     "proposer.epochs": ">= 1",
     "proposer.batch_size": ">= 1",
     "proposer.lr": "> 0",
@@ -190,8 +192,8 @@ RANGES: dict[str, str] = {
     "propose.batch_size": ">= 1",
     "propose.num_workers": ">= 0",
     "sample.crop_size": ">= 32",  # the backbone's stride: smaller crops pool less than one feature cell
-    "sample.object_iou": "[0, 1)",  # pairs with IoU > this: 1 makes none (pipeline/relations.py)
-    "sample.hier_containment": "(0, 1]",  # fraction >= this: 0 pairs every larger mask (pipeline/relations.py)
+    "sample.object_iou": "[0, 1)",  # pairs with IoU > this: 1 makes none (pipeline/geometry/relations.py)
+    "sample.hier_containment": "(0, 1]",  # fraction >= this: 0 pairs every larger mask (pipeline/geometry/relations.py)
     "sample.relation_max_side": ">= 1",
     "sample.batch_size": ">= 1",
     "sample.num_workers": ">= 0",

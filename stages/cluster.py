@@ -26,9 +26,9 @@ import typer
 
 from pipeline.config import as_dict
 from pipeline.distributed import Ranks, init_ranks, launch_ranks, main_goes_on, shutdown
-from pipeline.kmeans import faiss_backend, inertia_curve, k_sweep, kmeans, knee, search_name, visible_gpus
-from pipeline.plots import elbow_plot
-from pipeline.store import atomic_path, open_store, store_array, write_store
+from pipeline.experiments.plots import elbow_plot
+from pipeline.geometry.kmeans import faiss_backend, inertia_curve, k_sweep, kmeans, knee, search_name, visible_gpus
+from pipeline.stores.store import atomic_path, open_store, store_array, write_store
 from stages.common import Timer, clean_errors, params, split_dir, summary
 
 SPLIT = "val"

@@ -20,13 +20,13 @@ import typer
 
 from pipeline.data.dataset import read_manifest
 from pipeline.device import pick_device
-from pipeline.diagnostics import PAIR_KINDS, pair_breakdown, parent_nearer_origin
-from pipeline.embedding import embed_features
-from pipeline.embedding_train import initial_head
 from pipeline.evaluation.detections import proposal_rles
+from pipeline.evaluation.diagnostics import PAIR_KINDS, pair_breakdown, parent_nearer_origin
 from pipeline.evaluation.lvis_eval import load_lvis
 from pipeline.evaluation.matching import match_proposals
-from pipeline.store import check_source, open_store, read_array, store_array
+from pipeline.models.embedding import embed_features
+from pipeline.models.embedding_train import initial_head
+from pipeline.stores.store import check_source, open_store, read_array, store_array
 from stages.common import MANIFEST, clean_errors, params, split_dir
 from stages.embed import open_samples, train_head
 

@@ -16,7 +16,7 @@ the same bytes and the same dvc.lock.
 
 With `dist.nproc` > 1 (or under `torchrun --nproc_per_node N -m stages.embed`), the head trains with
 DistributedDataParallel: the global batch stays `embed.batch_size`, split across the ranks
-(`pipeline/embedding_train.py`), so the learning rate is unchanged; rank 0 alone logs, checkpoints and writes
+(`pipeline/models/embedding_train.py`), so the learning rate is unchanged; rank 0 alone logs, checkpoints and writes
 the head and the val embeddings.
 """
 
@@ -28,14 +28,14 @@ import numpy as np
 import typer
 from dvclive import Live
 
-from pipeline.checkpoint import Checkpoint
 from pipeline.config import Params, as_dict
 from pipeline.device import pick_device
 from pipeline.distributed import Ranks, init_ranks, launch_ranks, main_goes_on, rank_device, shutdown
-from pipeline.embedding import embed_batches, geometry_margin, save_head
-from pipeline.embedding_train import train_embedder
-from pipeline.sampling import VIEWS
-from pipeline.store import StoreWriter, atomic_path, check_source, open_store, read_array, store_array
+from pipeline.models.embedding import embed_batches, geometry_margin, save_head
+from pipeline.models.embedding_train import train_embedder
+from pipeline.stores.checkpoint import Checkpoint
+from pipeline.stores.sampling import VIEWS
+from pipeline.stores.store import StoreWriter, atomic_path, check_source, open_store, read_array, store_array
 from stages.common import EMBEDDER_CHECKPOINT, Timer, clean_errors, params, split_dir, summary
 
 LIVE_DIR = "dvclive/embed"

@@ -17,8 +17,8 @@ from pipeline.config import as_dict
 from pipeline.data.dataset import read_manifest
 from pipeline.evaluation.evaluate import ROWS, evaluate_clusters, metrics_table
 from pipeline.evaluation.lvis_eval import load_lvis
-from pipeline.plots import bucket_ap_bars, disk_coordinates, poincare_disk
-from pipeline.store import atomic_path, check_source, open_store, read_array, write_json
+from pipeline.experiments.plots import bucket_ap_bars, disk_coordinates, poincare_disk
+from pipeline.stores.store import atomic_path, check_source, open_store, read_array, write_json
 from stages.common import MANIFEST, Timer, clean_errors, params, split_dir, summary
 
 SPLIT = "val"

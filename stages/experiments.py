@@ -7,7 +7,7 @@ import subprocess
 import time
 
 from pipeline.errors import PipelineError
-from pipeline.report import Experiment
+from pipeline.experiments.report import Experiment
 
 
 def _run(tool: str, *args: str) -> subprocess.CompletedProcess:

@@ -24,8 +24,8 @@ from pipeline.data.lvis_format import (
 )
 from pipeline.data.synthetic import WorldSpec, generate_world
 from pipeline.errors import PipelineError
-from pipeline.plots import dataset_preview
-from pipeline.store import atomic_path, file_digest
+from pipeline.experiments.plots import dataset_preview
+from pipeline.stores.store import atomic_path, file_digest
 from stages.common import MANIFEST, PREPARED, Timer, clean_errors, params, summary
 
 PREVIEW = Path("plots/prepare/preview.png")

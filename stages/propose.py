@@ -4,7 +4,7 @@ Also scores the proposals against the split's ground truth (class-agnostic mask 
 for base and novel categories) into metrics/propose_<split>.json.
 
 Under `torchrun --nproc_per_node N -m stages.propose --split S`, each rank proposes every N-th part of the
-split (`pipeline/parts.py`); rank 0 then assembles the parts into the store (the same bytes as one
+split (`pipeline/stores/parts.py`); rank 0 then assembles the parts into the store (the same bytes as one
 process's) and alone writes the metrics and the summary.
 """
 
@@ -20,11 +20,11 @@ from pipeline.data.annotation_stream import load_image_records
 from pipeline.data.dataset import read_manifest
 from pipeline.device import pick_device
 from pipeline.distributed import init_ranks, launch_ranks, main_first, main_goes_on, rank_device, shutdown
-from pipeline.parts import IMAGES_PER_PART, ImageParts
-from pipeline.proposal_metrics import evaluate_proposals
-from pipeline.proposals import StoreProposals, proposal_columns, propose_parts
-from pipeline.proposer import load_checkpoint, propose
-from pipeline.store import file_digest, open_store, write_json
+from pipeline.evaluation.proposal_metrics import evaluate_proposals
+from pipeline.models.proposer import load_checkpoint, propose
+from pipeline.stores.parts import IMAGES_PER_PART, ImageParts
+from pipeline.stores.proposals import StoreProposals, proposal_columns, propose_parts
+from pipeline.stores.store import file_digest, open_store, write_json
 from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, params, split_dir, summary
 
 log = logging.getLogger("propose")

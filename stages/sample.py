@@ -15,10 +15,10 @@ from pipeline.config import store_params
 from pipeline.data.dataset import read_manifest
 from pipeline.device import pick_device
 from pipeline.distributed import init_ranks, launch_ranks, main_first, main_goes_on, rank_device, shutdown
-from pipeline.features import build_backbone
-from pipeline.parts import IMAGES_PER_PART, ImageParts
-from pipeline.sampling import PAIR_COLUMNS, sample_columns, sample_parts
-from pipeline.store import open_store, read_array
+from pipeline.models.features import build_backbone
+from pipeline.stores.parts import IMAGES_PER_PART, ImageParts
+from pipeline.stores.sampling import PAIR_COLUMNS, sample_columns, sample_parts
+from pipeline.stores.store import open_store, read_array
 from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, image_loader, params, split_dir, summary
 
 

@@ -18,10 +18,10 @@ from pipeline.data.dataset import read_manifest
 from pipeline.data.lvis_format import image_path, load_image
 from pipeline.device import pick_device
 from pipeline.evaluation.lvis_eval import load_lvis
-from pipeline.proposer import build_model, propose, save_checkpoint
-from pipeline.proposer_train import train_proposer
-from pipeline.store import write_json
-from pipeline.supervised import SCORE_THRESH, category_labels, evaluate_detector
+from pipeline.models.proposer import build_model, propose, save_checkpoint
+from pipeline.models.proposer_train import train_proposer
+from pipeline.models.supervised import SCORE_THRESH, category_labels, evaluate_detector
+from pipeline.stores.store import write_json
 from stages.common import MANIFEST, Timer, clean_errors, params, summary
 
 CHECKPOINT = Path("models/supervised.pt")

@@ -1,6 +1,6 @@
 """sweep: choose the embedded world's defaults by a one-knob-at-a-time `dvc exp` sweep (`make sweep`).
 
-Runs every point of `pipeline.sweep.KNOBS` as `dvc exp run --temp` on the sweep world (global seed 1, not
+Runs every point of `pipeline.experiments.sweep.KNOBS` as `dvc exp run --temp` on the sweep world (global seed 1, not
 the tables' world), once per embedding/clustering seed; reads the metrics back from `dvc exp show --json`
 and writes reports/sweep.md: one table per knob, the value the rule chooses, and whether params.yaml
 agrees. It never edits params.yaml: a disagreement is reported, for a person to commit.
@@ -20,9 +20,9 @@ import yaml
 
 from pipeline.config import ParamsLoader
 from pipeline.errors import PipelineError
-from pipeline.report import SEEDS, experiments_from_show
-from pipeline.store import atomic_path, write_json
-from pipeline.sweep import KNOBS, SWEEP_WORLD, choose, experiments, geometry_by_dim, knob_table
+from pipeline.experiments.report import SEEDS, experiments_from_show
+from pipeline.experiments.sweep import KNOBS, SWEEP_WORLD, choose, experiments, geometry_by_dim, knob_table
+from pipeline.stores.store import atomic_path, write_json
 from stages.common import clean_errors
 from stages.experiments import dvc, git, run_experiment
 

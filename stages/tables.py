@@ -16,7 +16,7 @@ from pathlib import Path
 import typer
 
 from pipeline.errors import PipelineError
-from pipeline.report import (
+from pipeline.experiments.report import (
     SEEDS,
     TABLE1,
     TABLE2,
@@ -29,7 +29,7 @@ from pipeline.report import (
     provenance,
     table,
 )
-from pipeline.store import atomic_path
+from pipeline.stores.store import atomic_path
 from stages.common import clean_errors
 from stages.experiments import dvc, run_experiment
 

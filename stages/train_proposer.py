@@ -38,14 +38,14 @@ import torch
 import typer
 from dvclive import Live
 
-from pipeline.checkpoint import Checkpoint
 from pipeline.config import Params
 from pipeline.data.dataset import Manifest, read_manifest
 from pipeline.device import pick_device
 from pipeline.distributed import init_ranks, launch_ranks, main_goes_on, rank_device, shutdown
 from pipeline.errors import PipelineError
-from pipeline.proposer import build_model, load_checkpoint, save_checkpoint
-from pipeline.proposer_train import train_proposer
+from pipeline.models.proposer import build_model, load_checkpoint, save_checkpoint
+from pipeline.models.proposer_train import train_proposer
+from pipeline.stores.checkpoint import Checkpoint
 from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, params, summary
 
 LIVE_DIR = "dvclive/train_proposer"

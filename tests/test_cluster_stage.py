@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import hyperbolic as hyp
-from pipeline.kmeans import kmeans, knee
-from pipeline.store import StoreWriter, atomic_path, open_store, read_array
+from pipeline.geometry import hyperbolic as hyp
+from pipeline.geometry.kmeans import kmeans, knee
+from pipeline.stores.store import StoreWriter, atomic_path, open_store, read_array
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -64,7 +64,7 @@ def reference(workdir: Path, k: int, **options):
 
 
 def test_fixed_k_runs_only_that_k(workdir, monkeypatch):
-    from pipeline import kmeans as km
+    from pipeline.geometry import kmeans as km
 
     ks = []
     real = km.hyperbolic_kmeans

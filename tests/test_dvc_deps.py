@@ -1,6 +1,8 @@
-"""Every stage's code deps in dvc.yaml cover every repo module the stage imports, directly or not.
+"""Every stage's code deps in dvc.yaml are exactly the repo modules the stage imports, directly or not.
 
-Otherwise a change to, say, pipeline/store.py would leave `dvc repro` serving stale cached outputs.
+A module missing from them would leave `dvc repro` serving stale cached outputs after a change to it (say
+pipeline/stores/store.py); a module listed but never imported (or a whole package listed) would re-run the stage,
+and everything downstream, for a change that cannot affect it.
 """
 
 import ast
@@ -79,7 +81,20 @@ def test_stage_deps_cover_the_code_it_imports(dvcfile, stage, deps, module):
     assert not missing, f"{dvcfile} stage {stage!r} imports code it does not list in deps: {', '.join(missing)}"
 
 
+@pytest.mark.parametrize(("dvcfile", "stage", "deps", "module"), _stages(), ids=lambda v: str(v))
+def test_stage_deps_list_no_code_it_does_not_import(dvcfile, stage, deps, module):
+    closure = {path.as_posix() for path in import_closure(module)}
+    code = [dep for dep in deps if dep.split("/")[0] in PACKAGES]
+    extra = sorted(dep for dep in code if dep not in closure)
+    assert not extra, f"{dvcfile} stage {stage!r} lists code it never imports (or a whole package): {', '.join(extra)}"
+
+
 def test_import_closure_follows_imports_transitively():
     closure = {path.as_posix() for path in import_closure("stages.cluster")}
-    assert {"stages/cluster.py", "pipeline/kmeans.py", "stages/common.py", "pipeline/data/lvis_format.py"} <= closure
-    assert "pipeline/proposer.py" not in closure  # only what is imported
+    assert {
+        "stages/cluster.py",
+        "pipeline/geometry/kmeans.py",
+        "stages/common.py",
+        "pipeline/data/lvis_format.py",
+    } <= closure
+    assert "pipeline/models/proposer.py" not in closure  # only what is imported

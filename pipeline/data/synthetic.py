@@ -157,7 +157,7 @@ def spec_record(spec: WorldSpec) -> dict:
 
 
 def encode_rle(mask: np.ndarray) -> dict:
-    """Compressed RLE with str counts (same as pipeline.masks.encode_rle, without importing torch)."""
+    """Compressed RLE with str counts (same as pipeline.geometry.masks.encode_rle, without importing torch)."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"counts": rle["counts"].decode("ascii"), "size": [int(x) for x in rle["size"]]}
 

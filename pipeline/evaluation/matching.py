@@ -17,7 +17,7 @@ import pycocotools.mask as mask_utils
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.masks import annotation_rle
+from pipeline.geometry.masks import annotation_rle
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation.matching import match_image, match_proposals
-from pipeline.masks import annotation_rle
+from pipeline.geometry.masks import annotation_rle
 
 HW = (6, 8)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.evaluation.lvis_eval import load_lvis
-from pipeline.supervised import category_labels, evaluate_detector
+from pipeline.models.supervised import category_labels, evaluate_detector
 
 
 def test_category_labels_are_contiguous_in_id_order():

@@ -1,0 +1,98 @@
+"""Points read by blocks of rows, for k-means (kmeans, kmeans_assign, kmeans_update).
+
+Points ``x`` are any (N, d) array that supports ``x.shape`` and row slices ``x[i:j]`` (a numpy array,
+or a zarr array that is never read whole): every per-point computation reads one block of rows, converts it to
+float64 and keeps nothing of it after the block. Blocks are ``BLOCK_ROWS`` rows (fewer for wide
+rows, rounded down to a multiple of a zarr array's chunk length: `rows_per_block`), or the ``block_rows`` a
+caller passes. `check_points` validates points (shape, dtype, NaN/inf, inside the ball) block by block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+_BLOCK = 1 << 22  # elements of a float64 temporary (32 MB)
+BLOCK_ROWS = 65_536  # rows of points per block (at most; see rows_per_block)
+
+
+def rows_per_block(x: Any, rows: int | None = None) -> int:
+    """Rows per block of ``x``: ``rows`` when given; else ``BLOCK_ROWS``, fewer when a float64 block would
+    exceed ``_BLOCK`` elements, rounded down to a multiple of the zarr chunk length along axis 0 (at least one)."""
+    if rows is not None:
+        if int(rows) < 1:
+            raise PipelineError(f"block_rows must be >= 1, got {rows}")
+        return int(rows)
+    rows = max(1, min(BLOCK_ROWS, _BLOCK // max(1, int(x.shape[1]))))
+    chunks = getattr(x, "chunks", None)
+    if chunks:
+        chunk = max(1, int(chunks[0]))
+        rows = max(chunk, rows // chunk * chunk)
+    return rows
+
+
+def blocks(n: int, rows: int) -> Iterator[slice]:
+    """Consecutive row slices of ``rows`` rows (the last one shorter) covering ``range(n)``."""
+    for i in range(0, n, rows):
+        yield slice(i, min(n, i + rows))
+
+
+def read_block(x: Any, rows: slice) -> np.ndarray:
+    """Rows of ``x`` as a float64 C-contiguous numpy array (a view when ``x`` already is one)."""
+    return np.ascontiguousarray(x[rows], dtype=np.float64)
+
+
+def read_rows(x: Any, index: np.ndarray, rows: int | None = None) -> np.ndarray:
+    """Rows ``index`` (sorted, unique) of ``x`` as float64, read without loading ``x`` whole."""
+    index = np.asarray(index, dtype=np.int64)
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(x[index], dtype=np.float64)
+    if hasattr(x, "get_orthogonal_selection"):  # zarr: only the chunks that hold the rows
+        return np.ascontiguousarray(x.get_orthogonal_selection((index, slice(None))), dtype=np.float64)
+    out = np.empty((len(index), x.shape[1]))
+    for s in blocks(x.shape[0], rows_per_block(x, rows)):
+        lo, hi = np.searchsorted(index, [s.start, s.stop])
+        if hi > lo:
+            out[lo:hi] = read_block(x, s)[index[lo:hi] - s.start]
+    return out
+
+
+def check_points(x: Any, c: float | None, rows: int | None = None) -> Any:
+    """``x`` checked block by block (numpy arrays and zarr arrays are returned as they are, anything else through
+    ``np.asarray``); one-line PipelineError on a bad shape or dtype, NaN/inf, or (when ``c`` is given) points on
+    or outside the ball ``|x| >= 1/sqrt(c)``."""
+    if not (hasattr(x, "shape") and isinstance(getattr(x, "dtype", None), np.dtype) and hasattr(x, "__getitem__")):
+        x = np.asarray(x)  # lists, tensors, ...
+    shape, dtype = tuple(x.shape), np.dtype(x.dtype)
+    if len(shape) != 2 or shape[1] < 1 or dtype.kind not in "fiu":
+        raise PipelineError(f"embeddings must be a numeric (N, d) array, got shape {shape} dtype {dtype}")
+    if c is not None and not (math.isfinite(c) and c > 0):
+        raise PipelineError(f"curvature c must be a positive number, got {c}")
+    n_bad = n_out = 0
+    first_bad = first_out = -1
+    r_out = 0.0
+    for s in blocks(shape[0], rows_per_block(x, rows)):
+        xb = read_block(x, s)
+        bad = np.flatnonzero(~np.isfinite(xb).all(axis=1))
+        if bad.size and not n_bad:
+            first_bad = s.start + int(bad[0])
+        n_bad += bad.size
+        if c is not None:
+            r = math.sqrt(c) * np.linalg.norm(xb, axis=1)
+            out = np.flatnonzero(r >= 1)
+            if out.size and not n_out:
+                first_out, r_out = s.start + int(out[0]), float(r[out[0]])
+            n_out += out.size
+    if n_bad:
+        raise PipelineError(f"{n_bad} embeddings contain NaN or inf (first at index {first_bad})")
+    if n_out:
+        raise PipelineError(
+            f"{n_out} embeddings lie on or outside the Poincaré ball |x| < 1/sqrt(c) = {1 / math.sqrt(c):.6g} "
+            f"(first at index {first_out}, |x| = {r_out / math.sqrt(c):.17g})"
+        )
+    return x

@@ -1,0 +1,123 @@
+"""The vectorised paste (masks.paste_masks_tensor) against torchvision's per-mask loop, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline.geometry.masks as masks_module
+from pipeline.geometry.masks import paste_masks, paste_masks_reference, paste_masks_tensor
+
+M = 28
+
+
+def _boxes(rng: np.random.Generator, n: int, height: int, width: int) -> np.ndarray:
+    """Boxes of every kind the paste meets: inside, across the border, tiny (under a pixel), as large as the
+    image, of side 28 (the expanded box is then 30 = the padded map: torch's copy path)."""
+    kind = rng.integers(0, 5, n)
+    x0 = rng.uniform(-0.3 * width, width, n)
+    y0 = rng.uniform(-0.3 * height, height, n)
+    w = np.where(kind == 0, rng.uniform(0.0, 1.5, n), rng.uniform(1, 1.2 * width, n))
+    h = np.where(kind == 0, rng.uniform(0.0, 1.5, n), rng.uniform(1, 1.2 * height, n))
+    w = np.where(kind == 1, 28.0, w)
+    h = np.where(kind == 1, 28.0, h)
+    boxes = np.stack([x0, y0, x0 + w, y0 + h], axis=1)
+    boxes[kind == 2] = [0, 0, width, height]
+    # the detector clips its boxes to the image
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+    return boxes.astype(np.float32)
+
+
+def _maps(rng: np.random.Generator, n: int) -> np.ndarray:
+    """uint8 maps: noise, smooth blobs, and flat 127 | 128 halves (bilinear mid-points are exact ties at 0.5)."""
+    kind = rng.integers(0, 3, n)
+    noise = rng.integers(0, 256, (n, M, M))
+    yy, xx = np.mgrid[:M, :M] / (M - 1)
+    cy, cx, r = rng.uniform(0, 1, (3, n, 1, 1))
+    blob = 255 / (1 + np.exp(((yy - cy) ** 2 + (xx - cx) ** 2 - r**2 / 4) * 40))
+    halves = np.where(rng.integers(0, 2, (n, M, M)) > 0, 127, 128)
+    return np.select([kind[:, None, None] == 0, kind[:, None, None] == 1], [noise, blob], halves).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("hw", [(128, 128), (37, 90), (240, 61)])
+def test_paste_is_the_loop_bit_for_bit(seed, hw):
+    rng = np.random.default_rng(seed)
+    n = 40
+    maps, boxes = _maps(rng, n), _boxes(rng, n, *hw)
+    got = paste_masks(maps, boxes, hw)
+    want = paste_masks_reference(maps, boxes, hw).numpy()
+    assert got.dtype == bool and got.shape == (n, *hw)
+    assert np.array_equal(got, want)
+
+
+def test_float_maps_and_other_thresholds():
+    rng = np.random.default_rng(7)
+    maps, boxes = _maps(rng, 30).astype(np.float32) / 255.0, _boxes(rng, 30, 64, 80)
+    for threshold in (0.5, 0.3, 0.9):
+        got = paste_masks(maps, boxes, (64, 80), threshold)
+        assert np.array_equal(got, paste_masks_reference(maps, boxes, (64, 80), threshold).numpy())
+
+
+def test_ties_are_left_to_torchvision(monkeypatch):
+    """Flat 127 | 128 maps put pixels exactly on 0.5 in real arithmetic: those masks take the loop, the rest not."""
+    calls = []
+    real = masks_module.paste_masks_reference
+    monkeypatch.setattr(
+        masks_module, "paste_masks_reference", lambda m, *a, **k: calls.append(len(m)) or real(m, *a, **k)
+    )
+    maps = np.zeros((3, M, M), dtype=np.uint8)
+    maps[0, :, : M // 2] = 127
+    maps[0, :, M // 2 :] = 128  # a 127 | 128 edge resized x2: mid-points (127 + 128) / 2 / 255 = 0.5
+    maps[1] = 200  # flat: 0.5 only on the zero ring's slope, at a weight 51/80 no float32 weight is
+    maps[2, :, : M // 2] = 230  # an edge between 230 and 200: no value near 0.5 but on that slope
+    maps[2, :, M // 2 :] = 200
+    boxes = np.array([[10, 10, 66, 66], [0, 0, 20, 20], [5, 5, 40, 50]], dtype=np.float32)
+    got = paste_masks(maps, boxes, (80, 80))
+    assert calls == [1]  # only the tied mask, alone
+    assert np.array_equal(got, paste_masks_reference(maps, boxes, (80, 80)).numpy())
+
+
+def test_chunks_and_empty(monkeypatch):
+    rng = np.random.default_rng(3)
+    maps, boxes = _maps(rng, 25), _boxes(rng, 25, 50, 70)
+    whole = paste_masks(maps, boxes, (50, 70))
+    monkeypatch.setattr(masks_module, "_CHUNK_PIXELS", 3 * 50 * 70)  # 3 masks per chunk
+    assert np.array_equal(paste_masks(maps, boxes, (50, 70)), whole)
+    empty = paste_masks(np.zeros((0, M, M), np.uint8), np.zeros((0, 4), np.float32), (50, 70))
+    assert empty.shape == (0, 50, 70) and empty.dtype == bool
+
+
+def test_weights_are_torchs_up_to_1024():
+    assert masks_module._taps_match_torch(M + 2, range(1, 1025))
+    assert masks_module._taps_match_torch(16, range(1, 300))
+
+
+def test_a_torch_build_with_other_weights_gets_the_loop(monkeypatch):
+    monkeypatch.setattr(masks_module, "_VERIFIED", {})
+    monkeypatch.setattr(masks_module, "_UNVERIFIED", set())
+    monkeypatch.setattr(masks_module, "_taps_match_torch", lambda *a: False)
+    monkeypatch.setattr(masks_module, "_paste_chunk", lambda *a: pytest.fail("the vectorised paste ran"))
+    rng = np.random.default_rng(5)
+    maps, boxes = _maps(rng, 10), _boxes(rng, 10, 40, 40)
+    assert np.array_equal(paste_masks(maps, boxes, (40, 40)), paste_masks_reference(maps, boxes, (40, 40)).numpy())
+
+
+def test_tensor_inputs_and_device():
+    rng = np.random.default_rng(11)
+    maps, boxes = _maps(rng, 12), _boxes(rng, 12, 60, 60)
+    got = paste_masks_tensor(torch.from_numpy(maps), torch.from_numpy(boxes), (60, 60), device="cpu")
+    assert got.device.type == "cpu" and got.dtype == torch.bool
+    assert torch.equal(got, paste_masks_reference(maps, boxes, (60, 60)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_paste_is_the_cpu_loop_bit_for_bit():
+    rng = np.random.default_rng(13)
+    for hw in [(128, 128), (480, 640)]:
+        maps, boxes = _maps(rng, 60), _boxes(rng, 60, *hw)
+        got = paste_masks_tensor(torch.from_numpy(maps).cuda(), torch.from_numpy(boxes).cuda(), hw, device="cuda")
+        assert got.device.type == "cuda"
+        assert torch.equal(got.cpu(), paste_masks_reference(maps, boxes, hw))
