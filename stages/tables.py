@@ -145,7 +145,8 @@ def main(
 
 {written} Each cell is the mean ± sample standard
 deviation over {len(seed_list)} seeds of the embedding and the clustering (`embed.seed` = `cluster.seed` =
-{", ".join(map(str, seed_list))}); the world and the proposer (global `seed` 0) are the same for every row.
+{", ".join(map(str, seed_list))}); the world (global `seed` 0) and the proposer (`proposer.seed` 0) are the same for
+every row.
 The fully supervised Mask R-CNN (every train category's labels, the proposer's architecture and schedule,
 `baselines/dvc.yaml`) depends on the global seed only: one run. Every number below is read from
 `dvc exp show --json`.
