@@ -103,8 +103,12 @@ def launch_ranks(module: str, nproc: int, device: str, argv: Sequence[str] | Non
 
     On the CPU every rank keeps the intra-op thread count of a one-process run (torchrun would give each one
     thread): CPU kernels sum in an order that depends on the thread count, so this is what keeps the
-    inference stores' bytes independent of `nproc`. A rank that fails makes the launch fail with one line
-    naming it; the ranks' finished work (parts, checkpoints) is kept, so the same command resumes.
+    inference stores' bytes independent of `nproc`. The ranks then share the cores, so their idle OpenMP
+    threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE; spinning made 2 ranks of 2 threads on 2 cores
+    4x slower than one process, README "Scaling out"); either variable set by the user wins.
+
+    A rank that fails makes the launch fail with one line naming it; the ranks' finished work (parts,
+    checkpoints) is kept, so the same command resumes.
     """
     if nproc <= 1 or "RANK" in os.environ:
         return False
@@ -115,6 +119,7 @@ def launch_ranks(module: str, nproc: int, device: str, argv: Sequence[str] | Non
             )
     else:
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 

@@ -1,6 +1,8 @@
 """Ranks from torchrun's environment (pipeline.distributed); the sharded stages are run by torchrun in
 tests/test_e2e.py."""
 
+import os
+
 import pytest
 
 from pipeline.distributed import (
@@ -55,3 +57,24 @@ def test_launch_ranks_needs_a_gpu_per_rank(monkeypatch):
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
     with pytest.raises(PipelineError, match="dist.nproc = 2 ranks asked for, but this machine has 1 GPU"):
         launch_ranks("stages.propose", 2, "cuda")
+
+
+def test_cpu_ranks_keep_the_thread_count_and_sleep_when_idle(monkeypatch):
+    """The launched ranks inherit a one-process run's OMP_NUM_THREADS (the stores' bytes depend on it) and
+    OMP_WAIT_POLICY=PASSIVE (they share the cores); values the user set are kept."""
+    import torch
+    import torch.distributed.run as torchrun
+
+    launched = []
+    monkeypatch.setattr(torchrun, "run", lambda args: launched.append(args))
+    for name in ("RANK", "OMP_NUM_THREADS", "OMP_WAIT_POLICY"):
+        monkeypatch.setenv(name, "")  # recorded, so that what launch_ranks sets is undone after the test
+        monkeypatch.delenv(name)
+    assert launch_ranks("stages.propose", 2, "cpu", ["--split", "val"])
+    assert os.environ["OMP_NUM_THREADS"] == str(torch.get_num_threads())
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert launched[0].nproc_per_node == "2" and launched[0].training_script_args == ["--split", "val"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert launch_ranks("stages.propose", 2, "cpu", [])
+    assert (os.environ["OMP_NUM_THREADS"], os.environ["OMP_WAIT_POLICY"]) == ("3", "ACTIVE")
