@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,15 @@ def barrier(ranks: Ranks) -> None:
     """Wait for every rank (nothing with one)."""
     if ranks.world_size > 1:
         dist.barrier()
+
+
+def all_gather(value: Any, ranks: Ranks) -> list:
+    """Every rank's `value` (any picklable object), in rank order; ``[value]`` with one rank."""
+    if ranks.world_size == 1:
+        return [value]
+    out: list = [None] * ranks.world_size
+    dist.all_gather_object(out, value)
+    return out
 
 
 @contextmanager

@@ -21,11 +21,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
 import typer
 
 from pipeline.config import as_dict
-from pipeline.distributed import Ranks, init_ranks, launch_ranks, main_goes_on, shutdown
+from pipeline.distributed import Ranks, all_gather, init_ranks, launch_ranks, main_goes_on, shutdown
 from pipeline.experiments.plots import elbow_plot
 from pipeline.geometry.kmeans import faiss_backend, inertia_curve, k_sweep, kmeans, knee, search_name, visible_gpus
 from pipeline.stores.store import atomic_path, open_store, store_array, write_store
@@ -48,14 +47,12 @@ def rank_gpus(ranks: Ranks) -> list[int] | None:
 
 def sweep(x, ks: list[int], ranks: Ranks, **options) -> list[tuple[int, float]]:
     """``[(k, inertia)]`` for every k of ``ks``, in that order: this rank runs every world_size-th k, the ranks'
-    shares are gathered (all_gather_object over the process group) when there are several."""
+    shares are gathered over the process group when there are several."""
     if ranks.world_size == 1:
         return inertia_curve(x, ks, **options)
     share = ks[ranks.rank :: ranks.world_size]
     log.info("rank %d of %d sweeps k = %s", ranks.rank, ranks.world_size, share)
-    mine = inertia_curve(x, share, **options)
-    shares: list = [None] * ranks.world_size
-    dist.all_gather_object(shares, mine)
+    shares = all_gather(inertia_curve(x, share, **options), ranks)
     found = dict(pair for share in shares for pair in share)
     return [(k, found[k]) for k in ks]
 

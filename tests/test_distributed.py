@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.distributed import (
     Ranks,
+    all_gather,
     barrier,
     init_ranks,
     launch_ranks,
@@ -78,3 +79,7 @@ def test_cpu_ranks_keep_the_thread_count_and_sleep_when_idle(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert launch_ranks("stages.propose", 2, "cpu", [])
     assert (os.environ["OMP_NUM_THREADS"], os.environ["OMP_WAIT_POLICY"]) == ("3", "ACTIVE")
+
+
+def test_all_gather_with_one_rank_is_the_value_itself():
+    assert all_gather({"k": 3}, Ranks()) == [{"k": 3}]

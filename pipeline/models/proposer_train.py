@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline.data.proposer_data import CocoInstances, _collate, _hflip
 from pipeline.device import pick_device
-from pipeline.distributed import Ranks, main_first
+from pipeline.distributed import Ranks, all_gather, main_first
 from pipeline.errors import PipelineError
 from pipeline.models.roi_align import SparseGradRoIAlign
 from pipeline.stores.checkpoint import Checkpoint, rng_state, set_rng_state
@@ -103,15 +103,6 @@ def _set_roi_align_grad(model: MaskRCNN, sparse: bool) -> None:
     for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
         if isinstance(pool, SparseGradRoIAlign):
             pool.sparse_grad = sparse
-
-
-def _all_gather(value, ranks: Ranks) -> list:
-    """Every rank's `value` (any picklable object), in rank order; [value] with one rank."""
-    if ranks.world_size == 1:
-        return [value]
-    out: list = [None] * ranks.world_size
-    dist.all_gather_object(out, value)
-    return out
 
 
 def train_proposer(
@@ -234,7 +225,7 @@ def train_proposer(
         if log_step is not None:
             for done, record in enumerate(history):
                 log_step(done, record)
-    if len(set(_all_gather(step, ranks))) > 1:
+    if len(set(all_gather(step, ranks))) > 1:
         raise PipelineError("proposer training: the ranks found different checkpoints; delete checkpoints/ and rerun")
     net = model
     if world > 1:
@@ -304,7 +295,7 @@ def train_proposer(
                 bar.update(1)
                 step += 1
                 if checkpoint is not None and step % checkpoint_every == 0 and step < total:
-                    rngs = _all_gather(rng_state(), ranks)  # every rank's RoI sampler state
+                    rngs = all_gather(rng_state(), ranks)  # every rank's RoI sampler state
                     if ranks.is_main:
                         # the epoch the next step belongs to: this one, or (after its last batch) the next, whose
                         # start is the generator's state now (the sampler made all of its draws at the start)
