@@ -3,7 +3,8 @@
 `prefetch(items, read, ...)` yields `read(item)` for every item, in order, in lists of `batch_size`. With
 ``num_workers=0`` it reads in the calling process, one batch when it is asked for (what the stages always did);
 with workers the reads (image decoding) run in `num_workers` processes, `prefetch_factor` batches ahead each,
-and on CUDA the batches come back in pinned memory, so that ``.to(device, non_blocking=True)`` overlaps the
+the numpy arrays in what `read` returns come back as tensors (shared memory rather than pickles), and on CUDA
+in pinned memory, so that ``.to(device, non_blocking=True)`` overlaps the
 copy with the work already queued. A PipelineError raised by `read` in a worker (a missing image, say) is
 raised again in the calling process when its item's batch is reached, with its own one-line message: the
 same error, at the same point, as without workers.
@@ -20,6 +21,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
@@ -58,6 +60,15 @@ class _Failed:
         self.error = error
 
 
+def _as_tensors(value: Any) -> Any:
+    """`value` with every numpy array in it (also inside tuples and lists) as a tensor on the same memory."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, tuple | list):
+        return type(value)(_as_tensors(v) for v in value)
+    return value
+
+
 class _Reads(torch.utils.data.Dataset):
     def __init__(self, items: Sequence, read: Callable[[Any], Any]) -> None:
         self.items, self.read = items, read
@@ -67,7 +78,7 @@ class _Reads(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Any:
         try:
-            return self.read(self.items[index])
+            return _as_tensors(self.read(self.items[index]))
         except PipelineError as err:
             return _Failed(err)
 

@@ -79,7 +79,7 @@ def propose_split(
     hw = np.array([(r["height"], r["width"]) for r in images], dtype=np.int64).reshape(-1, 2)
     skipped: list[int] = []
 
-    def read(i: int) -> tuple[int, np.ndarray | torch.Tensor | None]:
+    def read(i: int) -> tuple[int, np.ndarray | None]:
         record = images[i]
         try:
             pixels = load_image(image_path(record, image_root))
@@ -92,7 +92,7 @@ def propose_split(
                 f"{image_path(record, image_root)}: image is {pixels.shape[1]}x{pixels.shape[0]}, "
                 f"annotations say {record['width']}x{record['height']}"
             )
-        return i, torch.from_numpy(np.ascontiguousarray(pixels)) if num_workers else pixels
+        return i, pixels
 
     bar = tqdm(total=len(images), desc="propose", unit="img", disable=not progress)
     batches = prefetch(range(len(images)), read, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)

@@ -115,9 +115,8 @@ def sample_split(
     todo = np.flatnonzero(np.diff(np.asarray(image_offsets[: n_images + 1])) > 0).tolist()
     pin = torch.device(device).type == "cuda"
 
-    def read(i: int) -> tuple[int, np.ndarray | torch.Tensor]:
-        pixels = load_image(i)
-        return i, torch.from_numpy(np.ascontiguousarray(pixels)) if num_workers else pixels
+    def read(i: int) -> tuple[int, np.ndarray]:
+        return i, load_image(i)
 
     bar = tqdm(total=int(image_offsets[-1]), desc="sample", unit="proposal", disable=not progress, dynamic_ncols=True)
     for batch in prefetch(todo, read, batch_size=_IMAGES_PER_READ, num_workers=num_workers, pin_memory=pin):
