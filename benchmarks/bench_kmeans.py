@@ -65,7 +65,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
 from pipeline.geometry import hyperbolic as hyp  # noqa: E402
-from pipeline.geometry.kmeans import _update, assign, euclidean_kmeans, search_name  # noqa: E402
+from pipeline.geometry.kmeans import assign, euclidean_kmeans, search_name  # noqa: E402
+from pipeline.geometry.kmeans_update import _update  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------- data
 

@@ -29,23 +29,28 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.geometry.kmeans_assign import (  # noqa: F401  (re-exported: the assignment's public and private names)
-    Euclidean,
-    Geometry,
-    Poincare,
-    _arg,
-    _Assigner,
-    _den_gap,
-    assign,
-    assign_exact,
-)
-from pipeline.geometry.kmeans_blocks import BLOCK_ROWS, check_points, read_rows  # noqa: F401  (re-exported)
-from pipeline.geometry.kmeans_engines import _Faiss, faiss_backend, search_name, visible_gpus  # noqa: F401  (re-exported)
+from pipeline.geometry.kmeans_assign import Euclidean, Geometry, Poincare, _arg, _Assigner, assign, assign_exact
+from pipeline.geometry.kmeans_blocks import check_points, read_rows
+from pipeline.geometry.kmeans_engines import _Faiss, faiss_backend, search_name, visible_gpus
 from pipeline.geometry.kmeans_update import _update
 
-log = logging.getLogger(__name__)
+# k-means' public API in one place: the loop and the elbow here, the assignment and the search engine re-exported
+__all__ = [
+    "KMeansResult",
+    "assign",
+    "assign_exact",
+    "euclidean_kmeans",
+    "faiss_backend",
+    "hyperbolic_kmeans",
+    "inertia_curve",
+    "k_sweep",
+    "kmeans",
+    "knee",
+    "search_name",
+    "visible_gpus",
+]
 
-_check_points = check_points
+log = logging.getLogger(__name__)
 
 
 @dataclass

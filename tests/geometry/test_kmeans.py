@@ -17,6 +17,9 @@ from sklearn.metrics import adjusted_rand_score
 from pipeline.errors import PipelineError
 from pipeline.geometry import hyperbolic as hyp
 from pipeline.geometry import kmeans as km
+from pipeline.geometry import kmeans_assign as ka
+from pipeline.geometry import kmeans_blocks as kb
+from pipeline.geometry import kmeans_engines as ke
 from pipeline.geometry.kmeans import (
     KMeansResult,
     assign,
@@ -195,7 +198,7 @@ def test_assign_resolves_near_ties_float32_cannot_rank(d, candidates):
         [unit_rows(rng, 1500, d) * rng.uniform(0, 0.95, (1500, 1)), base + rng.normal(size=(500, d)) * 0.05]
     )
     stats: dict = {}
-    a, dist = assign(x, cent, 1.0, candidates=candidates, stats=stats, engine=km._Faiss(False, force_faiss_cpu=True))
+    a, dist = assign(x, cent, 1.0, candidates=candidates, stats=stats, engine=ke._Faiss(False, force_faiss_cpu=True))
     ref_a, _ = brute_force(x, cent, 1.0)
     np.testing.assert_array_equal(a, ref_a)
     np.testing.assert_array_equal(a, assign_exact(x, cent, 1.0)[0])
@@ -208,7 +211,7 @@ def test_assign_with_one_candidate_still_uses_the_faiss_path():
     x = unit_rows(rng, 2000, 16) * rng.uniform(0, 0.9, (2000, 1))
     cent = unit_rows(rng, 64, 16) * rng.uniform(0, 0.9, (64, 1))
     stats: dict = {}
-    a, _ = assign(x, cent, candidates=1, stats=stats, engine=km._Faiss(False, force_faiss_cpu=True))
+    a, _ = assign(x, cent, candidates=1, stats=stats, engine=ke._Faiss(False, force_faiss_cpu=True))
     np.testing.assert_array_equal(a, brute_force(x, cent, 1.0)[0])
     assert stats["redone"] < len(x) // 10  # at least two candidates are searched, so the certificate works
 
@@ -218,7 +221,7 @@ def test_assigner_reused_across_centroid_sets():
     rng = np.random.default_rng(7)
     c = 2.0
     x = mixed_points(rng, 1500, 16, c)
-    assigner = km._Assigner(km._check_points(x, c), c, km._Faiss(False), 4)
+    assigner = ka._Assigner(kb.check_points(x, c), c, ke._Faiss(False), 4)
     for _ in range(3):
         cent = np.concatenate([mixed_points(rng, 20, 16, c), x[rng.choice(len(x), 20, replace=False)]])
         a, dist = assigner(cent)

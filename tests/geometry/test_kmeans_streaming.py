@@ -13,6 +13,7 @@ from pipeline.errors import PipelineError
 from pipeline.geometry import hyperbolic as hyp
 from pipeline.geometry import kmeans as km
 from pipeline.geometry import kmeans_blocks as kb
+from pipeline.geometry import kmeans_engines as ke
 from pipeline.geometry import kmeans_update as ku
 from pipeline.geometry.kmeans import assign, assign_exact, euclidean_kmeans, hyperbolic_kmeans, kmeans
 from tests.geometry.test_kmeans import CURVATURES, gaussian_blobs, hyperbolic_blobs, mixed_points, unit_rows
@@ -205,7 +206,7 @@ def test_euclidean_assign_equals_float64_brute_force(d, offset):
     near = np.concatenate([x[:1500], x[0] + rng.normal(size=(500, d)) * 0.05])
     a, _ = assign(near, tight, geometry="euclidean", use_gpu=False, stats=stats)
     np.testing.assert_array_equal(a, euclidean_brute_force(near, tight)[0])
-    a, _ = assign(near, tight, geometry="euclidean", stats=stats, engine=km._Faiss(False, force_faiss_cpu=True))
+    a, _ = assign(near, tight, geometry="euclidean", stats=stats, engine=ke._Faiss(False, force_faiss_cpu=True))
     np.testing.assert_array_equal(a, euclidean_brute_force(near, tight)[0])
     assert stats["redone"] > 0
 
