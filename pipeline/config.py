@@ -75,6 +75,8 @@ class Proposer:
     )
     fpn_channels: int = 128  # FPN width, the heads' input (torchvision: 256)
     rois_per_image: int | None = 32  # RoIs sampled per image for the box and mask heads (None: 64 below 512 px)
+    num_workers: int = field(default=0, metadata=SPEED_ONLY)  # DataLoader workers decoding training images
+    amp: Literal["off", "bf16", "fp16"] = "off"  # training autocast (changes the weights; fp16 with a GradScaler)
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,7 @@ RANGES: dict[str, str] = {
     "proposer.checkpoint_every": ">= 1",
     "proposer.fpn_channels": ">= 8",
     "proposer.rois_per_image": ">= 4",
+    "proposer.num_workers": ">= 0",
     "propose.score_thresh": "[0, 1)",  # kept when score > thresh: 1 keeps nothing
     "propose.nms_thresh": "[0, 1]",  # 0 suppresses any overlap, 1 none
     "propose.max_proposals": ">= 1",

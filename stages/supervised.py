@@ -60,6 +60,8 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
         label_map=label_map,
         roi_align_grad=cfg.roi_align_grad,
         rois_per_image=cfg.rois_per_image,
+        num_workers=cfg.num_workers,
+        amp=cfg.amp,
     )
     save_checkpoint(model, CHECKPOINT, cfg.backbone, cfg.image_size)
     gt = load_lvis(manifest.split_json("val"))

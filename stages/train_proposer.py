@@ -56,7 +56,7 @@ def checkpoint_key(p: Params, manifest: Manifest, device: str, world_size: int =
     """What a resumable training state depends on: the training params (not `checkpoint_every`), the seed,
     the training file and its images (the manifest's input digests), the excluded ids, the device type and
     the number of ranks (each rank's RoI sampler state is saved; one process's key is the same as before
-    ranks existed)."""
+    ranks existed). `num_workers` is not in it (the weights do not depend on it); `amp` only when not off."""
     cfg = p.proposer
     key = {
         "proposer": {
@@ -76,6 +76,8 @@ def checkpoint_key(p: Params, manifest: Manifest, device: str, world_size: int =
         "excluded": sorted(int(i) for i in manifest.proposer_excluded_image_ids),
         "device": str(torch.device(device).type),
     }
+    if cfg.amp != "off":
+        key["proposer"]["amp"] = cfg.amp
     if world_size > 1:
         key["world_size"] = world_size
     return key
@@ -126,6 +128,8 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
                 checkpoint_every=cfg.checkpoint_every,
                 roi_align_grad=cfg.roi_align_grad,
                 rois_per_image=cfg.rois_per_image,
+                num_workers=cfg.num_workers,
+                amp=cfg.amp,
                 ranks=ranks,
             )
             if not main_goes_on(ranks):
@@ -137,6 +141,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
             live.summary["excluded_images"] = history.n_excluded
             text = (
                 f"trained {cfg.backbone} FPN for {len(history)} steps on {device}"
+                + (f" under {cfg.amp} autocast" if cfg.amp != "off" else "")
                 + (f" with {ranks.world_size} ranks" if ranks.world_size > 1 else "")
                 + (f" (resumed from step {history.resumed_from})" if history.resumed_from else "")
                 + f", final loss {final:.3f}; {history.n_images} images, {history.n_excluded} excluded (LVIS val)"

@@ -4,9 +4,12 @@ SGD (momentum 0.9, weight decay 1e-4), gradients clipped to norm 10, linear warm
 min(200, 10 % of the steps), then cosine decay to 0; random horizontal flips (p = 0.5) and a random
 permutation of the colour channels (so that objectness is not learnt as "one of the base categories'
 colours"); the seed fixes the initial RNG state, the batch order, the flips and the permutations, so a CPU
-run is reproducible. With a `pipeline.stores.checkpoint.Checkpoint` the whole training state is saved every
-`checkpoint_every` steps and resumed after a kill, bit for bit on the CPU; `_EpochBatches` reproduces
-DataLoader(shuffle=True)'s batch order so that an epoch can start at any batch. Images listed in
+run is reproducible. Images are decoded in `num_workers` DataLoader processes when asked (pinned on CUDA; the
+augmentations are still drawn here, so the weights do not depend on the number of workers), and the forward
+pass can run under bf16 / fp16 autocast (`amp`; fp16 with a gradient scaler), which changes the weights. With a
+`pipeline.stores.checkpoint.Checkpoint` the whole training state is saved every `checkpoint_every` steps and
+resumed after a kill, bit for bit on the CPU; `_EpochBatches` reproduces DataLoader(shuffle=True)'s batch order
+so that an epoch can start at any batch. Images listed in
 `exclude_image_ids` (the LVIS val images) are never trained on.
 """
 
@@ -26,6 +29,7 @@ from pipeline.data.proposer_data import CocoInstances, _collate, _hflip
 from pipeline.device import pick_device
 from pipeline.distributed import Ranks, all_gather, main_first
 from pipeline.errors import PipelineError
+from pipeline.models.inference import AMP_DTYPES, PREFETCH_FACTOR, autocast
 from pipeline.models.roi_align import SparseGradRoIAlign
 from pipeline.stores.checkpoint import Checkpoint, rng_state, set_rng_state
 
@@ -123,6 +127,8 @@ def train_proposer(
     checkpoint_every: int = 100,
     roi_align_grad: str = "sparse",
     rois_per_image: int | None = None,
+    num_workers: int = 0,
+    amp: str = "off",
     ranks: Ranks = Ranks(),
 ) -> TrainHistory:
     """Train `model` in place on the instances of `coco_json`; returns one dict of floats per step.
@@ -135,7 +141,10 @@ def train_proposer(
     sparse matrix product, `pipeline.models.roi_align`) or `torchvision` (its own kernel: the same gradient up to
     the order of float additions, several times slower). `rois_per_image`: the RoIs the box head samples per
     image (at most a quarter positive, the mask head's), None for the model's own (`build_model`: 64 below
-    512 px, else 512).
+    512 px, else 512). `num_workers`: DataLoader processes decoding the images ahead (`PREFETCH_FACTOR`
+    batches each, pinned on CUDA; 0 in this process), the same weights whatever the number. `amp`: `off`,
+    `bf16` or `fp16` autocast of the forward pass (losses and the optimizer stay float32; fp16 scales the loss
+    with torch's GradScaler, whose state the checkpoint keeps).
 
     With `checkpoint`, the full training state (weights, optimizer, step, history, every RNG: torch's
     global and CUDA ones, the batch order's and the augmentations' generators) is saved every
@@ -166,6 +175,10 @@ def train_proposer(
         )
     if rois_per_image is not None and rois_per_image < 1:
         raise PipelineError(f"proposer rois_per_image must be at least 1, got {rois_per_image}")
+    if num_workers < 0:
+        raise PipelineError(f"proposer num_workers must be at least 0, got {num_workers}")
+    if amp not in AMP_DTYPES:
+        raise PipelineError(f"proposer amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
     world = ranks.world_size
     if batch_size % world:
         raise PipelineError(
@@ -186,9 +199,18 @@ def train_proposer(
     n = len(dataset)
     batches = _EpochBatches(n, batch_size, shuffle_gen, ranks.rank, world)
     # generator=shuffle_gen: the loader draws its base seed from it, as with shuffle=True (same order)
+    # the sampler and the augmentations run in this process: workers only decode, the batches are the same
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, generator=shuffle_gen, num_workers=0, collate_fn=_collate
+        dataset,
+        batch_sampler=batches,
+        generator=shuffle_gen,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=torch.device(device).type == "cuda",
+        prefetch_factor=PREFETCH_FACTOR if num_workers else None,
     )
+    scaler = torch.amp.GradScaler(torch.device(device).type) if amp == "fp16" else None
+    autocast(device, amp)  # a dtype this torch build cannot autocast on this device fails here, before any step
     model.to(device).train()
     if rois_per_image is not None:
         model.roi_heads.fg_bg_sampler.batch_size_per_image = rois_per_image
@@ -209,6 +231,7 @@ def train_proposer(
         and state["total"] == total
         and state["n_images"] == n
         and (world == 1 or len(state.get("rank_rng", ())) == world)
+        and (scaler is None or "scaler" in state)
     ):
         log.warning("%s: checkpoint of another schedule, data set or format; starting from scratch", checkpoint.path)
         state = None
@@ -220,6 +243,8 @@ def train_proposer(
         set_rng_state(state["rank_rng"][ranks.rank] if world > 1 else state["rng"])
         flip_gen.set_state(state["flip_gen"])
         epoch_start = state["epoch_start"]
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
         history.resumed_from = step
         log.info("%s: resumed from step %d of %d", checkpoint.path, step, total)
         if log_step is not None:
@@ -260,14 +285,16 @@ def train_proposer(
                     for im, t, flip in zip(images, targets, flips[lo:hi], strict=True)
                 ]
                 pairs = [(im[order], t) for (im, t), order in zip(pairs, orders[lo:hi], strict=True)]
-                images = [im.to(device) for im, _ in pairs]
+                images = [im.to(device, non_blocking=True) for im, _ in pairs]
                 targets = [
-                    {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for _, t in pairs
+                    {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+                    for _, t in pairs
                 ]
                 step_lr = _lr_at(step, total, lr)
                 for group in optimizer.param_groups:
                     group["lr"] = step_lr
-                losses = net(images, targets)
+                with autocast(device, amp):
+                    losses = {k: v.float() for k, v in net(images, targets).items()}
                 loss = sum(losses.values())
                 if world == 1:
                     record = {k: float(v.detach()) for k, v in losses.items()}
@@ -284,9 +311,17 @@ def train_proposer(
                         f"proposer training diverged at step {step} (epoch {epoch}): {parts}; try a lower lr"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                (loss if weight == 1.0 else loss * weight).backward()
-                torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
-                optimizer.step()
+                weighted = loss if weight == 1.0 else loss * weight
+                if scaler is None:
+                    weighted.backward()
+                    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
+                    optimizer.step()
+                else:  # fp16: scaled loss; unscaled gradients clipped; a step with inf/NaN gradients is skipped
+                    scaler.scale(weighted).backward()
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
+                    scaler.step(optimizer)
+                    scaler.update()
                 record["lr"] = step_lr
                 history.append(record)
                 if log_step is not None:
@@ -312,6 +347,7 @@ def train_proposer(
                                 **({"rank_rng": rngs} if world > 1 else {}),
                                 "flip_gen": flip_gen.get_state(),
                                 "epoch_start": next_start,
+                                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
                             }
                         )
             epoch_start = shuffle_gen.get_state()

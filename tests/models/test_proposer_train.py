@@ -236,6 +236,7 @@ def test_checkpoint_key_covers_what_changes_training():
     assert checkpoint_key(Params(proposer=Proposer(checkpoint_every=7)), manifest, "cpu") == base
     assert checkpoint_key(Params(seed=1), manifest, "cpu") == base  # the global seed makes the data, not the training
     assert checkpoint_key(Params(), manifest, "cpu", world_size=1) == base
+    assert checkpoint_key(Params(proposer=Proposer(num_workers=2)), manifest, "cpu") == base  # speed only
     changed = [
         checkpoint_key(Params(proposer=Proposer(lr=0.5)), manifest, "cpu"),
         checkpoint_key(Params(proposer=Proposer(epochs=2)), manifest, "cpu"),
@@ -243,6 +244,7 @@ def test_checkpoint_key_covers_what_changes_training():
         checkpoint_key(Params(proposer=Proposer(roi_align_grad=other_grad)), manifest, "cpu"),
         checkpoint_key(Params(proposer=Proposer(fpn_channels=64)), manifest, "cpu"),
         checkpoint_key(Params(proposer=Proposer(rois_per_image=16)), manifest, "cpu"),
+        checkpoint_key(Params(proposer=Proposer(amp="bf16")), manifest, "cpu"),
         checkpoint_key(Params(), manifest, "cpu", world_size=2),  # each rank's RNG state is saved
         checkpoint_key(Params(), manifest, "cuda"),
         checkpoint_key(Params(), Manifest(**{**manifest.__dict__, "files": {"p.json": "abd"}}), "cpu"),
@@ -250,6 +252,70 @@ def test_checkpoint_key_covers_what_changes_training():
         checkpoint_key(Params(), Manifest(**{**manifest.__dict__, "proposer_image_root": "coco"}), "cpu"),
     ]
     assert all(key != base for key in changed)
+
+
+def test_decoding_workers_train_the_same_weights(proposer_world, uninterrupted):
+    """Workers only decode: the batch order and the augmentations are drawn in the training process."""
+    path, root = proposer_world
+    ref_state, ref_history, _ = uninterrupted
+    state, history, seen = _train(path, root, num_workers=2)
+    assert seen == list(range(8)) and list(history) == list(ref_history)
+    _assert_same_weights(state, ref_state)
+
+
+def test_bf16_autocast_trains_reproducibly_and_resumes(proposer_world, uninterrupted, tmp_path):
+    path, root = proposer_world
+    ref_state, _, _ = uninterrupted
+    state, history, _ = _train(path, root, amp="bf16")
+    assert len(history) == 8 and all(np.isfinite(h["loss"]) for h in history)
+    assert all(v.dtype == ref_state[k].dtype for k, v in state.items())  # the weights stay float32
+    assert any(not torch.equal(v, ref_state[k]) for k, v in state.items())  # bf16 arithmetic: other weights
+    again, _, _ = _train(path, root, amp="bf16")
+    _assert_same_weights(again, state)
+
+    checkpoint = Checkpoint("train_proposer", {"amp": "bf16"}, root=tmp_path)
+
+    def stop_at_5(step, _):
+        if step == 5:
+            raise _Stop
+
+    torch.manual_seed(0)
+    with pytest.raises(_Stop):
+        train_proposer(build_model("resnet18", SIZE), path, root, device="cpu", progress=False, log_step=stop_at_5,
+                       checkpoint=checkpoint, checkpoint_every=3, amp="bf16", **RUN)  # fmt: skip
+    resumed, history, _ = _train(path, root, amp="bf16", checkpoint=checkpoint, checkpoint_every=3)
+    assert history.resumed_from == 3
+    _assert_same_weights(resumed, state)
+
+
+def test_fp16_autocast_scales_the_loss_and_checkpoints_the_scaler(proposer_world, tmp_path):
+    path, root = proposer_world
+    checkpoint = Checkpoint("train_proposer", {"amp": "fp16"}, root=tmp_path)
+
+    def stop_at_2(step, _):
+        if step == 2:
+            raise _Stop
+
+    torch.manual_seed(0)
+    try:
+        with pytest.raises(_Stop):
+            train_proposer(build_model("resnet18", SIZE), path, root, device="cpu", progress=False,
+                           log_step=stop_at_2, checkpoint=checkpoint, checkpoint_every=1, amp="fp16",
+                           **RUN)  # fmt: skip
+    except PipelineError as err:  # a torch build without fp16 autocast on the CPU says so before any step
+        assert "fp16" in str(err)
+        pytest.skip(str(err))
+    saved = checkpoint.load()
+    assert saved["step"] == 2 and saved["scaler"]["scale"] > 0  # GradScaler's state, to resume with
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"), [({"amp": "fp8"}, "amp must be one of"), ({"num_workers": -1}, "num_workers")]
+)
+def test_bad_speed_settings_are_one_line_errors(proposer_world, kw, message):
+    path, root = proposer_world
+    with pytest.raises(PipelineError, match=message):
+        train_proposer(build_model("resnet18", SIZE), path, root, device="cpu", progress=False, **RUN, **kw)
 
 
 def test_excluded_images_are_left_out(proposer_world, tmp_path):
