@@ -15,6 +15,10 @@ An amp mode also reports how far its proposals are from float32's: the proposal 
 proposals both keep, the largest score difference.
 
     python benchmarks/bench_propose.py [--images 120] [--repeat 3] [--threads 2] [--device cpu] [--workers 2]
+                                       [--proposer models/proposer.pt] [--score-thresh 0.5]
+
+``--proposer`` another checkpoint (benchmarks/gpu_check.sh passes a random R50-FPN at 800 px, LVIS' size, with
+``--score-thresh 0`` so that every image yields its 20 proposals).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def modes(workers: int) -> dict[str, dict]:
     }
 
 
-def run_mode(mode: dict, threads: int, n_images: int, device: str) -> dict:
+def run_mode(mode: dict, threads: int, n_images: int, device: str, proposer: Path, score_thresh: float | None) -> dict:
     """Inside the subprocess: propose_split over the first `n_images` val images; timing, peak RSS, outputs."""
     import numpy as np
     import torch
@@ -60,12 +64,14 @@ def run_mode(mode: dict, threads: int, n_images: int, device: str) -> dict:
     records = sorted(load_image_records(ROOT / manifest.split_json("val"), "LVIS annotations"), key=lambda r: r["id"])
     records = records[:n_images]
     root = ROOT / manifest.image_root
-    checkpoint = ROOT / "models/proposer.pt"
-    if checkpoint.is_file():
-        model, weights = load_checkpoint(checkpoint), "trained"
+    if proposer.is_file():
+        infer_kw = {} if score_thresh is None else {"score_thresh": score_thresh}
+        model = load_checkpoint(proposer, **infer_kw)
+        size, n_params = model.transform.max_size, sum(t.numel() for t in model.parameters()) / 1e6
+        weights = f"{proposer.name} ({size} px, {n_params:.1f} M parameters)"
     else:
         torch.manual_seed(0)
-        model, weights = build_model("resnet18", 128, score_thresh=0.0), "random"
+        model, weights = build_model("resnet18", 128, score_thresh=0.0), "random resnet18 (128 px)"
 
     def infer(batch):
         return propose(model, batch, device=device, amp=mode["amp"])
@@ -110,18 +116,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--proposer", type=Path, default=ROOT / "models/proposer.pt", help="checkpoint")
+    parser.add_argument("--score-thresh", type=float, help="the checkpoint's score threshold (default: 0.5)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # internal: run one mode (JSON), print JSON
     args = parser.parse_args()
     if args.mode is not None:
-        print(json.dumps(run_mode(json.loads(args.mode), args.threads, args.images, args.device)))
+        mode = json.loads(args.mode)
+        print(json.dumps(run_mode(mode, args.threads, args.images, args.device, args.proposer, args.score_thresh)))
         return
     table = modes(args.workers)
     best: dict[str, dict] = {}
     for _ in range(max(1, args.repeat)):
         for name, mode in table.items():
             cmd = [sys.executable, __file__, "--mode", json.dumps(mode), "--threads", str(args.threads)]
-            cmd += ["--images", str(args.images), "--device", args.device]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            cmd += ["--images", str(args.images), "--device", args.device, "--proposer", str(args.proposer)]
+            cmd += [] if args.score_thresh is None else ["--score-thresh", str(args.score_thresh)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"mode {name!r} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
             row = json.loads(done.stdout.strip().splitlines()[-1])
             if "error" in row or name not in best or row["seconds"] < best[name]["seconds"]:
                 best[name] = row

@@ -3,8 +3,8 @@
 1. Pair finding for one image: the vectorised rules (one matmul, pipeline.geometry.relations.relations) against a
    naive Python double loop over pairs, for 20 random masks at 128x128 and at 640x480, plus the
    `max_side` downscale option.
-2. Feature extraction throughput (proposals/s; three crops per proposal, one forward) with resnet18 at
-   crop sizes 64 and 224, split into crop time and backbone time.
+2. Feature extraction throughput (proposals/s; three crops per proposal, one forward) with ``--backbone``
+   (resnet18) at crop sizes 64 and 224, split into crop time and backbone time.
 3. Paste and crop on the val split's own proposals (data/val/proposals.zarr, `make repro` first): all of an
    image's masks at once (`paste_masks_tensor`, `crop_views`) against one proposal at a time (torchvision's
    paste loop, one roi_align per foreground window), ms per image and proposals/s; the outputs are checked
@@ -19,7 +19,10 @@ Sections 3 and 4 run every mode once per round, `--repeat` rounds interleaved, a
 round: a busy neighbour on a shared machine slows every mode alike.
 
     python benchmarks/bench_sample.py [--threads 2] [--device cpu] [--reps 3] [--repeat 3] [--workers 2]
-                                      [--sections 1234] [--images N]
+                                      [--sections 1234] [--images N] [--crop 64] [--backbone resnet18]
+
+Sections 3 and 4 crop ``--crop`` pixels (the embedded world's 64; LVIS' 224) and pool with the backbone of
+models/proposer.pt (resnet18 at random without one), as the stage does.
 """
 
 from __future__ import annotations
@@ -101,12 +104,12 @@ def bench_pairs(reps: int) -> None:
         print(f"|   pairs: object {len(obj)}, hier {len(hier)} |", flush=True)
 
 
-def bench_features(reps: int, device: str) -> None:
-    backbone = build_backbone("resnet18", "random", seed=0).to(device)
+def bench_features(reps: int, device: str, name: str) -> None:
+    backbone = build_backbone(name, "random", seed=0).to(device)
     image = np.random.default_rng(1).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
     masks, boxes = random_masks(20, 480, 640, seed=2)
     n = len(boxes)
-    print(f"\n## Feature extraction, resnet18 on {device}, one 480x640 image with {n} proposals (best of {reps})\n")
+    print(f"\n## Feature extraction, {name} on {device}, one 480x640 image with {n} proposals (best of {reps})\n")
     print(f"| {'crop':>4} | {'crops ms':>8} | {'forward ms':>10} | {'proposals/s':>11} | {'views/s':>8} |")
     print(f"|{'-' * 6}|{'-' * 10}|{'-' * 12}|{'-' * 13}|{'-' * 10}|")
     results = {}
@@ -125,7 +128,7 @@ def bench_features(reps: int, device: str) -> None:
 
 def _val_split(n_images: int | None = None):
     """The first `n_images` images of the val split (all: None): proposals, image loader and a
-    proposer-initialised backbone (random without a proposer)."""
+    proposer-initialised backbone of the proposer's own architecture (random resnet18 without a proposer)."""
     import os
 
     import zarr
@@ -145,8 +148,11 @@ def _val_split(n_images: int | None = None):
         arrays["image_hw"] = arrays["image_hw"][:n_images]
         arrays["boxes"], arrays["masks"] = arrays["boxes"][:last], arrays["masks"][:last]
     checkpoint = ROOT / "models/proposer.pt"
-    init = "proposer" if checkpoint.is_file() else "random"
-    backbone = build_backbone("resnet18", init, seed=0, proposer_checkpoint=checkpoint)
+    if checkpoint.is_file():
+        name = torch.load(checkpoint, map_location="cpu", weights_only=True)["backbone"]
+        backbone = build_backbone(name, "proposer", seed=0, proposer_checkpoint=checkpoint)
+    else:
+        backbone = build_backbone("resnet18", "random", seed=0)
     return arrays, load, backbone
 
 
@@ -161,7 +167,7 @@ def _rounds(modes: dict, run, repeat: int) -> dict:
     return best
 
 
-def bench_paste_crop(repeat: int, device: str, n_images: int | None) -> None:
+def bench_paste_crop(repeat: int, device: str, n_images: int | None, crop: int) -> None:
     from pipeline.geometry.masks import paste_masks_reference, paste_masks_tensor
 
     arrays, load, _ = _val_split(n_images)
@@ -189,7 +195,7 @@ def bench_paste_crop(repeat: int, device: str, n_images: int | None) -> None:
                 full = paste_masks_reference(map_t, box_t, tuple(hw[i])).to(device)
             sync()
             t1 = time.perf_counter()
-            views = crop_views(images[i], box_t, full, 64, device=device, batched=vectorised)
+            views = crop_views(images[i], box_t, full, crop, device=device, batched=vectorised)
             sync()
             crop_s += time.perf_counter() - t1
             paste_s += t1 - t0
@@ -204,7 +210,7 @@ def bench_paste_crop(repeat: int, device: str, n_images: int | None) -> None:
         for x, y in zip(a, b, strict=True)
     )
     print(
-        f"\n## Paste + crop (64 px) of the val split's {n_props} proposals on {len(todo)} images, {device} "
+        f"\n## Paste + crop ({crop} px) of the val split's {n_props} proposals on {len(todo)} images, {device} "
         f"(best of {repeat})\n"
     )
     print("| mode | paste ms/image | crop ms/image | proposals/s | vs loop |")
@@ -218,14 +224,14 @@ def bench_paste_crop(repeat: int, device: str, n_images: int | None) -> None:
     print(f"\nmasks and views bit-identical between the two: {same}")
 
 
-def bench_split(repeat: int, device: str, workers: int, n_images: int | None) -> None:
+def bench_split(repeat: int, device: str, workers: int, n_images: int | None, crop: int) -> None:
     from pipeline.errors import PipelineError
     from pipeline.stores.sampling import sample_split
 
     arrays, load, backbone = _val_split(n_images)
     offsets = arrays["image_offsets"]
     n_images, n_props = int(np.count_nonzero(np.diff(offsets))), int(offsets[-1])
-    kw = {"crop_size": 64, "object_iou": 0.4, "hier_containment": 1.0, "relation_max_side": None, "batch_size": 128}
+    kw = {"crop_size": crop, "object_iou": 0.4, "hier_containment": 1.0, "relation_max_side": None, "batch_size": 128}
     kw |= {"hier_exclude_objects": True, "device": device, "progress": False}
 
     def run(mode: dict) -> dict:
@@ -257,7 +263,7 @@ def bench_split(repeat: int, device: str, workers: int, n_images: int | None) ->
     best = _rounds(modes, run, repeat)
     ref = best["baseline (all at once)"]
     print(
-        f"\n## sample_split over the val split: {n_props} proposals on {n_images} images, crop 64, {device} "
+        f"\n## sample_split over the val split: {n_props} proposals on {n_images} images, crop {crop}, {device} "
         f"(best of {repeat})\n"
     )
     print("| mode | images/s | proposals/s | vs baseline | same pairs | max feature diff vs baseline |")
@@ -285,17 +291,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--sections", default="1234")
     parser.add_argument("--images", type=int, help="the first N val images in sections 3 and 4 (default: all)")
+    parser.add_argument("--backbone", default="resnet18", help="section 2's network (LVIS: resnet50)")
+    parser.add_argument("--crop", type=int, default=64, help="crop size of sections 3 and 4 (LVIS: 224)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if "1" in args.sections:
         bench_pairs(args.reps)
     if "2" in args.sections:
-        bench_features(args.reps, args.device)
+        bench_features(args.reps, args.device, args.backbone)
     if "3" in args.sections:
-        bench_paste_crop(args.repeat, args.device, args.images)
+        bench_paste_crop(args.repeat, args.device, args.images, args.crop)
     if "4" in args.sections:
-        bench_split(args.repeat, args.device, args.workers, args.images)
+        bench_split(args.repeat, args.device, args.workers, args.images, args.crop)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,13 @@ neighbour's load on a shared machine hits all of them alike; the table gives the
 and the spread (min-max), both wall time and the process's CPU time (which the neighbours disturb less).
 
     python benchmarks/bench_train_proposer.py [--steps 20] [--warmup 10] [--repeat 3] [--threads 2] [--only a,b]
+                                              [--variants cpu|lvis] [--device cpu] [--backbone resnet18]
+                                              [--image-size 128]
+
+The "defaults + ..." variants are the speed params of `proposer`: `num_workers` (DataLoader processes decoding
+the images; the same weights) and `amp` (bf16 / fp16 autocast of the forward pass; other weights). `--variants
+lvis` times the same params on torchvision's heads (FPN 256, 512 RoIs per image), which benchmarks/gpu_check.sh
+runs on a GPU at 800 px with a resnet50.
 """
 
 from __future__ import annotations
@@ -40,15 +47,40 @@ VARIANTS: dict[str, tuple[dict, dict, bool]] = {
         {"roi_align_grad": "sparse", "rois_per_image": 32},
         False,
     ),
+    "defaults + 2 decoding workers": (
+        {"fpn_channels": 128},
+        {"roi_align_grad": "sparse", "rois_per_image": 32, "num_workers": 2},
+        False,
+    ),
+    "defaults + bf16 autocast": (
+        {"fpn_channels": 128},
+        {"roi_align_grad": "sparse", "rois_per_image": 32, "amp": "bf16"},
+        False,
+    ),
+    "defaults + fp16 autocast": (
+        {"fpn_channels": 128},
+        {"roi_align_grad": "sparse", "rois_per_image": 32, "amp": "fp16"},
+        False,
+    ),
 }
-BASELINE = next(iter(VARIANTS))
+# torchvision's heads at LVIS size (FPN 256, its 512 RoIs per image at >= 512 px): `--variants lvis`, for a GPU
+LVIS_VARIANTS: dict[str, tuple[dict, dict, bool]] = {
+    "LVIS heads (FPN 256, 512 RoIs)": ({}, {"rois_per_image": None}, False),
+    "LVIS + 4 decoding workers": ({}, {"rois_per_image": None, "num_workers": 4}, False),
+    "LVIS + bf16 autocast": ({}, {"rois_per_image": None, "amp": "bf16"}, False),
+    "LVIS + fp16 autocast": ({}, {"rois_per_image": None, "amp": "fp16"}, False),
+    "LVIS + 4 workers + bf16": ({}, {"rois_per_image": None, "num_workers": 4, "amp": "bf16"}, False),
+}
+SETS = {"cpu": VARIANTS, "lvis": LVIS_VARIANTS}
 
 
 class _Done(Exception):
     pass
 
 
-def run_variant(name: str, steps: int, warmup: int, threads: int, batch_size: int) -> dict:
+def run_variant(
+    name: str, steps: int, warmup: int, threads: int, batch_size: int, device: str, backbone: str, image_size: int
+) -> dict:
     """Inside the subprocess: train `warmup + steps` steps of variant `name`; time the last `steps`."""
     import torch
 
@@ -57,15 +89,17 @@ def run_variant(name: str, steps: int, warmup: int, threads: int, batch_size: in
     from pipeline.models.proposer_train import train_proposer
 
     torch.set_num_threads(threads)
-    build_kw, train_kw, channels_last = VARIANTS[name]
+    build_kw, train_kw, channels_last = {**VARIANTS, **LVIS_VARIANTS}[name]
     manifest = read_manifest(ROOT / "data/prepared/dataset.json")
     torch.manual_seed(0)
-    model = build_model("resnet18", 128, **build_kw)
+    model = build_model(backbone, image_size, **build_kw)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     clock: dict[str, float] = {}
 
     def log_step(step: int, _record: dict) -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         if step == warmup - 1:
             clock["wall"], clock["cpu"] = time.perf_counter(), time.process_time()
         elif step == warmup + steps - 1:
@@ -82,7 +116,7 @@ def run_variant(name: str, steps: int, warmup: int, threads: int, batch_size: in
             batch_size=batch_size,
             lr=0.02,
             seed=0,
-            device="cpu",
+            device=device,
             log_step=log_step,
             progress=False,
             **train_kw,
@@ -97,28 +131,39 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="rounds over the variants")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the default of 2 cores)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--variants", choices=sorted(SETS), default="cpu", help="cpu: the 128 px ones; lvis: FPN 256")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=128, help="the proposer's input size (images are resized)")
     parser.add_argument("--only", help="comma-separated substrings of the variant names to run (the baseline always)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = parser.parse_args()
     if args.variant is not None:
-        print(json.dumps(run_variant(args.variant, args.steps, args.warmup, args.threads, args.batch_size)))
+        shape = (args.device, args.backbone, args.image_size)
+        print(json.dumps(run_variant(args.variant, args.steps, args.warmup, args.threads, args.batch_size, *shape)))
         return
-    names = [n for n in VARIANTS if n == BASELINE or not args.only or any(s in n for s in args.only.split(","))]
+    variants = SETS[args.variants]
+    baseline = next(iter(variants))
+    names = [n for n in variants if n == baseline or not args.only or any(s in n for s in args.only.split(","))]
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for round_ in range(args.repeat):
         for name in names:
             cmd = [sys.executable, __file__, "--variant", name, "--steps", str(args.steps), "--warmup"]
             cmd += [str(args.warmup), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            cmd += ["--device", args.device, "--backbone", args.backbone, "--image-size", str(args.image_size)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"variant {name!r} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
             row = json.loads(done.stdout.strip().splitlines()[-1])
             runs[name].append(row)
             print(f"round {round_ + 1}: {name}: {row['wall'] * 1000:.0f} ms/step wall, {row['cpu'] * 1000:.0f} cpu",
                   file=sys.stderr, flush=True)  # fmt: skip
-    base = statistics.median(r["wall"] for r in runs[BASELINE])
-    base_cpu = statistics.median(r["cpu"] for r in runs[BASELINE])
+    base = statistics.median(r["wall"] for r in runs[baseline])
+    base_cpu = statistics.median(r["cpu"] for r in runs[baseline])
     print(
-        f"\ntrain_proposer steps on the embedded world (128 px, batch {args.batch_size}), {args.threads} thread(s), "
-        f"CPU; median of {args.repeat} interleaved rounds of {args.steps} steps after {args.warmup}; spread = min-max\n"
+        f"\ntrain_proposer steps on the embedded world ({args.backbone} at {args.image_size} px, batch "
+        f"{args.batch_size}), {args.threads} thread(s), {args.device}; median of {args.repeat} interleaved rounds "
+        f"of {args.steps} steps after {args.warmup}; spread = min-max\n"
     )
     print("| variant | steps/s | images/s | ms/step wall (spread) | speed-up | CPU ms/step (spread) | CPU speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Issue 12's GPU measurements at LVIS image size (800 px), in one call on a lent GPU machine.
+#
+#   here, once:  bash benchmarks/gpu_wheels.sh     # zarr and the rest the GPU image lacks, as CPython 3.12 wheels in .whl/
+#   device:      run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#   locally:     DEVICE=cpu SIZE=256 IMAGES=8 REPEAT=1 WHEELS= PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
+#
+# It works in a scratch copy of the repository (the checkout's params.yaml, data/ and models/ are left alone):
+# the embedded world with SIZE px images (`prepare`, N_TRAIN train images: the proposer is not trained here), a
+# randomly initialised R50-FPN proposer at SIZE px with torchvision's FPN width and score threshold 0 (so every
+# image yields its 20 proposals, the LVIS workload), the `propose` stage over val on DEVICE, then
+# benchmarks/bench_propose.py, benchmarks/bench_sample.py (sections 2-4, crop 224 with the proposer's resnet50)
+# and benchmarks/bench_train_proposer.py (--variants lvis: decoding workers, bf16, fp16) on DEVICE. Tables and logs go to $OUT (the device tool brings them back), else /tmp/gpu_check.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+SIZE=${SIZE:-800}
+IMAGES=${IMAGES:-120}
+N_TRAIN=${N_TRAIN:-120}
+BACKBONE=${BACKBONE:-resnet50}
+CROP=${CROP:-224}
+REPEAT=${REPEAT:-1}  # one round: the lent machine is not shared
+TRAIN_STEPS=${TRAIN_STEPS:-20}
+WORKERS=${WORKERS:-4}
+THREADS=${THREADS:-$(nproc)}
+WHEELS=${WHEELS-.whl}
+OUT=${OUT:-/tmp/gpu_check}
+WORK=${WORK:-$(mktemp -d /tmp/gpu_check_repo.XXXXXX)}
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1  # no progress bars in the logs
+mkdir -p "$OUT"
+
+if [ -n "$WHEELS" ] && [ -d "$WHEELS" ]; then  # the packages the GPU image lacks (benchmarks/gpu_wheels.sh)
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+tar --exclude=./.git --exclude=./.whl --exclude=./.venv --exclude=./data --exclude=./models \
+    --exclude=./checkpoints -cf - . | tar -xf - -C "$WORK"
+cd "$WORK"
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+    "$PYTHON" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
+'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+    echo "cpus $(nproc); DEVICE=$DEVICE SIZE=$SIZE IMAGES=$IMAGES BACKBONE=$BACKBONE CROP=$CROP REPEAT=$REPEAT"
+} | tee "$OUT/env.txt"
+
+"$PYTHON" - "$SIZE" "$IMAGES" "$N_TRAIN" "$BACKBONE" "$CROP" "$DEVICE" <<'EOF'
+import sys, yaml
+size, n_val, n_train, backbone, crop, device = sys.argv[1:]
+p = yaml.safe_load(open("params.yaml"))
+p["device"] = device
+p["data"]["synthetic"].update(image_size=int(size), n_val=int(n_val), n_train=int(n_train))
+p["proposer"].update(image_size=int(size), backbone=backbone, fpn_channels=256, rois_per_image=None)
+p["propose"]["score_thresh"] = 0.0
+p["sample"].update(crop_size=int(crop), backbone=backbone)
+yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
+EOF
+
+{
+    time "$PYTHON" -m stages.prepare
+    "$PYTHON" - "$BACKBONE" "$SIZE" <<'EOF'
+import sys
+from pathlib import Path
+import torch
+from pipeline.models.proposer import build_model, save_checkpoint
+backbone, size = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+save_checkpoint(build_model(backbone, size, fpn_channels=256, score_thresh=0.0), Path("models/proposer.pt"), backbone, size)
+print(f"random {backbone} proposer at {size} px -> models/proposer.pt")
+EOF
+    time "$PYTHON" -m stages.propose --split val
+} 2>&1 | tee "$OUT/stages.log"
+
+"$PYTHON" benchmarks/bench_propose.py --device "$DEVICE" --images "$IMAGES" --repeat "$REPEAT" --threads "$THREADS" \
+    --workers "$WORKERS" --score-thresh 0 2>&1 | tee "$OUT/bench_propose.md"
+"$PYTHON" benchmarks/bench_sample.py --device "$DEVICE" --sections 234 --crop "$CROP" --backbone "$BACKBONE" \
+    --repeat "$REPEAT" --threads "$THREADS" --workers "$WORKERS" 2>&1 | tee "$OUT/bench_sample.md"
+"$PYTHON" benchmarks/bench_train_proposer.py --variants lvis --device "$DEVICE" --backbone "$BACKBONE" \
+    --image-size "$SIZE" --steps "$TRAIN_STEPS" --warmup 5 --repeat "$REPEAT" --threads "$THREADS" 2>&1 |
+    tee "$OUT/bench_train_proposer.md"
+echo "gpu_check done: tables in $OUT"
