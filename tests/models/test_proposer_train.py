@@ -129,6 +129,16 @@ class _Stop(Exception):
     pass
 
 
+def _stop_at(stop: int):
+    """A `log_step` that interrupts training at step `stop` (after its update, before its checkpoint)."""
+
+    def log_step(step: int, _record: dict) -> None:
+        if step == stop:
+            raise _Stop
+
+    return log_step
+
+
 @pytest.mark.parametrize(("n", "batch_size"), [(6, 2), (7, 2), (7, 3), (7, 7), (5, 1)])
 def test_epoch_batches_are_a_shuffled_dataloader_s(n, batch_size):
     """Draw for draw the batches (and generator states) of DataLoader(shuffle=True); `skip` starts mid-epoch."""
@@ -188,13 +198,9 @@ def test_training_resumes_at_an_epoch_boundary_with_complete_history(proposer_wo
     ref_state, ref_history, _ = uninterrupted
     checkpoint = Checkpoint("train_proposer", {"run": 2}, root=tmp_path)
 
-    def stop_at_7(step, _):
-        if step == 7:
-            raise _Stop
-
     torch.manual_seed(0)
     with pytest.raises(_Stop):
-        train_proposer(build_model("resnet18", SIZE), path, root, device="cpu", progress=False, log_step=stop_at_7,
+        train_proposer(build_model("resnet18", SIZE), path, root, device="cpu", progress=False, log_step=_stop_at(7),
                        checkpoint=checkpoint, checkpoint_every=3, **RUN)  # fmt: skip
     assert checkpoint.load()["step"] == 6  # the end of epoch 2 (2 batches per epoch)
     state, history, seen = _train(path, root, checkpoint=checkpoint, checkpoint_every=3)
@@ -208,13 +214,9 @@ def test_a_checkpoint_of_another_key_is_ignored(proposer_world, uninterrupted, t
     path, root = proposer_world
     ref_state, ref_history, _ = uninterrupted
 
-    def stop_at_2(step, _):
-        if step == 2:
-            raise _Stop
-
     torch.manual_seed(0)
     with pytest.raises(_Stop):
-        train_proposer(build_model("resnet18", SIZE), path, root, device="cpu", progress=False, log_step=stop_at_2,
+        train_proposer(build_model("resnet18", SIZE), path, root, device="cpu", progress=False, log_step=_stop_at(2),
                        checkpoint=Checkpoint("train_proposer", {"lr": 0.5}, root=tmp_path), checkpoint_every=2,
                        **RUN)  # fmt: skip
     other = Checkpoint("train_proposer", {"lr": 0.01}, root=tmp_path)
@@ -275,13 +277,9 @@ def test_bf16_autocast_trains_reproducibly_and_resumes(proposer_world, uninterru
 
     checkpoint = Checkpoint("train_proposer", {"amp": "bf16"}, root=tmp_path)
 
-    def stop_at_5(step, _):
-        if step == 5:
-            raise _Stop
-
     torch.manual_seed(0)
     with pytest.raises(_Stop):
-        train_proposer(build_model("resnet18", SIZE), path, root, device="cpu", progress=False, log_step=stop_at_5,
+        train_proposer(build_model("resnet18", SIZE), path, root, device="cpu", progress=False, log_step=_stop_at(5),
                        checkpoint=checkpoint, checkpoint_every=3, amp="bf16", **RUN)  # fmt: skip
     resumed, history, _ = _train(path, root, amp="bf16", checkpoint=checkpoint, checkpoint_every=3)
     assert history.resumed_from == 3
@@ -292,15 +290,11 @@ def test_fp16_autocast_scales_the_loss_and_checkpoints_the_scaler(proposer_world
     path, root = proposer_world
     checkpoint = Checkpoint("train_proposer", {"amp": "fp16"}, root=tmp_path)
 
-    def stop_at_2(step, _):
-        if step == 2:
-            raise _Stop
-
     torch.manual_seed(0)
     try:
         with pytest.raises(_Stop):
             train_proposer(build_model("resnet18", SIZE), path, root, device="cpu", progress=False,
-                           log_step=stop_at_2, checkpoint=checkpoint, checkpoint_every=1, amp="fp16",
+                           log_step=_stop_at(2), checkpoint=checkpoint, checkpoint_every=1, amp="fp16",
                            **RUN)  # fmt: skip
     except PipelineError as err:  # a torch build without fp16 autocast on the CPU says so before any step
         assert "fp16" in str(err)
