@@ -26,7 +26,16 @@ import typer
 from pipeline.config import as_dict
 from pipeline.distributed import Ranks, all_gather, init_ranks, launch_ranks, main_goes_on, shutdown
 from pipeline.experiments.plots import elbow_plot
-from pipeline.geometry.kmeans import faiss_backend, inertia_curve, k_sweep, kmeans, knee, search_name, visible_gpus
+from pipeline.geometry.kmeans import (
+    cuda_devices,
+    faiss_backend,
+    inertia_curve,
+    k_sweep,
+    kmeans,
+    knee,
+    search_name,
+    visible_gpus,
+)
 from pipeline.stores.store import atomic_path, open_store, store_array, write_store
 from stages.common import Timer, clean_errors, params, split_dir, summary
 
@@ -38,8 +47,9 @@ log = logging.getLogger(__name__)
 
 
 def rank_gpus(ranks: Ranks) -> list[int] | None:
-    """The GPUs this rank's faiss searches: every visible one for one process (None), its own under torchrun."""
-    n_gpus = visible_gpus()
+    """The GPUs this rank's search uses: every visible one for one process (None), its own under torchrun (faiss'
+    GPUs, else torch's)."""
+    n_gpus = visible_gpus() or cuda_devices()
     if ranks.world_size == 1 or n_gpus == 0:
         return None
     return [ranks.local_rank % n_gpus]

@@ -31,7 +31,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.geometry.kmeans_assign import Euclidean, Geometry, Poincare, _arg, _Assigner, assign, assign_exact
 from pipeline.geometry.kmeans_blocks import check_points, read_rows
-from pipeline.geometry.kmeans_engines import _Faiss, faiss_backend, search_name, visible_gpus
+from pipeline.geometry.kmeans_engines import _Faiss, cuda_devices, faiss_backend, search_name, visible_gpus
 from pipeline.geometry.kmeans_update import _update
 
 # k-means' public API in one place: the loop and the elbow here, the assignment and the search engine re-exported
@@ -39,6 +39,7 @@ __all__ = [
     "KMeansResult",
     "assign",
     "assign_exact",
+    "cuda_devices",
     "euclidean_kmeans",
     "faiss_backend",
     "hyperbolic_kmeans",

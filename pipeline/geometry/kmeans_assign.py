@@ -26,6 +26,9 @@ its threads and GPUs: pipeline.geometry.kmeans_engines):
 - GPU (faiss-gpu sees a GPU): a faiss ``IndexFlatIP`` of the ``-y''_j`` in float32, replicated on every visible
   GPU (each searches a share of the rows), top ``candidates`` (at least 2), the last one's value the lower bound
   of every centroid outside them; the rows it cannot certify go to the CPU's float64 GEMM.
+- GPU through torch (a CUDA GPU that faiss does not see): the float64 GEMM on the GPU in tiles of rows, its
+  smallest two entries per row (``topk``) brought back; the rows it cannot certify (near-ties) go to the CPU's
+  float64 path, which decides them over their near-ties.
 
 **The certificate.** The candidates are re-ranked by the reference value itself; the best one's direct-difference
 ``t`` (relative error ``<= (d + 7) u``), times a margin that covers the reference value's own rounding (its
@@ -53,6 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 
 from pipeline.errors import PipelineError
 from pipeline.geometry.kmeans_blocks import _BLOCK, blocks, check_points, read_block, rows_per_block
@@ -63,6 +67,7 @@ log = logging.getLogger(__name__)
 _U32 = 2.0**-24
 _U64 = 2.0**-53
 _TILE = 1 << 20  # elements of one worker's float64 GEMM tile (8 MB)
+_TORCH_TILE = 1 << 25  # elements of one float64 GEMM tile on the torch device (256 MB)
 
 
 # ------------------------------------------------------------------------------------------------- geometry
@@ -307,8 +312,8 @@ class _Assigner:
     """Nearest centroid of every row of ``x``, block by block (nothing per point is kept between calls).
 
     ``geometry``: a `Poincare` / `Euclidean`, or a curvature c (the Poincaré ball). After a call: ``redone`` the
-    rows the float32 certificate (CPU GEMM or faiss) left to the float64 GEMM, ``fallback`` the rows decided by
-    the reference value over their near-ties (or every centroid).
+    rows the first search (CPU float32 GEMM, faiss, or torch's float64 GEMM) left to the CPU's float64 GEMM,
+    ``fallback`` the rows decided by the reference value over their near-ties (or every centroid).
     """
 
     def __init__(
@@ -356,6 +361,26 @@ class _Assigner:
             a[todo], v[todo], _, fallback = self._cpu(pool, xb[todo], tuple(q[todo] for q in rows), side, False)
         return a, v, int(todo.size), fallback
 
+    def _torch(self, base: Any, xb: np.ndarray, rows: tuple, side: Side, pool) -> tuple:
+        """The float64 GEMM ``x'' . y''_j`` on the torch device (``base``: the columns there), its two smallest
+        entries per row; the rows it cannot certify are decided by the CPU's float64 path."""
+        xa = _augment(xb, side)
+        k = len(side.cent)
+        step = max(1, _TORCH_TILE // k)
+        j1, second = np.empty(len(xa), dtype=np.int64), np.empty(len(xa))
+        for i in range(0, len(xa), step):
+            tile = torch.from_numpy(xa[i : i + step]).to(base.device, non_blocking=True) @ base
+            values, index = tile.topk(2, dim=1, largest=False)  # an exact tie of the two fails the certificate
+            j1[i : i + step], second[i : i + step] = index[:, 0].cpu().numpy(), values[:, 1].cpu().numpy()
+        lower = second - _eta(_U64, xa.shape[1], xa, side.big)
+        checked = _certify(self.geom, xb, rows, side, j1[:, None], lower)
+        a, v = checked.assignment, checked.value
+        todo = np.flatnonzero(~checked.certified)
+        fallback = 0
+        if todo.size:
+            a[todo], v[todo], _, fallback = self._cpu(pool, xb[todo], tuple(q[todo] for q in rows), side, False)
+        return a, v, int(todo.size), fallback
+
     def __call__(
         self, cent: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -368,6 +393,9 @@ class _Assigner:
         side = geom.side(np.ascontiguousarray(cent, dtype=np.float64))
         kk = min(max(self.candidates, 2), k)  # one candidate would leave the certificate nothing to compare with
         index = engine.index(np.ascontiguousarray(-side.base32.T)) if engine.faiss and kk < k else None
+        base = None
+        if engine.torch_device is not None and k > 1:
+            base = torch.from_numpy(side.base).to(engine.torch_device)
         fallback = redone = 0
         workers = engine.threads
         pool_context = ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()
@@ -380,6 +408,8 @@ class _Assigner:
                     r = f = 0
                 elif index is not None:
                     a, v, r, f = self._faiss(index, kk, xb, rows, side, pool)
+                elif base is not None:
+                    a, v, r, f = self._torch(base, xb, rows, side, pool)
                 else:
                     a, v, r, f = self._cpu(pool, xb, rows, side, True)
                 redone += r
@@ -417,7 +447,7 @@ def assign(
     (curvature -c) or "euclidean" (``c`` unused); ``x`` as in the module doc; ``candidates``: the faiss top-k.
 
     ``stats``, when given, receives ``{"redone": rows the float32 certificate sent to float64, "fallback": rows
-    float64 left to their near-ties, "search": the engine's name, "gpu": whether faiss ran on a GPU}``.
+    float64 left to their near-ties, "search": the engine's name, "gpu": whether it ran on a GPU}``.
     """
     geom = _geometry(geometry, c)
     x = check_points(x, geom.c, block_rows)
@@ -430,7 +460,8 @@ def assign(
     assigner = _Assigner(x, geom, engine, candidates, block_rows=block_rows)
     out = assigner(centroids)
     if stats is not None:
-        stats.update(fallback=assigner.fallback, redone=assigner.redone, search=engine.name, gpu=engine.gpu)
+        on_gpu = engine.gpu or (engine.torch_device is not None and engine.torch_device.type == "cuda")
+        stats.update(fallback=assigner.fallback, redone=assigner.redone, search=engine.name, gpu=on_gpu)
     return out
 
 

@@ -6,6 +6,9 @@
 - GPU (faiss-gpu sees a GPU: `visible_gpus`): a faiss ``IndexFlatIP`` in float32, replicated on every GPU of
   ``devices`` (default every visible one; a torchrun rank passes its own), each searching a share of the rows;
   one ``StandardGpuResources`` per GPU is kept for the process.
+- GPU through torch (torch sees a CUDA GPU, faiss does not: faiss-cpu, or no faiss-gpu wheel for the machine's
+  CUDA): the float64 GEMM and its top-2 on one GPU (``devices[0]``, default the current one), the certificate
+  on the CPU. float64 needs no float32 pass: the rows it leaves open are true near-ties.
 
 `_Faiss` is the engine an assignment runs with; `search_name` and `faiss_backend` say in words what runs and which
 faiss this process has. faiss is optional: installed without the cpu / gpu extra, ``faiss`` is None.
@@ -46,6 +49,11 @@ def faiss_backend() -> str:
     return f"{_faiss_version()} on {'gpu' if visible_gpus() > 0 else 'cpu'}"
 
 
+def cuda_devices() -> int:
+    """How many CUDA GPUs torch sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def threads() -> int:
     """Worker threads of the float64 engine: torch's intra-op thread count (OMP_NUM_THREADS under torchrun)."""
     return max(1, torch.get_num_threads())
@@ -77,8 +85,8 @@ def _gpu_devices(use_gpu: bool | None, devices: Sequence[int] | None) -> list[in
     """The GPU ids the search uses: none when ``use_gpu`` is False or faiss sees no GPU, else ``devices`` (default
     every visible one); PipelineError when ``use_gpu`` is True and there is none."""
     n_gpus = visible_gpus()
-    if use_gpu and n_gpus == 0:
-        raise PipelineError("use_gpu=True but faiss sees no GPU (is faiss-gpu installed? see `make setup-gpu`)")
+    if use_gpu and n_gpus == 0 and cuda_devices() == 0:
+        raise PipelineError("use_gpu=True but neither faiss nor torch sees a GPU")
     if n_gpus == 0 or use_gpu is False:
         return []
     chosen = [int(g) for g in (range(n_gpus) if devices is None else devices)]
@@ -88,21 +96,44 @@ def _gpu_devices(use_gpu: bool | None, devices: Sequence[int] | None) -> list[in
     return chosen
 
 
+def _torch_device(use_gpu: bool | None, devices: Sequence[int] | None) -> torch.device | None:
+    """The CUDA device of the torch float64 search: when faiss sees no GPU but torch does and ``use_gpu`` is not
+    False, ``devices[0]`` (a torchrun rank's own) or torch's current device; else None."""
+    n_cuda = cuda_devices()
+    if use_gpu is False or visible_gpus() > 0 or n_cuda == 0:
+        return None
+    index = int(devices[0]) if devices else torch.cuda.current_device()
+    if not 0 <= index < n_cuda:
+        raise PipelineError(f"GPU device {index} is not among the {n_cuda} GPUs torch sees")
+    return torch.device("cuda", index)
+
+
 def search_name(use_gpu: bool | None = None, devices: Sequence[int] | None = None) -> str:
-    """What `assign` runs with these arguments, in words: faiss on which GPUs, or the CPU's float64 GEMM."""
+    """What `assign` runs with these arguments, in words: faiss on which GPUs, torch's float64 GEMM on a GPU,
+    or the CPU's float32 / float64 GEMM."""
     gpus = _gpu_devices(use_gpu, devices)
     if gpus:
         return f"{_faiss_version()} float32 on GPU {gpus} + float64 certificate"
+    device = _torch_device(use_gpu, devices)
+    if device is not None:
+        return f"torch float64 GEMM on {device} ({_faiss_version()} sees no GPU) + float64 certificate"
     return f"float32/float64 GEMM on cpu, {threads()} threads ({_faiss_version()} sees no GPU or use_gpu=False)"
 
 
 class _Faiss:
     """The search engine of an assignment: faiss float32 on GPUs (``use_gpu`` None and a GPU, or True; the ids
-    ``devices``, default every visible GPU), else the float32 / float64 GEMM on the CPU. ``force_faiss_cpu`` runs
-    the faiss float32 path on the CPU (tests of its certificate). ``name`` says which (INFO once per process)."""
+    ``devices``, default every visible GPU), else torch's float64 GEMM on a CUDA GPU that faiss does not see
+    (``torch_device``), else the float32 / float64 GEMM on the CPU. ``force_faiss_cpu`` runs the faiss float32
+    path on the CPU, ``force_torch`` the torch path on that device (tests of their certificates). ``name`` says
+    which (INFO once per process)."""
 
     def __init__(
-        self, use_gpu: bool | None, devices: Sequence[int] | None = None, *, force_faiss_cpu: bool = False
+        self,
+        use_gpu: bool | None,
+        devices: Sequence[int] | None = None,
+        *,
+        force_faiss_cpu: bool = False,
+        force_torch: str | None = None,
     ) -> None:
         self.devices = _gpu_devices(use_gpu, devices)
         if force_faiss_cpu and faiss is None:
@@ -110,11 +141,20 @@ class _Faiss:
         self.gpu = bool(self.devices)
         self.faiss = self.gpu or force_faiss_cpu
         self.threads = threads()
+        if force_torch is not None:
+            self.torch_device = torch.device(force_torch)
+        else:
+            self.torch_device = None if self.faiss else _torch_device(use_gpu, devices)
         if self.gpu:
             for g in self.devices:
                 if g not in _RESOURCES:
                     _RESOURCES[g] = faiss.StandardGpuResources()
-        self.name = f"{_faiss_version()} float32 on cpu" if force_faiss_cpu else search_name(use_gpu, devices)
+        if force_faiss_cpu:
+            self.name = f"{_faiss_version()} float32 on cpu"
+        elif force_torch is not None:
+            self.name = f"torch float64 GEMM on {self.torch_device} + float64 certificate"
+        else:
+            self.name = search_name(use_gpu, devices)
         log.log(logging.DEBUG if self.name in _LOGGED else logging.INFO, "nearest-centroid search: %s", self.name)
         _LOGGED.add(self.name)
 

@@ -25,6 +25,7 @@ from tests.geometry.test_kmeans import mixed_points, unit_rows
 ENGINES = {
     "cpu": lambda: ke._Faiss(False),  # float32 GEMM, float64 GEMM for the rows it leaves open
     "faiss32": lambda: ke._Faiss(False, force_faiss_cpu=True),  # faiss float32 top-k (the GPU path), then float64
+    "torch64": lambda: ke._Faiss(False, force_torch="cpu"),  # torch's float64 GEMM + top-2 (its GPU path), on the CPU
 }
 
 
@@ -233,12 +234,55 @@ def test_torchrun_ranks_take_their_own_gpu(two_gpus):
     assert rank_gpus(Ranks(2, 4, 2)) == [0]
 
 
-@pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="a GPU is visible to faiss")
+@pytest.mark.skipif(faiss.get_num_gpus() > 0 or ke.cuda_devices() > 0, reason="a GPU is visible")
 def test_without_gpu_the_search_is_the_cpu_gemm():
     assert ke.search_name().startswith("float32/float64 GEMM on cpu")
     assert ke.faiss_backend() == f"faiss {faiss.__version__} on cpu"
-    with pytest.raises(PipelineError, match="sees no GPU"):
+    assert ke._Faiss(None).torch_device is None
+    with pytest.raises(PipelineError, match="neither faiss nor torch sees a GPU"):
         ke._Faiss(True)
+
+
+@pytest.fixture
+def torch_sees_two_gpus(monkeypatch):
+    """torch "sees" two CUDA GPUs, faiss none (faiss-cpu): the engine is chosen, never run."""
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    import stages.cluster
+
+    monkeypatch.setattr(ke, "cuda_devices", lambda: 2)
+    monkeypatch.setattr(stages.cluster, "cuda_devices", lambda: 2)
+    monkeypatch.setattr(ke.torch.cuda, "current_device", lambda: 0)
+
+
+def test_a_gpu_only_torch_sees_runs_the_torch_float64_search(torch_sees_two_gpus):
+    from stages.cluster import rank_gpus
+
+    engine = ke._Faiss(None)
+    assert engine.torch_device == ke.torch.device("cuda", 0) and not engine.faiss
+    assert engine.name == ke.search_name() and "torch float64 GEMM on cuda:0" in engine.name
+    assert ke._Faiss(True).torch_device == ke.torch.device("cuda", 0)  # use_gpu=True: a GPU is there
+    assert ke._Faiss(None, [1]).torch_device == ke.torch.device("cuda", 1)  # a torchrun rank's own GPU
+    assert ke._Faiss(False).torch_device is None and ke._Faiss(False).name.startswith("float32/float64 GEMM on cpu")
+    with pytest.raises(PipelineError, match="not among the 2 GPUs torch sees"):
+        ke._Faiss(None, [2])
+    assert rank_gpus(Ranks(3, 4, 1)) == [1]
+
+
+@pytest.mark.parametrize("geometry", ["poincare", "euclidean"])
+def test_the_torch_search_certifies_like_the_others(geometry):
+    """torch's float64 top-2 (run here on the CPU, as on a GPU) gives the reference assignment and distances, the
+    exact duplicates among the centroids going to the CPU's near-tie path."""
+    rng = np.random.default_rng(8)
+    x = mixed_points(rng, 3000, 16, 1.0)
+    chosen = x[rng.choice(3000, 60, replace=False)]
+    cent = np.concatenate([chosen, chosen[:5]])  # five centroids twice: exact ties
+    stats: dict = {}
+    a, dist = assign(x, cent, geometry=geometry, stats=stats, engine=ke._Faiss(False, force_torch="cpu"))
+    ref_a, ref_dist = assign_exact(x, cent, geometry=geometry)
+    np.testing.assert_array_equal(a, ref_a)
+    np.testing.assert_array_equal(dist, ref_dist)
+    assert "torch float64 GEMM on cpu" in stats["search"] and not stats["gpu"]
+    assert stats["redone"] >= 5  # at least the rows whose own centroid is duplicated
 
 
 def test_the_cpu_search_needs_no_faiss(monkeypatch):
