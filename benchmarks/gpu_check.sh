@@ -3,14 +3,16 @@
 #
 #   here, once:  bash benchmarks/gpu_wheels.sh     # zarr and the rest the GPU image lacks, as CPython 3.12 wheels in .whl/
 #   device:      run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
-#   locally:     DEVICE=cpu SIZE=256 IMAGES=8 REPEAT=1 WHEELS= PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
+#   locally:     DEVICE=cpu SIZE=192 IMAGES=4 BACKBONE=resnet18 CROP=64 TRAIN_STEPS=1 WORKERS=2 KMEANS_SCALE=0.05 \
+#                WHEELS= PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
 #
 # It works in a scratch copy of the repository (the checkout's params.yaml, data/ and models/ are left alone):
 # the embedded world with SIZE px images (`prepare`, N_TRAIN train images: the proposer is not trained here), a
 # randomly initialised R50-FPN proposer at SIZE px with torchvision's FPN width and score threshold 0 (so every
 # image yields its 20 proposals, the LVIS workload), the `propose` stage over val on DEVICE, then
 # benchmarks/bench_propose.py, benchmarks/bench_sample.py (sections 2-4, crop 224 with the proposer's resnet50)
-# and benchmarks/bench_train_proposer.py (--variants lvis: decoding workers, bf16, fp16) on DEVICE. Tables and logs go to $OUT (the device tool brings them back), else /tmp/gpu_check.
+# and benchmarks/bench_train_proposer.py (--variants lvis: decoding workers, bf16, fp16) on DEVICE, and
+# benchmarks/bench_kmeans.py (the assignment's torch float64 search on the GPU against faiss-cpu's k = 1 search). Tables and logs go to $OUT (the device tool brings them back), else /tmp/gpu_check.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -22,6 +24,7 @@ BACKBONE=${BACKBONE:-resnet50}
 CROP=${CROP:-224}
 REPEAT=${REPEAT:-1}  # one round: the lent machine is not shared
 TRAIN_STEPS=${TRAIN_STEPS:-20}
+KMEANS_SCALE=${KMEANS_SCALE:-1}  # bench_kmeans' --scale (1: N = 200,000, K = 1,462)
 WORKERS=${WORKERS:-4}
 THREADS=${THREADS:-$(nproc)}
 WHEELS=${WHEELS-.whl}
@@ -80,4 +83,5 @@ EOF
 "$PYTHON" benchmarks/bench_train_proposer.py --variants lvis --device "$DEVICE" --backbone "$BACKBONE" \
     --image-size "$SIZE" --steps "$TRAIN_STEPS" --warmup 5 --repeat "$REPEAT" --threads "$THREADS" 2>&1 |
     tee "$OUT/bench_train_proposer.md"
+"$PYTHON" benchmarks/bench_kmeans.py --skip-eval --threads "$THREADS" --scale "$KMEANS_SCALE" 2>&1 | tee "$OUT/bench_kmeans.md"
 echo "gpu_check done: tables in $OUT"
