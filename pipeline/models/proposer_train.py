@@ -280,16 +280,19 @@ def train_proposer(
                     lo, hi, weight = 0, 1, 0.0
                 else:
                     weight = world * (hi - lo) / m  # DDP averages over ranks: the sum is the batch's mean
+                # to the device first (from pinned memory with workers on CUDA), then flip and permute there:
+                # exact data movement, the same values wherever it runs
+                images = [im.to(device, non_blocking=True) for im in images]
+                targets = [
+                    {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+                    for t in targets
+                ]
                 pairs = [
                     (_hflip(im, t) if flip else (im, t))
                     for im, t, flip in zip(images, targets, flips[lo:hi], strict=True)
                 ]
                 pairs = [(im[order], t) for (im, t), order in zip(pairs, orders[lo:hi], strict=True)]
-                images = [im.to(device, non_blocking=True) for im, _ in pairs]
-                targets = [
-                    {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
-                    for _, t in pairs
-                ]
+                images, targets = [im for im, _ in pairs], [t for _, t in pairs]
                 step_lr = _lr_at(step, total, lr)
                 for group in optimizer.param_groups:
                     group["lr"] = step_lr
