@@ -347,12 +347,10 @@ class _Assigner:
             sum(t[3] for t in done),
         )
 
-    def _faiss(self, index: Any, kk: int, xb: np.ndarray, rows: tuple, side: Side, pool) -> tuple:
-        """faiss float32 on the rows of ``xb``; the rows it cannot certify go to the CPU's float64 GEMM."""
-        xa = _augment(xb, side)
-        dist, cand = index.search(xa.astype(np.float32), kk)  # inner products with -y'': largest first
-        lower = -dist[:, kk - 1].astype(np.float64) - _eta(_U32, xa.shape[1], xa, side.big)
-        cand = np.sort(cand, axis=1)  # ties go to the lowest index, as in the brute force
+    def _certified(self, pool, xb: np.ndarray, rows: tuple, side: Side, cand: np.ndarray, lower: np.ndarray) -> tuple:
+        """A GPU search's answer (candidates ``cand``, lower bound ``lower`` of every other centroid) certified;
+        the rows it cannot certify decided by the CPU's float64 path. ``(assignment, value, rows redone, rows
+        decided over their near-ties)``."""
         checked = _certify(self.geom, xb, rows, side, cand, lower)
         a, v = checked.assignment, checked.value
         todo = np.flatnonzero(~checked.certified)
@@ -360,6 +358,14 @@ class _Assigner:
         if todo.size:
             a[todo], v[todo], _, fallback = self._cpu(pool, xb[todo], tuple(q[todo] for q in rows), side, False)
         return a, v, int(todo.size), fallback
+
+    def _faiss(self, index: Any, kk: int, xb: np.ndarray, rows: tuple, side: Side, pool) -> tuple:
+        """faiss float32 on the rows of ``xb``; the rows it cannot certify go to the CPU's float64 GEMM."""
+        xa = _augment(xb, side)
+        dist, cand = index.search(xa.astype(np.float32), kk)  # inner products with -y'': largest first
+        lower = -dist[:, kk - 1].astype(np.float64) - _eta(_U32, xa.shape[1], xa, side.big)
+        cand = np.sort(cand, axis=1)  # ties go to the lowest index, as in the brute force
+        return self._certified(pool, xb, rows, side, cand, lower)
 
     def _torch(self, base: Any, xb: np.ndarray, rows: tuple, side: Side, pool) -> tuple:
         """The float64 GEMM ``x'' . y''_j`` on the torch device (``base``: the columns there), its two smallest
@@ -373,13 +379,7 @@ class _Assigner:
             values, index = tile.topk(2, dim=1, largest=False)  # an exact tie of the two fails the certificate
             j1[i : i + step], second[i : i + step] = index[:, 0].cpu().numpy(), values[:, 1].cpu().numpy()
         lower = second - _eta(_U64, xa.shape[1], xa, side.big)
-        checked = _certify(self.geom, xb, rows, side, j1[:, None], lower)
-        a, v = checked.assignment, checked.value
-        todo = np.flatnonzero(~checked.certified)
-        fallback = 0
-        if todo.size:
-            a[todo], v[todo], _, fallback = self._cpu(pool, xb[todo], tuple(q[todo] for q in rows), side, False)
-        return a, v, int(todo.size), fallback
+        return self._certified(pool, xb, rows, side, j1[:, None], lower)
 
     def __call__(
         self, cent: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None
