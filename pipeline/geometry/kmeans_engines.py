@@ -108,16 +108,20 @@ def _torch_device(use_gpu: bool | None, devices: Sequence[int] | None) -> torch.
     return torch.device("cuda", index)
 
 
+def _describe(gpus: list[int], device: torch.device | None) -> str:
+    """An engine in words: faiss on the GPUs ``gpus``, else torch's float64 GEMM on ``device``, else the CPU's."""
+    if gpus:
+        return f"{_faiss_version()} float32 on GPU {gpus} + float64 certificate"
+    if device is not None:
+        return f"torch float64 GEMM on {device} ({_faiss_version()} sees no GPU) + float64 certificate"
+    return f"float32/float64 GEMM on cpu, {threads()} threads ({_faiss_version()} sees no GPU or use_gpu=False)"
+
+
 def search_name(use_gpu: bool | None = None, devices: Sequence[int] | None = None) -> str:
     """What `assign` runs with these arguments, in words: faiss on which GPUs, torch's float64 GEMM on a GPU,
     or the CPU's float32 / float64 GEMM."""
     gpus = _gpu_devices(use_gpu, devices)
-    if gpus:
-        return f"{_faiss_version()} float32 on GPU {gpus} + float64 certificate"
-    device = _torch_device(use_gpu, devices)
-    if device is not None:
-        return f"torch float64 GEMM on {device} ({_faiss_version()} sees no GPU) + float64 certificate"
-    return f"float32/float64 GEMM on cpu, {threads()} threads ({_faiss_version()} sees no GPU or use_gpu=False)"
+    return _describe(gpus, None if gpus else _torch_device(use_gpu, devices))
 
 
 class _Faiss:
@@ -149,12 +153,8 @@ class _Faiss:
             for g in self.devices:
                 if g not in _RESOURCES:
                     _RESOURCES[g] = faiss.StandardGpuResources()
-        if force_faiss_cpu:
-            self.name = f"{_faiss_version()} float32 on cpu"
-        elif force_torch is not None:
-            self.name = f"torch float64 GEMM on {self.torch_device} + float64 certificate"
-        else:
-            self.name = search_name(use_gpu, devices)
+        forced = f"{_faiss_version()} float32 on cpu" if force_faiss_cpu else None
+        self.name = forced or _describe(self.devices, self.torch_device)
         log.log(logging.DEBUG if self.name in _LOGGED else logging.INFO, "nearest-centroid search: %s", self.name)
         _LOGGED.add(self.name)
 
