@@ -111,7 +111,7 @@ class Embed:
     geometry: Literal["poincare", "euclidean"] = "poincare"
     curvature: float = 1.0
     hidden: int = 256
-    dim: int = 32
+    dim: int = 256
     epochs: int = 30
     batch_size: int = 256
     lr: float = 1e-3

@@ -52,7 +52,7 @@ class Knob:
 
 
 KNOBS = (
-    Knob("dim", "embedding dimension (`embed.dim`)", ("embed.dim",), ("2", "8", "16", "32", "64", "128")),
+    Knob("dim", "embedding dimension (`embed.dim`)", ("embed.dim",), ("2", "8", "16", "32", "64", "128", "256")),
     Knob("epochs", "embedding epochs (`embed.epochs`)", ("embed.epochs",), ("10", "30", "60", "100")),
     Knob(
         "k",
@@ -73,7 +73,7 @@ KNOBS = (
         "euclidean-dim",
         "Euclidean embedding dimension (`embed.dim`, `embed.geometry=euclidean`; diagnostic)",
         ("embed.dim",),
-        ("2", "8", "32", "128"),
+        ("2", "8", "32", "128", "256"),
         fixed={"embed.geometry": "euclidean"},
         choose=False,
     ),

@@ -147,7 +147,7 @@ def test_stage_dry_run_lists_every_experiment_and_refuses_unknown_knobs():
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "sweep-base-s0: dvc exp run -S seed=1 -S embed.seed=0 -S cluster.seed=0"
-    assert len(lines) == 2 * 6 and all(line.startswith("sweep-") for line in lines)  # base + 5 dims, 2 seeds
+    assert len(lines) == 2 * 7 and all(line.startswith("sweep-") for line in lines)  # base + 6 other dims, 2 seeds
     done = subprocess.run([*run, "--dry-run", "--knob", "nope"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         "error: unknown knob(s) nope (known: dim, epochs, k, crop, backbone, proposer-epochs, euclidean-dim)"
