@@ -137,13 +137,15 @@ def table(
 
 
 def provenance(rows: Sequence[Experiment], results: Mapping[str, ExperimentResult], seeds: Sequence[int]) -> str:
-    """One line per row: its changed params, and per seed the experiment's commit and k."""
+    """One line per row: its changed params, and per seed the experiment's commit and k (for the rows that
+    cluster: the supervised baseline's workspace holds the default run's clusters, not its own)."""
     lines = []
     for row in rows:
         runs = seed_runs(row, results, seeds)
         changed = ", ".join(f"{k}={v}" for k, v in row.overrides.items()) or "none (params.yaml as committed)"
+        clusters = row.protocols != SUPERVISED.protocols
         per_seed = ", ".join(
-            f"seed {seed}: `{run.rev[:7]}` k = {run.metrics.get('clusters', {}).get('K')}"
+            f"seed {seed}: `{run.rev[:7]}`" + (f" k = {run.metrics.get('clusters', {}).get('K')}" if clusters else "")
             for seed, run in zip(row.seeds or seeds, runs, strict=True)
         )
         lines.append(f"- {row.label} (`{row.name}`): {changed}; {per_seed}")

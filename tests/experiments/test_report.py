@@ -3,7 +3,16 @@
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.experiments.report import TABLE1, TABLE2, Experiment, experiments_from_show, provenance, table
+from pipeline.experiments.report import (
+    SUPERVISED,
+    TABLE1,
+    TABLE2,
+    Experiment,
+    ExperimentResult,
+    experiments_from_show,
+    provenance,
+    table,
+)
 
 
 def _metrics(ap: float) -> dict:
@@ -60,6 +69,13 @@ def test_table_rows_columns_and_missing_values():
     assert one[2:] == ["| without L_hier | majority | 0.200 |", "| full model | majority | 0.100 |"]
     text = provenance(rows[:1], results, (0, 1))
     assert "(`tab-no-hier`): loss.hier=0; seed 0: `bbbbbbb` k = 40, seed 1: `ddddddd` k = 40" in text
+
+
+def test_provenance_gives_no_k_for_the_supervised_row():
+    """The supervised baseline does not cluster: its workspace's clusters are the default run's, not its own."""
+    run = ExperimentResult("tab-supervised-s0", "e" * 40, _metrics(0.2), {})
+    text = provenance([SUPERVISED], {"tab-supervised-s0": run}, (0, 1, 2))
+    assert text.endswith("(`tab-supervised`): none (params.yaml as committed); seed 0: `eeeeeee`")
 
 
 def test_table_refuses_rows_that_did_not_run():
