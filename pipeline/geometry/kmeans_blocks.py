@@ -48,16 +48,21 @@ def read_block(x: Any, rows: slice) -> np.ndarray:
 
 
 def read_rows(x: Any, index: np.ndarray, rows: int | None = None) -> np.ndarray:
-    """Rows ``index`` (sorted, unique) of ``x`` as float64, read without loading ``x`` whole."""
+    """Rows ``index`` (sorted, unique) of ``x`` as float64, read block by block, never more than a block at once.
+
+    A zarr array is asked for the rows of one block at a time (its chunks that hold them): one selection over the
+    whole array would read every shard it touches whole, several at once (zarr's concurrency), and a store's
+    shards grow with N (at most 32 per array)."""
     index = np.asarray(index, dtype=np.int64)
     if isinstance(x, np.ndarray):
         return np.ascontiguousarray(x[index], dtype=np.float64)
-    if hasattr(x, "get_orthogonal_selection"):  # zarr: only the chunks that hold the rows
-        return np.ascontiguousarray(x.get_orthogonal_selection((index, slice(None))), dtype=np.float64)
+    orthogonal = hasattr(x, "get_orthogonal_selection")
     out = np.empty((len(index), x.shape[1]))
     for s in blocks(x.shape[0], rows_per_block(x, rows)):
         lo, hi = np.searchsorted(index, [s.start, s.stop])
-        if hi > lo:
+        if hi > lo and orthogonal:
+            out[lo:hi] = x.get_orthogonal_selection((index[lo:hi], slice(None)))
+        elif hi > lo:
             out[lo:hi] = read_block(x, s)[index[lo:hi] - s.start]
     return out
 

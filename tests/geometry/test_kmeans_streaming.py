@@ -136,6 +136,29 @@ def test_rows_per_block_follow_the_zarr_chunks(tmp_path, monkeypatch):
         np.testing.assert_array_equal(kb.read_rows(src, idx, 97), xr[idx].astype(np.float64))
 
 
+class SelectionRecorder:
+    """A zarr array whose orthogonal selections are recorded (first and last row of each)."""
+
+    def __init__(self, z) -> None:
+        self._z, self.shape, self.dtype, self.chunks = z, z.shape, z.dtype, z.chunks
+        self.spans: list[tuple[int, int]] = []
+
+    def get_orthogonal_selection(self, selection):
+        rows = np.asarray(selection[0])
+        self.spans.append((int(rows.min()), int(rows.max())))
+        return self._z.get_orthogonal_selection(selection)
+
+
+def test_read_rows_asks_zarr_for_one_block_of_rows_at_a_time(tmp_path):
+    """The k-means++ sample is read block by block: one selection over the whole array would make zarr read every
+    shard it touches whole (a shard is up to 1/32 of the array), several at once."""
+    xr = np.random.default_rng(1).normal(size=(1000, 8)).astype(np.float32)
+    recorder = SelectionRecorder(zarr_array(tmp_path / "r.zarr", xr, 50))
+    idx = np.sort(np.random.default_rng(2).choice(1000, 300, replace=False))
+    np.testing.assert_array_equal(kb.read_rows(recorder, idx, 100), xr[idx].astype(np.float64))
+    assert len(recorder.spans) == 10 and all(lo // 100 == hi // 100 for lo, hi in recorder.spans)
+
+
 def test_checks_report_global_indices_across_blocks():
     x = np.full((1000, 3), 0.01)
     x[500, 2], x[900, 0] = np.nan, np.inf
