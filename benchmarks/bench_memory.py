@@ -576,7 +576,7 @@ SAMPLE_PROPOSALS_EVERY = 50  # sample: one image in 50 has proposals (the backbo
 SAMPLE_MASK_SIDE = 384  # sample's input masks: 147 KB per proposal (the mask head's 28 x 28: 784 B)
 EVALUATE_MASK_SIDE = 160  # evaluate's input masks: 25 KB per proposal (a block of 4096: 100 MB)
 EVALUATE_IMAGE_SIZE = 128
-EMBED_DIM = 32  # embed.dim (params.yaml)
+EMBED_DIM = 256  # embed.dim (params.yaml)
 
 
 @dataclass
