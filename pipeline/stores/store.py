@@ -25,7 +25,8 @@ import zarr
 from pipeline.errors import PipelineError
 
 CHUNK_BYTES = 1 << 20  # about 1 MB per chunk along the first axis
-MAX_SHARDS_PER_ARRAY = 32  # keeps a store at a few hundred files (DVC hashes each one)
+MAX_SHARDS_PER_ARRAY = 32  # keeps a store at a few hundred files (DVC hashes each one)...
+SHARD_BYTES = 1 << 27  # ...unless its shards would exceed 128 MB (arrays over 4 GB): a writer buffers one shard
 
 
 def temporary_path(final: Path | str) -> Path:
@@ -115,10 +116,14 @@ def chunk_rows(shape: tuple[int, ...], itemsize: int) -> int:
 
 
 def _layout(shape: tuple[int, ...], itemsize: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(chunks, shards)``: chunks of about CHUNK_BYTES; at most MAX_SHARDS_PER_ARRAY shards, each of at most
+    SHARD_BYTES (more shards for arrays over 4 GB), so that writing or reading a whole shard takes bounded memory."""
     rows = chunk_rows(shape, itemsize)
     n = max(1, shape[0]) if shape else 1
     rows = min(rows, n)
+    chunk_bytes = rows * itemsize * math.prod(shape[1:]) if len(shape) > 1 else rows * itemsize
     chunks_per_shard = max(1, math.ceil(math.ceil(n / rows) / MAX_SHARDS_PER_ARRAY))
+    chunks_per_shard = max(1, min(chunks_per_shard, SHARD_BYTES // max(1, chunk_bytes)))
     shard_rows = rows * chunks_per_shard
     rest = tuple(max(1, s) for s in shape[1:])
     return (rows, *rest), (shard_rows, *rest)

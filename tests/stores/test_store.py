@@ -130,6 +130,24 @@ def _reference_store(path, arrays):
         root.create_array(name, data=value, chunks=chunks, shards=shards)
 
 
+def test_shards_are_at_most_32_per_array_and_128_mb_each():
+    """A writer buffers one shard and zarr reads a whole shard when a selection needs all its chunks, so a shard's
+    size is bounded; up to 4 GB an array keeps the layout it always had (at most 32 shards)."""
+    import math
+
+    from pipeline.stores.store import MAX_SHARDS_PER_ARRAY, SHARD_BYTES, _layout
+
+    for shape, itemsize in [((400_000, 256), 4), ((2_400_000, 512), 2), ((2_400_000, 2048), 2), ((10**9,), 8)]:
+        chunks, shards = _layout(shape, itemsize)
+        row_bytes = itemsize * math.prod(shape[1:])
+        n_shards = math.ceil(shape[0] / shards[0])
+        assert shards[0] % chunks[0] == 0 and shards[0] * row_bytes <= SHARD_BYTES
+        if shape[0] * row_bytes <= MAX_SHARDS_PER_ARRAY * SHARD_BYTES:
+            assert n_shards <= MAX_SHARDS_PER_ARRAY
+        assert n_shards * shards[0] * row_bytes < shape[0] * row_bytes + SHARD_BYTES  # no more shards than needed
+    assert math.ceil(2_400_000 / _layout((2_400_000, 2048), 2)[1][0]) == 74  # LVIS train, resnet50 float16: 9.8 GB
+
+
 @pytest.mark.parametrize("block_rows", [1, 7, 1000, 100_000])
 def test_streamed_arrays_are_the_bytes_of_whole_arrays(tmp_path, block_rows):
     from pipeline.stores.store import StoreWriter, array_digest
