@@ -52,7 +52,7 @@ def read_rows(x: Any, index: np.ndarray, rows: int | None = None) -> np.ndarray:
 
     A zarr array is asked for the rows of one block at a time (its chunks that hold them): one selection over the
     whole array would read every shard it touches whole, several at once (zarr's concurrency), and a store's
-    shards grow with N (at most 32 per array)."""
+    shards grow with N up to 128 MB (pipeline.stores.store)."""
     index = np.asarray(index, dtype=np.int64)
     if isinstance(x, np.ndarray):
         return np.ascontiguousarray(x[index], dtype=np.float64)

@@ -121,7 +121,7 @@ def _layout(shape: tuple[int, ...], itemsize: int) -> tuple[tuple[int, ...], tup
     rows = chunk_rows(shape, itemsize)
     n = max(1, shape[0]) if shape else 1
     rows = min(rows, n)
-    chunk_bytes = rows * itemsize * math.prod(shape[1:]) if len(shape) > 1 else rows * itemsize
+    chunk_bytes = rows * itemsize * math.prod(shape[1:])
     chunks_per_shard = max(1, math.ceil(math.ceil(n / rows) / MAX_SHARDS_PER_ARRAY))
     chunks_per_shard = max(1, min(chunks_per_shard, SHARD_BYTES // max(1, chunk_bytes)))
     shard_rows = rows * chunks_per_shard

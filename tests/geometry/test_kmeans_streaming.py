@@ -151,7 +151,7 @@ class SelectionRecorder:
 
 def test_read_rows_asks_zarr_for_one_block_of_rows_at_a_time(tmp_path):
     """The k-means++ sample is read block by block: one selection over the whole array would make zarr read every
-    shard it touches whole (a shard is up to 1/32 of the array), several at once."""
+    shard it touches whole (up to 128 MB each), several at once."""
     xr = np.random.default_rng(1).normal(size=(1000, 8)).astype(np.float32)
     recorder = SelectionRecorder(zarr_array(tmp_path / "r.zarr", xr, 50))
     idx = np.sort(np.random.default_rng(2).choice(1000, 300, replace=False))
