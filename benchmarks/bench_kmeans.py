@@ -4,7 +4,7 @@ not a test).
 1. The assignment `kmeans.assign` (hyperbolic, c = 1, and Euclidean) against faiss' Euclidean search of the
    same arrays (``IndexFlatL2``, float32, k = 1: the nearest centroid, uncertified; and k = 2, the top-2 a
    certificate needs), each timed ``--repeat`` times (best kept, faiss and ours interleaved: the 2-core development
-   machine is shared), with the share of rows the float64 certificate left to the near-tie / brute-force path. The
+   machine is shared), with the shares of rows redone in float64 and decided over their near-ties. The
    assignment is checked against a direct pairwise float64 reference written here (the closed form ``arcosh(1 +
    2|x-y|^2 / ((1-|x|^2)(1-|y|^2)))`` over every point/centroid pair, blockwise in numpy; Euclidean: the squared
    distance) on ``--check-rows`` random rows (0: all): the assignments must be identical.
@@ -141,8 +141,9 @@ def bench_assign(n: int, k: int, dims: list[int]) -> None:
     print(
         "`ours`: kmeans.assign (input check + certified search + distances); `faiss k=1`: IndexFlatL2 "
         "search of the same arrays in float32 (nearest centroid, uncertified); `faiss k=2`: its top-2; "
-        "`float64 rows`: rows the float32 certificate left to the float64 GEMM; `near-tie rows`: rows the float64 "
-        "certificate left to the reference value over their near-ties or every centroid; "
+        "`float64 rows`: rows redone in the float64 GEMM (float32 left them more than kmeans_assign._WIDE "
+        "near-ties); `near-tie rows`: rows the certificate left open, decided by the reference value over the "
+        "centroids it could not rule out; "
         "`differences`: against the float64 closed form on the checked rows.\n"
     )
     head = [
@@ -181,7 +182,7 @@ def bench_assign(n: int, k: int, dims: list[int]) -> None:
             differences = int(np.count_nonzero(a[check] != ref))
             print(
                 f"| {geometry} | {d} | {t_faiss:.3f} | {t_ours:.3f} | {t_ours / t_faiss:.2f}x | {t_k2:.3f} | "
-                f"{stats['redone'] / n:.1%} | {stats['fallback']} | {len(check)} | {differences} |",
+                f"{stats['redone'] / n:.1%} | {stats['fallback'] / n:.1%} | {len(check)} | {differences} |",
                 flush=True,
             )
             if differences:

@@ -8,12 +8,12 @@ Both geometries run the same loop (`_lloyd`); only the geometry differs:
    (Poincaré: Einstein midpoint or Fréchet mean; Euclidean: mean), nearest-centroid assignment; until the relative
    inertia change is ``< tol`` (and no cluster was re-seeded) or after ``max_iter`` updates.
 
-The assignment (`kmeans_assign`) equals the float64 brute force over every centroid (float32 then float64
-GEMMs on the CPU, faiss float32 on GPUs, all certified, near-ties decided exactly); the centroid updates
-(`kmeans_update`) are per-group float64 sums. Points ``x`` may be a numpy array or a zarr array (anything
-with ``shape``, ``len`` and row slices): every per-point pass reads blocks of rows, so the memory held across a run
-is the outputs (assignment int32 and distance float64, 12 bytes per point), the k-means++ sample and O(block)
-temporaries, whatever N is.
+The assignment (`kmeans_assign`) equals the float64 brute force over every centroid (a float32 GEMM on the CPU,
+float64 for rows next to the boundary, faiss float32 on GPUs, all certified, near-ties decided exactly); the
+centroid updates (`kmeans_update`) are per-group float64 sums. Points ``x`` may be a numpy array or a zarr array
+(anything with ``shape``, ``len`` and row slices): every per-point pass reads blocks of rows, so the memory held
+across a run is the outputs (assignment int32 and distance float64, 12 bytes per point), the k-means++ sample
+and O(block) temporaries, whatever N is.
 The result does not depend on the block size nor on whether ``x`` is a numpy or a zarr array.
 """
 
@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.geometry.kmeans_assign import Euclidean, Geometry, Poincare, _arg, _Assigner, assign, assign_exact
+from pipeline.geometry.kmeans_assign import _Assigner, assign, assign_exact
 from pipeline.geometry.kmeans_blocks import check_points, read_rows
 from pipeline.geometry.kmeans_engines import _Faiss, cuda_devices, faiss_backend, search_name, visible_gpus
+from pipeline.geometry.kmeans_terms import Euclidean, Geometry, Poincare, _arg
 from pipeline.geometry.kmeans_update import _update
 
 # k-means' public API in one place: the loop and the elbow here, the assignment and the search engine re-exported
@@ -185,7 +186,7 @@ def _lloyd(
         change = abs(inertia - new) / inertia if inertia > 0 else 0.0
         log.log(
             level,
-            "iteration %d: inertia %.6g (change %.2e), %d re-seeded, %d redone in float64, %d exact fallbacks, %.2fs",
+            "iteration %d: inertia %.6g (change %.2e), %d re-seeded, %d redone in float64, %d near-tie rows, %.2fs",
             iterations,
             new,
             change,

@@ -22,7 +22,9 @@ its threads and GPUs: pipeline.geometry.kmeans_engines):
 
 - CPU (the default without a GPU), in tiles of rows on all threads (numpy, one BLAS thread per worker): the
   float32 GEMM, per row its smallest entry ``j1`` and the smallest of the others (``argmin``, then ``min`` with
-  ``j1`` masked: the lower bound of every other centroid); the rows it cannot certify, the same in float64.
+  ``j1`` masked: the lower bound of every other centroid); the rows it cannot certify are decided over their
+  near-ties (below), except rows with more than ``_WIDE`` of them (float32's bound too loose: next to the
+  boundary), which take the same GEMM in float64 first.
 - GPU (faiss-gpu sees a GPU): a faiss ``IndexFlatIP`` of the ``-y''_j`` in float32, replicated on every visible
   GPU (each searches a share of the rows), top ``candidates`` (at least 2), the last one's value the lower bound
   of every centroid outside them; the rows it cannot certify go to the CPU's float64 GEMM.
@@ -33,24 +35,23 @@ its threads and GPUs: pipeline.geometry.kmeans_engines):
 **The certificate.** The candidates are re-ranked by the reference value itself; the best one's direct-difference
 ``t`` (relative error ``<= (d + 7) u``), times a margin that covers the reference value's own rounding (its
 *ceiling*), must stay below the lower bound of every other centroid, so that their reference values are all
-strictly larger. A row that fails in float64 is decided by the reference value over the centroids whose float64
-lower bound is under its ceiling (its near-ties: exact duplicates, or gaps below ~1e-13 of ``a_j (r + s_j)^2``),
-or over every centroid when those are more than a quarter of them. The result is therefore the reference rule's
+strictly larger. A row that fails is decided by the reference value over the centroids whose lower bound is under
+its ceiling (its *near-ties*: in float64 exact duplicates, or gaps below ~1e-13 of ``a_j (r + s_j)^2``; in float32
+gaps below ~1e-6 of it), every other centroid being strictly worse. The result is therefore the reference rule's
 assignment over all centroids, whatever the engine, block size or thread count, and the distance is the winner's
 reference value computed as `assign_exact` computes it (bit-identical).
 
 What the certificate assumes: IEEE float32 / float64 arithmetic in the GEMM (not TF32 or float16: do not set
 NVIDIA_TF32_OVERRIDE=1 for faiss). Where float32 is weak: next to the boundary its error (``a_j ~ 1 / (2 gap)``)
-exceeds the gaps between near centroids, so the share of rows redone in float64 grows with ``1 / gap`` (16 % at
-d = 16 and 29 % at d = 256 in benchmarks/bench_kmeans.py, radii to ``1 - |x| = 1e-3``; logged, and returned in
-``stats``).
+exceeds the gaps between near centroids, so the share of rows it leaves open grows with ``1 / gap`` (16 % at
+d = 16 and 29 % at d = 256 in benchmarks/bench_kmeans.py, radii to ``1 - |x| = 1e-3``, with 5 and 10 near-ties a
+row on average, 22 and 48 at most; logged, and returned in ``stats``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -61,143 +62,27 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.geometry.kmeans_blocks import _BLOCK, blocks, check_points, read_block, rows_per_block
 from pipeline.geometry.kmeans_engines import _Faiss, _one_blas_thread
+from pipeline.geometry.kmeans_terms import (
+    _U32,
+    _U64,
+    Euclidean,
+    Geometry,
+    Poincare,
+    Side,
+    _augment,
+    _eta,
+    _geometry,
+    _sq_diff,
+)
 
 log = logging.getLogger(__name__)
 
-_U32 = 2.0**-24
-_U64 = 2.0**-53
 _TILE = 1 << 20  # elements of one worker's float64 GEMM tile (8 MB)
 _TORCH_TILE = 1 << 25  # elements of one float64 GEMM tile on the torch device (256 MB)
+_WIDE = 64  # near-ties a row may leave to `_near_ties` (more: float64 first, then every centroid)
 
 
-# ------------------------------------------------------------------------------------------------- geometry
-
-
-def _den_gap(x: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
-    """``D(x) = (1 - r)(1 + r)`` and the gap ``1 - r`` with ``r = sqrt(c)|x|`` (as pipeline.geometry.hyperbolic)."""
-    r = math.sqrt(c) * np.linalg.norm(x, axis=1)
-    gap = np.maximum(1 - r, np.finfo(np.float64).eps / 2)
-    return gap * (1 + r), gap
-
-
-def _arg(diff2: np.ndarray, den_x: np.ndarray, den_m: np.ndarray, c: float) -> np.ndarray:
-    """``sqrt(c)|x - m| / sqrt(D(x) D(m))``; the distance is ``2/sqrt(c) asinh(arg)`` (monotone in arg)."""
-    return math.sqrt(c) * np.sqrt(diff2) / (np.sqrt(den_x) * np.sqrt(den_m))
-
-
-def _sq_diff(xb: np.ndarray, cent: np.ndarray, cand: np.ndarray | None) -> np.ndarray:
-    """``|x - m|^2`` by direct differences, float64: (b, kk) over the candidates ``cand`` (b, kk), or (b, K)."""
-    diff = xb[:, None, :] - (cent[None] if cand is None else cent[cand])
-    return np.einsum("ijk,ijk->ij", diff, diff)
-
-
-class Side(NamedTuple):
-    """The centroids' side of one assignment: the reference value's terms and the GEMM's bases."""
-
-    cent: np.ndarray  # (K, d) float64
-    data: tuple[np.ndarray, ...]  # the reference value's per-centroid terms (Poincaré: D(m))
-    weight: np.ndarray  # (K,) a_j: t_j = a_j |x - y_j|^2
-    centre: np.ndarray  # (d,) p, the centroids' mean
-    base: np.ndarray  # (d + 3, K) float64: the columns y''_j with float64's beta (see the module doc)
-    base32: np.ndarray  # (d + 3, K) float32: the same with float32's beta
-    big: float  # max |base| (for the underflow term)
-
-
-def _side(cent: np.ndarray, weight: np.ndarray, data: tuple[np.ndarray, ...]) -> Side:
-    k, d = cent.shape
-    p = cent.mean(axis=0)
-    yc = cent - p
-    s2 = np.einsum("ij,ij->i", yc, yc)
-
-    def columns(beta: float) -> np.ndarray:
-        base = np.empty((d + 3, k))
-        base[:d] = yc.T * (-2 * weight)
-        base[d] = weight * (1 - beta)
-        base[d + 1] = weight * s2 * (1 - beta)
-        base[d + 2] = (-2 * beta) * weight * np.sqrt(s2)
-        return base
-
-    base = columns(_beta(d, _U64))
-    return Side(cent, data, weight, p, base, columns(_beta(d, _U32)).astype(np.float32), float(abs(base).max()))
-
-
-class Poincare:
-    """The Poincaré ball of curvature -c: the reference value, the weights a_j and k-means++ seeding's terms."""
-
-    def __init__(self, c: float) -> None:
-        self.c = float(c)
-
-    def seed_den(self, xs: np.ndarray) -> np.ndarray:
-        return _den_gap(xs, self.c)[0]
-
-    def rows(self, xb: np.ndarray) -> tuple[np.ndarray, ...]:
-        return (_den_gap(xb, self.c)[0],)  # D(x)
-
-    def side(self, cent: np.ndarray) -> Side:
-        den_m = _den_gap(cent, self.c)[0]
-        return _side(cent, 1 / den_m, (den_m,))
-
-    def value(self, diff2: np.ndarray, rows: tuple, side: Side, cand: np.ndarray | None) -> np.ndarray:
-        den_m = side.data[0][None] if cand is None else side.data[0][cand]
-        return _arg(diff2, rows[0][:, None], den_m, self.c)
-
-    def distance(self, value: np.ndarray) -> np.ndarray:
-        return (2 / math.sqrt(self.c)) * np.arcsinh(value)
-
-
-class Euclidean:
-    """Euclidean space: the reference value (squared distance), unit weights and k-means++ seeding's terms."""
-
-    c = None
-
-    def seed_den(self, xs: np.ndarray) -> None:
-        return None
-
-    def rows(self, xb: np.ndarray) -> tuple[np.ndarray, ...]:
-        return ()
-
-    def side(self, cent: np.ndarray) -> Side:
-        return _side(cent, np.ones(len(cent)), ())
-
-    def value(self, diff2: np.ndarray, rows: tuple, side: Side, cand: np.ndarray | None) -> np.ndarray:
-        return diff2
-
-    def distance(self, value: np.ndarray) -> np.ndarray:
-        return np.sqrt(value)
-
-
-Geometry = Poincare | Euclidean
-
-
-def _gamma(n: int, unit: float) -> float:
-    """Relative error factor of one computed product ``x'' . y''_j`` of ``n`` terms in arithmetic of unit roundoff
-    ``unit``, against ``sum_k |x''_k y''_k|``: the GEMM's ``n + 2``, ``2 n + 10`` float64 units for computing the
-    entries, and one more rounding of each when they are cast to float32."""
-    cast = 2 * unit if unit > _U64 else 0.0
-    return 1.01 * ((n + 2) * unit + (2 * n + 10) * _U64 + cast)
-
-
-def _beta(d: int, unit: float) -> float:
-    """The share of ``a_j (r + s_j)^2`` subtracted from every entry, so that a computed entry is at most ``t_j``."""
-    return 1.02 * _gamma(d + 3, unit)
-
-
-def _eta(unit: float, n: int, xa: np.ndarray, big: float) -> float:
-    """Absolute error from underflow (gradual or not) in a product of ``n`` terms of the precision of ``unit``."""
-    tiny = float(np.finfo(np.float32 if unit > _U64 else np.float64).tiny)
-    return (n + 2) * tiny * (1 + float(np.abs(xa).max(initial=0.0))) * (1 + big)
-
-
-def _augment(xb: np.ndarray, side: Side) -> np.ndarray:
-    """``x'' = (x - p, |x - p|^2, 1, |x - p|)`` (b, d + 3) float64."""
-    b, d = xb.shape
-    xa = np.empty((b, d + 3))
-    np.subtract(xb, side.centre, out=xa[:, :d])
-    r2 = np.einsum("ij,ij->i", xa[:, :d], xa[:, :d])
-    xa[:, d] = r2
-    xa[:, d + 1] = 1.0
-    xa[:, d + 2] = np.sqrt(r2)
-    return xa
+# --------------------------------------------------------------------------------------------------- search
 
 
 def _exact(geom: Geometry, xb: np.ndarray, rows: tuple, side: Side) -> tuple[np.ndarray, np.ndarray]:
@@ -255,6 +140,45 @@ def _top2(xa: np.ndarray, base: np.ndarray, buffer: np.ndarray | None) -> tuple[
     return j1, tile.min(axis=1).astype(np.float64), tile
 
 
+def _near_tie_pairs(tile: np.ndarray, j1: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The centroids each row's certificate could not rule out, its near-ties, as flat (row, centroid) pairs, row by
+    row with ascending centroids: ``j1`` (b,) and those whose GEMM entry in ``tile`` (b, K; ``j1``'s own entries may
+    be inf) is at most the row's ``threshold`` (b,: its ceiling plus the underflow term; rounded up to the tile's
+    precision, so no centroid is lost)."""
+    limit = threshold.astype(tile.dtype)
+    limit = np.where(limit < threshold, np.nextafter(limit, tile.dtype.type(np.inf)), limit)
+    inside = tile <= limit[:, None]
+    inside[np.arange(len(j1)), j1] = True
+    return np.divmod(np.flatnonzero(inside), inside.shape[1])
+
+
+def _near_ties(
+    geom: Geometry, xb: np.ndarray, rows: tuple, side: Side, row: np.ndarray, col: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The best centroid of each row among its near-ties, given as flat (row, centroid) pairs sorted by row with
+    ascending centroids (not padded to the largest count), by the reference value: ``(rows, assignment int32,
+    value)``, ties to the lowest index."""
+    diff = xb[row] - side.cent[col]
+    diff2 = np.einsum("ij,ij->i", diff, diff)[:, None]
+    value = geom.value(diff2, tuple(q[row] for q in rows), side, col[:, None])[:, 0]
+    starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
+    best = np.minimum.reduceat(value, starts)
+    hit = np.flatnonzero(value == np.repeat(best, np.diff(np.r_[starts, len(row)])))
+    first = hit[np.r_[True, row[hit[1:]] != row[hit[:-1]]]]  # each row's first minimum: the lowest index
+    return row[starts], col[first].astype(np.int32), value[first]
+
+
+class _Tile(NamedTuple):
+    """What `_gemm` leaves of one tile of rows."""
+
+    assignment: np.ndarray  # (b,) int32, provisional in the rows of ``row``
+    value: np.ndarray  # (b,) the reference value of it
+    redone: int  # rows redone in the float64 GEMM
+    exact: int  # rows decided over every centroid
+    row: np.ndarray  # the open rows' near-ties as (row, centroid) pairs, by row, ascending centroid
+    col: np.ndarray
+
+
 def _gemm(
     geom: Geometry,
     xb: np.ndarray,
@@ -262,47 +186,39 @@ def _gemm(
     side: Side,
     buffers: dict[str, np.ndarray],
     float32: bool = True,
-) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """One tile of rows on the CPU: the float32 GEMM's lower bounds and certificate (``float32``), the float64
-    GEMM's for the rows it leaves open, and for the rows still open the reference value over the centroids whose
-    lower bound is under the row's ceiling (the near-ties; every centroid when those are more than a quarter).
-    ``buffers``: a worker's reusable tiles by dtype. Returns ``(assignment, value, rows redone in float64, rows
-    decided over their near-ties)``."""
-    k, n = len(side.cent), xb.shape[1] + 3
+) -> _Tile:
+    """One tile of rows on the CPU: the GEMM's lower bounds and certificate, in float32 (``float32``) or float64.
+    The rows it leaves open are returned as their near-ties' (row, centroid) pairs, to be decided by `_near_ties`,
+    at most ``_WIDE`` a row: a row float32 leaves more (its bound too loose: next to the boundary) goes through the
+    float64 GEMM first, and one float64 leaves more is decided over every centroid. ``buffers``: a worker's
+    reusable tiles by dtype."""
+    unit, base = (_U32, side.base32) if float32 else (_U64, side.base)
     xa = _augment(xb, side)
-    todo = np.arange(len(xb))
-    if float32:
-        xa32 = xa.astype(np.float32)
-        j1, lower, _ = _top2(xa32, side.base32, buffers.get("float32"))
-        lower -= _eta(_U32, n, xa, side.big)
-        checked = _certify(geom, xb, rows, side, j1[:, None], lower)
-        a, v = checked.assignment, checked.value
-        todo = np.flatnonzero(~checked.certified)
-        if not todo.size:
-            return a, v, 0, 0
-    else:
-        a, v = np.empty(len(xb), dtype=np.int32), np.empty(len(xb))
-    xt, rt = xb[todo], tuple(q[todo] for q in rows)
-    j1, lower, tile = _top2(xa[todo], side.base, buffers.get("float64"))
-    checked = _certify(geom, xt, rt, side, j1[:, None], lower - _eta(_U64, n, xa, side.big))
-    a[todo], v[todo] = checked.assignment, checked.value
-    open_ = np.flatnonzero(~checked.certified)
-    redone = int(todo.size) if float32 else 0
-    if not open_.size:
-        return a, v, redone, 0
-    inside = tile[open_] <= checked.ceiling[open_, None]
-    inside[np.arange(open_.size), j1[open_]] = True
-    counts = inside.sum(axis=1)
-    xo, ro = xt[open_], tuple(q[open_] for q in rt)
-    if counts.max() > max(4, k // 4):
-        a[todo[open_]], v[todo[open_]] = _exact(geom, xo, ro, side)
-        return a, v, redone, int(open_.size)
-    row, col = np.nonzero(inside)  # row by row, ascending centroid index
-    starts = np.cumsum(counts) - counts
-    cand = np.repeat(col[starts][:, None], counts.max(), axis=1)  # padded with each row's first candidate
-    cand[row, np.arange(len(col)) - starts[row]] = col
-    a[todo[open_]], v[todo[open_]], _ = _rerank(geom, xo, ro, side, cand)
-    return a, v, redone, int(open_.size)
+    j1, lower, tile = _top2(xa.astype(base.dtype, copy=False), base, buffers.get(str(base.dtype)))
+    eta = _eta(unit, xb.shape[1] + 3, xa, side.big)
+    checked = _certify(geom, xb, rows, side, j1[:, None], lower - eta)
+    a, v = checked.assignment, checked.value
+    todo = np.flatnonzero(~checked.certified)
+    none = np.empty(0, dtype=np.int64)
+    if not todo.size:
+        return _Tile(a, v, 0, 0, none, none)
+    threshold = (checked.ceiling[todo] + eta) * (1 + 4 * _U64)  # the sum's rounding, upwards
+    row, col = _near_tie_pairs(tile[todo], j1[todo], threshold)  # row: into todo
+    wide = np.bincount(row, minlength=todo.size) > _WIDE
+    if not wide.any():
+        return _Tile(a, v, 0, 0, todo[row], col)
+    w = todo[wide]
+    xw, rw = xb[w], tuple(q[w] for q in rows)
+    keep = ~wide[row]
+    row, col = todo[row[keep]], col[keep]
+    if not float32:
+        a[w], v[w] = _exact(geom, xw, rw, side)
+        return _Tile(a, v, 0, int(w.size), row, col)
+    redo = _gemm(geom, xw, rw, side, buffers, False)
+    a[w], v[w] = redo.assignment, redo.value
+    row, col = np.concatenate([row, w[redo.row]]), np.concatenate([col, redo.col])
+    order = np.argsort(row, kind="stable")  # a row's pairs come from one precision: its centroids stay ascending
+    return _Tile(a, v, int(w.size), redo.exact, row[order], col[order])
 
 
 # ------------------------------------------------------------------------------------------------- assignment
@@ -313,7 +229,7 @@ class _Assigner:
 
     ``geometry``: a `Poincare` / `Euclidean`, or a curvature c (the Poincaré ball). After a call: ``redone`` the
     rows the first search (CPU float32 GEMM, faiss, or torch's float64 GEMM) left to the CPU's float64 GEMM,
-    ``fallback`` the rows decided by the reference value over their near-ties (or every centroid).
+    ``fallback`` the rows decided by the reference value over their near-ties.
     """
 
     def __init__(
@@ -325,8 +241,10 @@ class _Assigner:
         self.fallback = self.redone = 0
 
     def _cpu(self, pool: ThreadPoolExecutor | None, xb: np.ndarray, rows: tuple, side: Side, float32: bool) -> tuple:
-        """`_gemm` over the rows of ``xb`` in tiles (on the pool's workers when given), from float32 or float64."""
-        k = len(side.cent)
+        """`_gemm` over the rows of ``xb`` in tiles (on the pool's workers when given), from float32 or float64,
+        then the open rows of all tiles decided over their near-ties in chunks of about ``_BLOCK`` elements:
+        ``(assignment, value, rows redone in float64, rows decided over their near-ties)``."""
+        k, d = side.cent.shape
         step = max(16, _TILE // k)
         tiles = [slice(i, min(len(xb), i + step)) for i in range(0, len(xb), step)]
         local = threading.local()  # one pair of tile buffers per worker thread
@@ -335,17 +253,27 @@ class _Assigner:
             if getattr(local, "buffers", None) is None:
                 b = min(step, len(xb))
                 local.buffers = {"float32": np.empty((b, k), dtype=np.float32), "float64": np.empty((b, k))}
-            return _gemm(self.geom, xb[s], tuple(q[s] for q in rows), side, local.buffers, float32)
+            return _gemm(self.geom, xb[s], tuple(q[s] for q in rows), side, local.buffers, float32), s.start
 
-        done = list(pool.map(run, tiles)) if pool is not None and len(tiles) > 1 else [run(s) for s in tiles]
+        def mapped(fn, items: list) -> list:
+            return list(pool.map(fn, items)) if pool is not None and len(items) > 1 else [fn(i) for i in items]
+
+        done = mapped(run, tiles)
         if not done:
             return np.empty(0, dtype=np.int32), np.empty(0), 0, 0
-        return (
-            np.concatenate([t[0] for t in done]),
-            np.concatenate([t[1] for t in done]),
-            sum(t[2] for t in done),
-            sum(t[3] for t in done),
-        )
+        a, v = np.concatenate([t.assignment for t, _ in done]), np.concatenate([t.value for t, _ in done])
+        row = np.concatenate([t.row + start for t, start in done])
+        col = np.concatenate([t.col for t, _ in done])
+        redone, exact = sum(t.redone for t, _ in done), sum(t.exact for t, _ in done)
+        if not row.size:
+            return a, v, redone, exact
+        cuts = np.searchsorted(row, row[:: max(1, _BLOCK // d)], side="left")  # chunks end between rows
+        bounds = list(zip(np.r_[cuts], np.r_[cuts[1:], len(row)], strict=True))
+        chunks = [slice(lo, hi) for lo, hi in bounds if hi > lo]
+        decided = mapped(lambda c: _near_ties(self.geom, xb, rows, side, row[c], col[c]), chunks)
+        for open_, best, value in decided:
+            a[open_], v[open_] = best, value
+        return a, v, redone, exact + sum(len(t[0]) for t in decided)
 
     def _certified(self, pool, xb: np.ndarray, rows: tuple, side: Side, cand: np.ndarray, lower: np.ndarray) -> tuple:
         """A GPU search's answer (candidates ``cand``, lower bound ``lower`` of every other centroid) certified;
@@ -422,14 +350,6 @@ class _Assigner:
         return assignment, distance
 
 
-def _geometry(geometry: str, c: float) -> Geometry:
-    if geometry == "poincare":
-        return Poincare(c)
-    if geometry == "euclidean":
-        return Euclidean()
-    raise PipelineError(f"geometry must be 'poincare' or 'euclidean', got {geometry!r}")
-
-
 def assign(
     x: Any,
     centroids: Any,
@@ -446,8 +366,8 @@ def assign(
     ``(assignment int32 (N,), distance float64 (N,))``, equal to `assign_exact`. ``geometry`` "poincare"
     (curvature -c) or "euclidean" (``c`` unused); ``x`` as in the module doc; ``candidates``: the faiss top-k.
 
-    ``stats``, when given, receives ``{"redone": rows the float32 certificate sent to float64, "fallback": rows
-    float64 left to their near-ties, "search": the engine's name, "gpu": whether it ran on a GPU}``.
+    ``stats``, when given, receives ``{"redone": rows redone in the CPU's float64 GEMM, "fallback": rows decided
+    over their near-ties, "search": the engine's name, "gpu": whether it ran on a GPU}``.
     """
     geom = _geometry(geometry, c)
     x = check_points(x, geom.c, block_rows)

@@ -178,10 +178,10 @@ def test_assign_equals_float64_brute_force(d, c, centroid_kind):
     # torch's and numpy's norms differ by an ulp, i.e. ~1e-6 of a 1e-10 gap to the boundary
     np.testing.assert_allclose(dist, hyp.dist(x, cent[a], c), rtol=1e-7, atol=1e-12)
     assert not stats["gpu"] and stats["search"].startswith("float32/float64 GEMM on cpu")
-    assert 0 <= stats["fallback"] <= stats["redone"] <= len(x)
+    assert 0 <= stats["redone"] <= len(x) and 0 <= stats["fallback"] <= len(x)
     if centroid_kind == "inside":
         # certified by the float32 GEMM alone for most rows: the search, not the fallbacks, is exercised
-        assert stats["redone"] < len(x) // 10
+        assert stats["redone"] + stats["fallback"] < len(x) // 10
 
 
 @pytest.mark.parametrize("d", [2, 16, 64])

@@ -19,11 +19,12 @@ from pipeline.distributed import Ranks
 from pipeline.errors import PipelineError
 from pipeline.geometry import kmeans_assign as ka
 from pipeline.geometry import kmeans_engines as ke
+from pipeline.geometry import kmeans_terms as kt
 from pipeline.geometry.kmeans import assign, assign_exact
 from tests.geometry.test_kmeans import mixed_points, unit_rows
 
 ENGINES = {
-    "cpu": lambda: ke._Faiss(False),  # float32 GEMM, float64 GEMM for the rows it leaves open
+    "cpu": lambda: ke._Faiss(False),  # float32 GEMM, the rows it leaves open decided over their near-ties
     "faiss32": lambda: ke._Faiss(False, force_faiss_cpu=True),  # faiss float32 top-k (the GPU path), then float64
     "torch64": lambda: ke._Faiss(False, force_torch="cpu"),  # torch's float64 GEMM + top-2 (its GPU path), on the CPU
 }
@@ -106,7 +107,7 @@ def test_assignment_equals_the_float64_closed_form(problem):
     np.testing.assert_array_equal(dist, ex_d)
     ref, decided = closed_form(x, cent, c)
     np.testing.assert_array_equal(a[decided], ref[decided])
-    assert 0 <= stats["fallback"] <= stats["redone"] <= len(x)
+    assert 0 <= stats["redone"] <= len(x) and 0 <= stats["fallback"] <= len(x)
 
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))
@@ -139,9 +140,9 @@ def test_certificate_survives_adversarial_rounding(monkeypatch):
     rng = np.random.default_rng(3)
     x = mixed_points(rng, 3000, 8, 1.0)
     cent = np.concatenate([x[:40], near_ties(rng, x[:40], 40, 1e-10, 1.0), mixed_points(rng, 40, 8, 1.0)])
-    geom = ka.Poincare(1.0)
+    geom = kt.Poincare(1.0)
     side = geom.side(cent)
-    gamma, beta = ka._gamma(8 + 3, ka._U64), ka._beta(8, ka._U64)
+    gamma, beta = kt._gamma(8 + 3, kt._U64), kt._beta(8, kt._U64)
     s = -side.base[-1] / (2 * beta * side.weight)
     real = np.matmul
 
@@ -160,6 +161,80 @@ def test_certificate_survives_adversarial_rounding(monkeypatch):
     np.testing.assert_array_equal(a, ex_a)
     np.testing.assert_array_equal(geom.distance(v), ex_d)
     assert redone == 0 and 0 < fallback < len(x) // 2
+
+
+@pytest.mark.parametrize("geometry", ["poincare", "euclidean"])
+def test_float32_near_ties_survive_adversarial_rounding(monkeypatch, geometry):
+    """Every float32 GEMM entry moved by half the error its lower bound allows for (up and down alternately): the
+    rows the float32 certificate leaves open are decided over the centroids under their ceiling, and every one of
+    them must still get the brute force's centroid (a centroid wrongly left out of a row's near-ties would show)."""
+    rng = np.random.default_rng(5)
+    x = mixed_points(rng, 3000, 8, 1.0)
+    cent = np.concatenate([x[:40], near_ties(rng, x[:40], 40, 1e-6, 1.0), mixed_points(rng, 40, 8, 1.0)])
+    geom = kt._geometry(geometry, 1.0)
+    side = geom.side(cent)
+    gamma, beta = kt._gamma(8 + 3, kt._U32), kt._beta(8, kt._U64)
+    s = -side.base[-1] / (2 * beta * side.weight)
+    real = np.matmul
+
+    def worst(a, b, out=None):
+        t = real(a, b, out=out)
+        if b is side.base32:
+            err = 0.5 * gamma * side.weight[None] * (a[:, -1:].astype(np.float64) + s[None]) ** 2
+            t += np.where((np.arange(t.shape[1]) + np.arange(t.shape[0])[:, None]) % 2 == 0, err, -err)
+        return t
+
+    monkeypatch.setattr(ka.np, "matmul", worst)
+    assigner = ka._Assigner(x, geom, ke._Faiss(False), 4)
+    a, v, redone, fallback = assigner._cpu(None, x, geom.rows(x), side, True)
+    monkeypatch.undo()
+    ex_a, ex_d = assign_exact(x, cent, geometry=geometry)
+    np.testing.assert_array_equal(a, ex_a)
+    np.testing.assert_array_equal(geom.distance(v), ex_d)
+    assert redone == 0 and 0 < fallback < len(x) // 2
+
+
+def test_rows_with_many_float32_near_ties_go_through_float64(monkeypatch):
+    """100 centroids within a relative 1e-7 of one point next to the boundary: float32 cannot tell them apart, so
+    each row near them has ~100 near-ties; such rows go through the float64 GEMM first (``redone``), and the result
+    is the brute force's whether they do or not."""
+    rng = np.random.default_rng(6)
+    centre = unit_rows(rng, 1, 16) * (1 - 1e-4)
+    cent = np.concatenate([near_ties(rng, centre, 100, 1e-7, 1.0), mixed_points(rng, 30, 16, 1.0)])
+    x = np.concatenate([near_ties(rng, centre, 300, 1e-6, 1.0), mixed_points(rng, 700, 16, 1.0)])
+    ex_a, ex_d = assign_exact(x, cent)
+    for wide, float64_rows in ((ka._WIDE, True), (len(cent), False)):
+        monkeypatch.setattr(ka, "_WIDE", wide)
+        stats: dict = {}
+        a, dist = assign(x, cent, use_gpu=False, stats=stats)
+        np.testing.assert_array_equal(a, ex_a)
+        np.testing.assert_array_equal(dist, ex_d)
+        assert (stats["redone"] >= 100) == float64_rows and stats["fallback"] > 0
+
+
+def test_rows_with_many_float64_near_ties_are_decided_over_every_centroid(monkeypatch):
+    """100 exact duplicates of one centroid: float64 cannot rule any of them out either, so rows next to them
+    (more than ``_WIDE`` near-ties in both precisions) are decided by the brute force over every centroid, and get
+    the lowest index of the duplicates."""
+    rng = np.random.default_rng(9)
+    centre = unit_rows(rng, 1, 16) * 0.9
+    cent = np.concatenate([mixed_points(rng, 20, 16, 1.0), np.repeat(centre, 100, axis=0)])
+    x = np.concatenate([near_ties(rng, centre, 200, 1e-3, 1.0), mixed_points(rng, 800, 16, 1.0)])
+    brute = []
+    real = ka._exact
+
+    def counted(geom, xb, rows, side):
+        brute.append(len(xb))
+        return real(geom, xb, rows, side)
+
+    monkeypatch.setattr(ka, "_exact", counted)
+    stats: dict = {}
+    a, dist = assign(x, cent, use_gpu=False, stats=stats)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(a, assign_exact(x, cent)[0])
+    np.testing.assert_array_equal(dist, assign_exact(x, cent)[1])
+    assert (a[:200] == 20).all()  # the first of the duplicates
+    assert sum(brute) >= 200 and stats["redone"] >= 200 and stats["fallback"] >= 200
 
 
 def test_result_does_not_depend_on_threads_or_blocks(monkeypatch):
