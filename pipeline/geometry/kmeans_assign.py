@@ -79,6 +79,7 @@ log = logging.getLogger(__name__)
 
 _TILE = 1 << 20  # elements of one worker's float64 GEMM tile (8 MB)
 _TORCH_TILE = 1 << 25  # elements of one float64 GEMM tile on the torch device (256 MB)
+_PAIRS = 1 << 18  # elements of a near-tie difference temporary (2 MB)
 _WIDE = 64  # near-ties a row may leave to `_near_ties` (more: float64 first, then every centroid)
 
 
@@ -158,9 +159,13 @@ def _near_ties(
     """The best centroid of each row among its near-ties, given as flat (row, centroid) pairs sorted by row with
     ascending centroids (not padded to the largest count), by the reference value: ``(rows, assignment int32,
     value)``, ties to the lowest index."""
-    diff = xb[row] - side.cent[col]
-    diff2 = np.einsum("ij,ij->i", diff, diff)[:, None]
-    value = geom.value(diff2, tuple(q[row] for q in rows), side, col[:, None])[:, 0]
+    diff2 = np.empty(len(row))
+    step = max(16, _PAIRS // xb.shape[1])
+    for i in range(0, len(row), step):  # 2 MB temporaries stay in a core's L2: 3.4x faster than 32 MB at d = 256
+        diff = xb[row[i : i + step]]
+        diff -= side.cent[col[i : i + step]]
+        diff2[i : i + step] = np.einsum("ij,ij->i", diff, diff)
+    value = geom.value(diff2[:, None], tuple(q[row] for q in rows), side, col[:, None])[:, 0]
     starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
     best = np.minimum.reduceat(value, starts)
     hit = np.flatnonzero(value == np.repeat(best, np.diff(np.r_[starts, len(row)])))
