@@ -134,59 +134,34 @@ def test_near_boundary_near_ties_at_every_scale(engine, d):
         assert stats["redone"] > len(x) // 4  # float32 cannot order centroids this close to the boundary
 
 
-def test_certificate_survives_adversarial_rounding(monkeypatch):
-    """Every float64 GEMM entry moved by half the error the lower bounds allow for (up and down alternately; the
-    GEMM's own rounding is below a third of it): the float64 stage must still give the brute force's result."""
-    rng = np.random.default_rng(3)
-    x = mixed_points(rng, 3000, 8, 1.0)
-    cent = np.concatenate([x[:40], near_ties(rng, x[:40], 40, 1e-10, 1.0), mixed_points(rng, 40, 8, 1.0)])
-    geom = kt.Poincare(1.0)
-    side = geom.side(cent)
-    gamma, beta = kt._gamma(8 + 3, kt._U64), kt._beta(8, kt._U64)
-    s = -side.base[-1] / (2 * beta * side.weight)
-    real = np.matmul
-
-    def worst(a, b, out=None):
-        t = real(a, b, out=out)
-        if b is side.base:
-            err = 0.5 * gamma * side.weight[None] * (a[:, -1:] + s[None]) ** 2
-            t += np.where((np.arange(t.shape[1]) + np.arange(t.shape[0])[:, None]) % 2 == 0, err, -err)
-        return t
-
-    monkeypatch.setattr(ka.np, "matmul", worst)
-    assigner = ka._Assigner(x, geom, ke._Faiss(False), 4)
-    a, v, redone, fallback = assigner._cpu(None, x, geom.rows(x), side, False)
-    monkeypatch.undo()
-    ex_a, ex_d = assign_exact(x, cent)
-    np.testing.assert_array_equal(a, ex_a)
-    np.testing.assert_array_equal(geom.distance(v), ex_d)
-    assert redone == 0 and 0 < fallback < len(x) // 2
-
-
+@pytest.mark.parametrize("float32", [False, True])
 @pytest.mark.parametrize("geometry", ["poincare", "euclidean"])
-def test_float32_near_ties_survive_adversarial_rounding(monkeypatch, geometry):
-    """Every float32 GEMM entry moved by half the error its lower bound allows for (up and down alternately): the
-    rows the float32 certificate leaves open are decided over the centroids under their ceiling, and every one of
-    them must still get the brute force's centroid (a centroid wrongly left out of a row's near-ties would show)."""
-    rng = np.random.default_rng(5)
+def test_certificate_survives_adversarial_rounding(monkeypatch, geometry, float32):
+    """Every GEMM entry (float64, or float32) moved by half the error its lower bound allows for (up and down
+    alternately; the GEMM's own rounding is below a third of it): the rows the certificate leaves open are decided
+    over the centroids under their ceiling, and every row must still get the brute force's centroid (a centroid
+    wrongly left out of a row's near-ties would show)."""
+    rng = np.random.default_rng(5 if float32 else 3)
     x = mixed_points(rng, 3000, 8, 1.0)
-    cent = np.concatenate([x[:40], near_ties(rng, x[:40], 40, 1e-6, 1.0), mixed_points(rng, 40, 8, 1.0)])
+    moved = 1e-6 if float32 else 1e-10  # near-ties just beyond each precision's bound
+    cent = np.concatenate([x[:40], near_ties(rng, x[:40], 40, moved, 1.0), mixed_points(rng, 40, 8, 1.0)])
     geom = kt._geometry(geometry, 1.0)
     side = geom.side(cent)
-    gamma, beta = kt._gamma(8 + 3, kt._U32), kt._beta(8, kt._U64)
+    gamma, beta = kt._gamma(8 + 3, kt._U32 if float32 else kt._U64), kt._beta(8, kt._U64)
     s = -side.base[-1] / (2 * beta * side.weight)
+    target = side.base32 if float32 else side.base
     real = np.matmul
 
     def worst(a, b, out=None):
         t = real(a, b, out=out)
-        if b is side.base32:
+        if b is target:
             err = 0.5 * gamma * side.weight[None] * (a[:, -1:].astype(np.float64) + s[None]) ** 2
             t += np.where((np.arange(t.shape[1]) + np.arange(t.shape[0])[:, None]) % 2 == 0, err, -err)
         return t
 
     monkeypatch.setattr(ka.np, "matmul", worst)
     assigner = ka._Assigner(x, geom, ke._Faiss(False), 4)
-    a, v, redone, fallback = assigner._cpu(None, x, geom.rows(x), side, True)
+    a, v, redone, fallback = assigner._cpu(None, x, geom.rows(x), side, float32)
     monkeypatch.undo()
     ex_a, ex_d = assign_exact(x, cent, geometry=geometry)
     np.testing.assert_array_equal(a, ex_a)
