@@ -222,7 +222,7 @@ def test_euclidean_assign_equals_float64_brute_force(d, offset):
     np.testing.assert_array_equal(a, ref_a)
     np.testing.assert_allclose(dist, ref_d, rtol=1e-12, atol=0)
     np.testing.assert_array_equal(dist, assign_exact(x, spread, geometry="euclidean")[1])
-    assert stats["fallback"] < len(x) // 10  # certified by the float64 GEMM for most rows
+    assert stats["fallback"] < len(x) // 10  # certified by the float32 GEMM for most rows
     # 30 centroids within 1e-9 of each other: float32 cannot rank them, its certificate must catch it
     base = x[0] + rng.normal(size=(30, d)) * 1e-9 * max(1.0, offset)
     tight = np.concatenate([base, spread[:30]])
