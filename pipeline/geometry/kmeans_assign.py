@@ -272,9 +272,9 @@ class _Assigner:
         redone, exact = sum(t.redone for t, _ in done), sum(t.exact for t, _ in done)
         if not row.size:
             return a, v, redone, exact
-        cuts = np.searchsorted(row, row[:: max(1, _BLOCK // d)], side="left")  # chunks end between rows
-        bounds = list(zip(np.r_[cuts], np.r_[cuts[1:], len(row)], strict=True))
-        chunks = [slice(lo, hi) for lo, hi in bounds if hi > lo]
+        starts = np.searchsorted(row, row[:: max(1, _BLOCK // d)])  # chunks of pairs that end between rows
+        ends = np.r_[starts[1:], len(row)]
+        chunks = [slice(lo, hi) for lo, hi in zip(starts, ends, strict=True) if hi > lo]
         decided = mapped(lambda c: _near_ties(self.geom, xb, rows, side, row[c], col[c]), chunks)
         for open_, best, value in decided:
             a[open_], v[open_] = best, value
