@@ -247,7 +247,8 @@ class _Assigner:
 
     def _cpu(self, pool: ThreadPoolExecutor | None, xb: np.ndarray, rows: tuple, side: Side, float32: bool) -> tuple:
         """`_gemm` over the rows of ``xb`` in tiles (on the pool's workers when given), from float32 or float64,
-        then the open rows of all tiles decided over their near-ties in chunks of about ``_BLOCK`` elements:
+        then the open rows of all tiles decided over their near-ties (on the pool, in chunks of ``_BLOCK // d``
+        pairs that keep each row's pairs together):
         ``(assignment, value, rows redone in float64, rows decided over their near-ties)``."""
         k, d = side.cent.shape
         step = max(16, _TILE // k)

@@ -20,11 +20,11 @@ _U32 = 2.0**-24
 _U64 = 2.0**-53
 
 
-def _den_gap(x: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
-    """``D(x) = (1 - r)(1 + r)`` and the gap ``1 - r`` with ``r = sqrt(c)|x|`` (as pipeline.geometry.hyperbolic)."""
+def _den(x: np.ndarray, c: float) -> np.ndarray:
+    """``D(x) = (1 - r)(1 + r)`` with ``r = sqrt(c)|x|``, the gap ``1 - r`` kept above eps / 2 (as
+    pipeline.geometry.hyperbolic)."""
     r = math.sqrt(c) * np.linalg.norm(x, axis=1)
-    gap = np.maximum(1 - r, np.finfo(np.float64).eps / 2)
-    return gap * (1 + r), gap
+    return np.maximum(1 - r, np.finfo(np.float64).eps / 2) * (1 + r)
 
 
 def _arg(diff2: np.ndarray, den_x: np.ndarray, den_m: np.ndarray, c: float) -> np.ndarray:
@@ -75,13 +75,13 @@ class Poincare:
         self.c = float(c)
 
     def seed_den(self, xs: np.ndarray) -> np.ndarray:
-        return _den_gap(xs, self.c)[0]
+        return _den(xs, self.c)
 
     def rows(self, xb: np.ndarray) -> tuple[np.ndarray, ...]:
-        return (_den_gap(xb, self.c)[0],)  # D(x)
+        return (_den(xb, self.c),)  # D(x)
 
     def side(self, cent: np.ndarray) -> Side:
-        den_m = _den_gap(cent, self.c)[0]
+        den_m = _den(cent, self.c)
         return _side(cent, 1 / den_m, (den_m,))
 
     def value(self, diff2: np.ndarray, rows: tuple, side: Side, cand: np.ndarray | None) -> np.ndarray:

@@ -206,8 +206,9 @@ def test_rows_with_many_float64_near_ties_are_decided_over_every_centroid(monkey
     stats: dict = {}
     a, dist = assign(x, cent, use_gpu=False, stats=stats)
     monkeypatch.undo()
-    np.testing.assert_array_equal(a, assign_exact(x, cent)[0])
-    np.testing.assert_array_equal(dist, assign_exact(x, cent)[1])
+    ex_a, ex_d = assign_exact(x, cent)
+    np.testing.assert_array_equal(a, ex_a)
+    np.testing.assert_array_equal(dist, ex_d)
     assert (a[:200] == 20).all()  # the first of the duplicates
     assert sum(brute) >= 200 and stats["redone"] >= 200 and stats["fallback"] >= 200
 
