@@ -75,7 +75,7 @@ class Proposer:
     )
     fpn_channels: int = 128  # FPN width, the heads' input (torchvision: 256)
     rois_per_image: int | None = 32  # RoIs sampled per image for the box and mask heads (None: 64 below 512 px)
-    num_workers: int = field(default=0, metadata=SPEED_ONLY)  # DataLoader workers decoding training images
+    num_workers: int | Literal["auto"] = field(default="auto", metadata=SPEED_ONLY)  # decoding workers; auto: GPU only
     amp: Literal["off", "bf16", "fp16"] = "off"  # training autocast (changes the weights; fp16 with a GradScaler)
 
 
@@ -86,7 +86,7 @@ class Propose:
     max_proposals: int = 20
     batch_size: int = 8
     on_missing_image: Literal["error", "skip"] = "error"
-    num_workers: int = field(default=0, metadata=SPEED_ONLY)  # DataLoader workers decoding images (0: in-process)
+    num_workers: int | Literal["auto"] = field(default="auto", metadata=SPEED_ONLY)  # decoding workers; auto: GPU only
     amp: Literal["off", "bf16", "fp16"] = field(default="off", metadata=RECORDED_WHEN_SET)  # inference autocast
 
 
@@ -101,7 +101,7 @@ class Sample:
     relation_max_side: int | None = None
     batch_size: int = 128
     dtype: Literal["float16", "float32"] = "float16"
-    num_workers: int = field(default=0, metadata=SPEED_ONLY)  # DataLoader workers decoding images (0: in-process)
+    num_workers: int | Literal["auto"] = field(default="auto", metadata=SPEED_ONLY)  # decoding workers; auto: GPU only
     amp: Literal["off", "bf16", "fp16"] = field(default="off", metadata=RECORDED_WHEN_SET)  # backbone autocast
 
 

@@ -21,6 +21,7 @@ from pipeline.data.dataset import read_manifest
 from pipeline.device import pick_device
 from pipeline.distributed import init_ranks, launch_ranks, main_first, main_goes_on, rank_device, shutdown
 from pipeline.evaluation.proposal_metrics import evaluate_proposals
+from pipeline.models.inference import decoding_workers
 from pipeline.models.proposer import load_checkpoint, propose
 from pipeline.stores.parts import IMAGES_PER_PART, ImageParts
 from pipeline.stores.proposals import StoreProposals, proposal_columns, propose_parts
@@ -77,7 +78,7 @@ def main(
         batch_size=cfg.batch_size,
         mask_size=mask_size,
         on_missing_image=cfg.on_missing_image,
-        num_workers=cfg.num_workers,
+        num_workers=decoding_workers(cfg.num_workers, run_device),
         pin_memory=run_device.startswith("cuda"),
         rank=ranks.rank,
         world_size=ranks.world_size,

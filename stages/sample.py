@@ -16,6 +16,7 @@ from pipeline.data.dataset import read_manifest
 from pipeline.device import pick_device
 from pipeline.distributed import init_ranks, launch_ranks, main_first, main_goes_on, rank_device, shutdown
 from pipeline.models.features import build_backbone
+from pipeline.models.inference import decoding_workers
 from pipeline.stores.parts import IMAGES_PER_PART, ImageParts
 from pipeline.stores.sampling import PAIR_COLUMNS, sample_columns, sample_parts
 from pipeline.stores.store import open_store, read_array
@@ -78,7 +79,7 @@ def main(
         relation_max_side=cfg.relation_max_side,
         batch_size=cfg.batch_size,
         device=run_device,
-        num_workers=cfg.num_workers,
+        num_workers=decoding_workers(cfg.num_workers, run_device),
         amp=cfg.amp,
         rank=ranks.rank,
         world_size=ranks.world_size,

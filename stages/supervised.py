@@ -18,6 +18,7 @@ from pipeline.data.dataset import read_manifest
 from pipeline.data.lvis_format import image_path, load_image
 from pipeline.device import pick_device
 from pipeline.evaluation.lvis_eval import load_lvis
+from pipeline.models.inference import decoding_workers
 from pipeline.models.proposer import build_model, propose, save_checkpoint
 from pipeline.models.proposer_train import train_proposer
 from pipeline.models.supervised import SCORE_THRESH, category_labels, evaluate_detector
@@ -60,7 +61,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
         label_map=label_map,
         roi_align_grad=cfg.roi_align_grad,
         rois_per_image=cfg.rois_per_image,
-        num_workers=cfg.num_workers,
+        num_workers=decoding_workers(cfg.num_workers, device),
         amp=cfg.amp,
     )
     save_checkpoint(model, CHECKPOINT, cfg.backbone, cfg.image_size)

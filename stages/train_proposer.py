@@ -43,6 +43,7 @@ from pipeline.data.dataset import Manifest, read_manifest
 from pipeline.device import pick_device
 from pipeline.distributed import init_ranks, launch_ranks, main_goes_on, rank_device, shutdown
 from pipeline.errors import PipelineError
+from pipeline.models.inference import decoding_workers
 from pipeline.models.proposer import build_model, load_checkpoint, save_checkpoint
 from pipeline.models.proposer_train import train_proposer
 from pipeline.stores.checkpoint import Checkpoint
@@ -128,7 +129,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
                 checkpoint_every=cfg.checkpoint_every,
                 roi_align_grad=cfg.roi_align_grad,
                 rois_per_image=cfg.rois_per_image,
-                num_workers=cfg.num_workers,
+                num_workers=decoding_workers(cfg.num_workers, device),
                 amp=cfg.amp,
                 ranks=ranks,
             )

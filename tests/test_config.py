@@ -374,7 +374,11 @@ def test_amp_and_workers(tmp_path):
     from pipeline.config import store_params
 
     p = load_params(ROOT / "params.yaml")  # a bare `off` (YAML 1.1's false) is the choice "off"
-    assert p.propose.amp == p.sample.amp == "off" and p.propose.num_workers == p.sample.num_workers == 0
+    assert p.propose.amp == p.sample.amp == "off"
+    assert p.proposer.num_workers == p.propose.num_workers == p.sample.num_workers == "auto"
+    assert load_params(with_value(tmp_path, "sample.num_workers", "3")).sample.num_workers == 3
+    with pytest.raises(PipelineError, match=r"params\.yaml: propose\.num_workers: expected int or 'auto', got 'many'$"):
+        load_params(with_value(tmp_path, "propose.num_workers", "many"))
     assert load_params(with_value(tmp_path, "sample.amp", "bf16")).sample.amp == "bf16"
     with pytest.raises(PipelineError, match=r"propose\.amp: expected one of 'off' \| 'bf16' \| 'fp16', got 'fp8'"):
         load_params(with_value(tmp_path, "propose.amp", "fp8"))

@@ -9,6 +9,9 @@ copy with the work already queued. A PipelineError raised by `read` in a worker 
 raised again in the calling process when its item's batch is reached, with its own one-line message: the
 same error, at the same point, as without workers.
 
+`decoding_workers(setting, device)`: the `num_workers` params (``proposer``, ``propose``, ``sample``) as a count;
+``auto`` starts workers only on a GPU, where they were measured to pay (README, "At LVIS size on a GPU").
+
 `autocast(device, amp)`: torch's automatic mixed precision for inference, ``amp`` one of ``off`` (a no-op),
 ``bf16`` or ``fp16``; a device type or torch build without autocast in that dtype is a PipelineError.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -28,8 +32,27 @@ from pipeline.errors import PipelineError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREFETCH_FACTOR = 2  # batches each worker reads ahead (torch's default)
+AUTO_WORKERS = 4  # at most this many decoding workers per rank under `num_workers: auto` on a GPU
 
-__all__ = ["AMP_DTYPES", "PREFETCH_FACTOR", "autocast", "prefetch"]
+__all__ = ["AMP_DTYPES", "AUTO_WORKERS", "PREFETCH_FACTOR", "autocast", "decoding_workers", "prefetch"]
+
+
+def decoding_workers(setting: int | str, device: str | torch.device) -> int:
+    """How many DataLoader workers decode images: an int `setting` as it is; ``"auto"``: none on the CPU, on a
+    GPU ``AUTO_WORKERS``, fewer when the CPUs this process may use, shared by the ranks of its machine
+    (torchrun's ``LOCAL_WORLD_SIZE``), leave fewer than that besides the rank's own process.
+
+    Why: on an H100 with 16 cores, 4 workers made the proposer's training step 2.3x faster, `propose` 1.8x and
+    `sample` 1.2x at 800 px (the decoding had kept the GPU waiting); on the 2-core CPU machine they made
+    `propose` and `sample` slower (0.6x to 0.9x), the decoding competing with the network for the same cores.
+    The count never changes what a stage writes."""
+    if setting != "auto":
+        return int(setting)
+    if torch.device(device).type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(AUTO_WORKERS, cpus // ranks_here - 1))
 
 
 def autocast(device: str | torch.device, amp: str) -> contextlib.AbstractContextManager:

@@ -1,11 +1,12 @@
-"""`pipeline.models.inference.prefetch`: the same batches in the same order with and without workers."""
+"""`pipeline.models.inference`: `prefetch` gives the same batches in the same order with and without workers;
+`decoding_workers` resolves the `num_workers` params."""
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.models.inference import prefetch
+from pipeline.models.inference import AUTO_WORKERS, decoding_workers, prefetch
 
 
 def _read(i: int) -> tuple[int, np.ndarray, list]:
@@ -37,3 +38,18 @@ def test_a_read_error_is_raised_at_its_batch(num_workers):
         for batch in prefetch(range(7), _failing, batch_size=2, num_workers=num_workers):
             seen.extend(batch)
     assert seen == [0, 1, 2, 3]
+
+
+def test_decoding_workers_auto_starts_workers_on_a_gpu_only(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert decoding_workers(3, "cpu") == 3 and decoding_workers(0, "cuda") == 0  # a number is taken as it is
+    assert decoding_workers("auto", "cpu") == 0
+    assert decoding_workers("auto", "cuda") == decoding_workers("auto", "cuda:1") == AUTO_WORKERS == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks share the 16 CPUs: 2 each, one of them the rank's
+    assert decoding_workers("auto", "cuda:3") == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert decoding_workers("auto", "cuda") == 0
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert decoding_workers("auto", "cuda") == 1
