@@ -12,14 +12,19 @@ The per-row terms are those of `pipeline.geometry.hyperbolic` (the same torch ex
 torch's row-wise kernels do not depend on the number of rows; tests/geometry/test_kmeans.py checks to 1e-12).
 Empty groups give NaN (the caller keeps their old centroid).
 
-The block operations run on one torch thread (`_one_thread`): a block is a few MB, so per-operation parallel
-start-up dominates (measured on 2 busy cores: 10x slower with 2 threads); the results do not change.
+The block operations run on one torch thread each (`_one_thread`): a block is a few MB, so per-operation parallel
+start-up dominates (measured on 2 busy cores: 10x slower with 2 threads). The parallelism is across blocks
+instead: ``workers`` threads compute the per-row terms of consecutive blocks at once (torch releases the GIL),
+and the sums are still taken one block after the other in row order, so the results do not depend on it, bit for
+bit. At most ``workers + 1`` blocks are held at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -49,20 +54,39 @@ def _tensors(xb: np.ndarray, gb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(xb), torch.from_numpy(np.asarray(gb, dtype=np.int64))
 
 
-def _sums(read: Blocks, n_groups: int, terms: Callable[..., tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
-    """Per-group sums (``index_add_`` in row order) of the per-row ``terms(x, groups)`` over every block."""
+def _sums(
+    read: Blocks, n_groups: int, terms: Callable[..., tuple[torch.Tensor, ...]], workers: int = 1
+) -> list[torch.Tensor]:
+    """Per-group sums (``index_add_`` in row order) of the per-row ``terms(x, groups)`` over every block, the
+    terms of up to ``workers`` blocks computed at once on a thread pool."""
     sums: list[torch.Tensor] = []
-    for xb, gb in read():
+
+    def block_terms(xb: np.ndarray, gb: np.ndarray) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         x, g = _tensors(xb, gb)
-        values = terms(x, g)
+        return g, terms(x, g)
+
+    def add(g: torch.Tensor, values: tuple[torch.Tensor, ...]) -> None:
         if not sums:
-            sums = [v.new_zeros((n_groups, *v.shape[1:])) for v in values]
+            sums.extend(v.new_zeros((n_groups, *v.shape[1:])) for v in values)
         for total, v in zip(sums, values, strict=True):
             total.index_add_(0, g, v)
+
+    if workers <= 1:
+        for xb, gb in read():
+            add(*block_terms(xb, gb))
+        return sums
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for xb, gb in read():
+            pending.append(pool.submit(block_terms, xb, gb))
+            if len(pending) > workers:
+                add(*pending.popleft().result())
+        while pending:
+            add(*pending.popleft().result())
     return sums
 
 
-def einstein_midpoint_blocks(read: Blocks, n_groups: int, c: float = 1.0) -> torch.Tensor:
+def einstein_midpoint_blocks(read: Blocks, n_groups: int, c: float = 1.0, *, workers: int = 1) -> torch.Tensor:
     """Per-group Einstein midpoint (n_groups, d) float64 tensor of the blocks ``read()`` yields, in two passes;
     equals ``hyperbolic.einstein_midpoint(x, c=c, groups=..., n_groups=...)`` of the whole array."""
     sc = c**0.5
@@ -77,7 +101,7 @@ def einstein_midpoint_blocks(read: Blocks, n_groups: int, c: float = 1.0) -> tor
         _, r, _, d = radial(x)
         return (1 + r * r) / (sc * d), 2 * x / d
 
-    s0, ss = _sums(read, n_groups, first)
+    s0, ss = _sums(read, n_groups, first, workers)
     ns = hyp._norm(ss)
     e1 = torch.zeros_like(ss)
     e1[..., 0] = 1
@@ -89,19 +113,19 @@ def einstein_midpoint_blocks(read: Blocks, n_groups: int, c: float = 1.0) -> tor
         angle = ((u[g] - xhat) ** 2).sum(-1, keepdim=True) / 2  # 1 - cos(angle between u and x)
         return (gap / (sc * (1 + r)) + (2 * nx / d) * angle,)
 
-    (lower,) = _sums(read, n_groups, second)  # S_0 - |S_{1:}|
+    (lower,) = _sums(read, n_groups, second, workers)  # S_0 - |S_{1:}|
     nu = (c * lower * (s0 + ns)).sqrt()
     return ss / (nu + sc * s0)
 
 
 def frechet_mean_blocks(
-    read: Blocks, n_groups: int, c: float = 1.0, *, iters: int = 100, tol: float = 1e-10
+    read: Blocks, n_groups: int, c: float = 1.0, *, iters: int = 100, tol: float = 1e-10, workers: int = 1
 ) -> torch.Tensor:
     """Per-group Fréchet mean (n_groups, d) of the blocks ``read()`` yields: the Karcher steps of
     ``hyperbolic.frechet_mean`` (same step size, same stopping rule), one pass over the blocks per step."""
     sc = c**0.5
-    m = einstein_midpoint_blocks(read, n_groups, c)
-    (total,) = _sums(read, n_groups, lambda x, g: (x.new_ones((len(x), 1)),))
+    m = einstein_midpoint_blocks(read, n_groups, c, workers=workers)
+    (total,) = _sums(read, n_groups, lambda x, g: (x.new_ones((len(x), 1)),), workers)
     for _ in range(iters):
 
         def terms(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor = m) -> tuple[torch.Tensor, ...]:
@@ -109,7 +133,7 @@ def frechet_mean_blocks(
             sd = (sc * hyp.dist(m_rows, x, c).unsqueeze(-1)).clamp_min(1e-6)
             return sd / torch.tanh(sd), hyp.logmap(m_rows, x, c)
 
-        lip_sum, step_sum = _sums(read, n_groups, terms)
+        lip_sum, step_sum = _sums(read, n_groups, terms, workers)
         step = step_sum / (total * (lip_sum / total))
         moved = 2 * hyp._norm(step) / hyp._den(m, c)  # Riemannian length lambda_m |step| = distance moved
         m = hyp.expmap(m, step, c, project=False)
@@ -118,9 +142,9 @@ def frechet_mean_blocks(
     return m
 
 
-def mean_blocks(read: Blocks, n_groups: int) -> np.ndarray:
+def mean_blocks(read: Blocks, n_groups: int, *, workers: int = 1) -> np.ndarray:
     """Per-group Euclidean mean (n_groups, d) float64 of the blocks ``read()`` yields (empty groups: NaN)."""
-    total, count = _sums(read, n_groups, lambda x, g: (x, x.new_ones((len(x), 1))))
+    total, count = _sums(read, n_groups, lambda x, g: (x, x.new_ones((len(x), 1))), workers)
     with np.errstate(invalid="ignore", divide="ignore"):
         return (total / count).numpy()
 
@@ -136,8 +160,10 @@ def _update(
     block_rows: int | None = None,
 ) -> np.ndarray:
     """New centroids of the clusters ``assignment`` of the rows of ``x`` (read block by block): ``centroid``
-    "einstein" / "frechet" (Poincaré ball of curvature -c) or "mean" (Euclidean); empty clusters keep ``old``."""
+    "einstein" / "frechet" (Poincaré ball of curvature -c) or "mean" (Euclidean); empty clusters keep ``old``.
+    The blocks' terms run on as many threads as torch's intra-op count (the same results whatever it is)."""
     step = rows_per_block(x, block_rows)
+    workers = max(1, torch.get_num_threads())
 
     def read() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for s in blocks(x.shape[0], step):
@@ -145,11 +171,11 @@ def _update(
 
     with torch.no_grad(), _one_thread():
         if centroid == "einstein":
-            new = einstein_midpoint_blocks(read, k, c).numpy()
+            new = einstein_midpoint_blocks(read, k, c, workers=workers).numpy()
         elif centroid == "frechet":
-            new = frechet_mean_blocks(read, k, c).numpy()
+            new = frechet_mean_blocks(read, k, c, workers=workers).numpy()
         else:
-            new = mean_blocks(read, k)
+            new = mean_blocks(read, k, workers=workers)
     keep = ~np.isfinite(new).all(axis=1)  # empty clusters keep their centroid
     new[keep] = old[keep]
     return new

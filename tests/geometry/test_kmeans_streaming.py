@@ -86,6 +86,24 @@ def test_streamed_mean_and_update_do_not_depend_on_the_block_size():
         np.testing.assert_array_equal(whole[5], old[5])
 
 
+@pytest.mark.parametrize("workers", [2, 3, 8])
+def test_streamed_updates_are_the_same_bits_on_any_number_of_threads(workers):
+    """The blocks' terms on a thread pool, the sums still in row order: the same bits as one thread."""
+    rng = np.random.default_rng(23)
+    x = mixed_points(rng, 1000, 8, 0.7)
+    groups = rng.choice([0, 1, 2, 4, 5], size=len(x))  # group 3 empty
+    for rows in (97, 1000):  # several blocks (more than the workers), and one
+        read = blocks_of(x, groups, rows)
+        for update in (
+            lambda read, **kw: ku.einstein_midpoint_blocks(read, 6, 0.7, **kw).numpy(),
+            lambda read, **kw: ku.frechet_mean_blocks(read, 6, 0.7, **kw).numpy(),
+            lambda read, **kw: ku.mean_blocks(read, 6, **kw),
+        ):
+            one, many = update(read, workers=1), update(read, workers=workers)
+            assert one.tobytes() == many.tobytes()
+            assert np.isnan(many[3]).all() and np.isfinite(many[[0, 1, 2, 4, 5]]).all()
+
+
 @pytest.mark.parametrize(
     ("geometry", "centroid"), [("poincare", "einstein"), ("poincare", "frechet"), ("euclidean", "")]
 )
