@@ -229,6 +229,11 @@ def _gemm(
 # ------------------------------------------------------------------------------------------------- assignment
 
 
+def _map(pool: ThreadPoolExecutor | None, fn, items: list) -> list:
+    """``[fn(i) for i in items]``, on the pool's workers when there is a pool and more than one item."""
+    return list(pool.map(fn, items)) if pool is not None and len(items) > 1 else [fn(i) for i in items]
+
+
 class _Assigner:
     """Nearest centroid of every row of ``x``, block by block (nothing per point is kept between calls).
 
@@ -261,10 +266,7 @@ class _Assigner:
                 local.buffers = {"float32": np.empty((b, k), dtype=np.float32), "float64": np.empty((b, k))}
             return _gemm(self.geom, xb[s], tuple(q[s] for q in rows), side, local.buffers, float32), s.start
 
-        def mapped(fn, items: list) -> list:
-            return list(pool.map(fn, items)) if pool is not None and len(items) > 1 else [fn(i) for i in items]
-
-        done = mapped(run, tiles)
+        done = _map(pool, run, tiles)
         if not done:
             return np.empty(0, dtype=np.int32), np.empty(0), 0, 0
         a, v = np.concatenate([t.assignment for t, _ in done]), np.concatenate([t.value for t, _ in done])
@@ -276,16 +278,19 @@ class _Assigner:
         starts = np.searchsorted(row, row[:: max(1, _BLOCK // d)])  # chunks of pairs that end between rows
         ends = np.r_[starts[1:], len(row)]
         chunks = [slice(lo, hi) for lo, hi in zip(starts, ends, strict=True) if hi > lo]
-        decided = mapped(lambda c: _near_ties(self.geom, xb, rows, side, row[c], col[c]), chunks)
+        decided = _map(pool, lambda c: _near_ties(self.geom, xb, rows, side, row[c], col[c]), chunks)
         for open_, best, value in decided:
             a[open_], v[open_] = best, value
         return a, v, redone, exact + sum(len(t[0]) for t in decided)
 
     def _certified(self, pool, xb: np.ndarray, rows: tuple, side: Side, cand: np.ndarray, lower: np.ndarray) -> tuple:
-        """A GPU search's answer (candidates ``cand``, lower bound ``lower`` of every other centroid) certified;
-        the rows it cannot certify decided by the CPU's float64 path. ``(assignment, value, rows redone, rows
-        decided over their near-ties)``."""
-        checked = _certify(self.geom, xb, rows, side, cand, lower)
+        """A GPU search's answer (candidates ``cand``, lower bound ``lower`` of every other centroid) certified, and
+        finished by `_finish`."""
+        return self._finish(pool, xb, rows, side, _certify(self.geom, xb, rows, side, cand, lower))
+
+    def _finish(self, pool, xb: np.ndarray, rows: tuple, side: Side, checked: _Checked) -> tuple:
+        """The rows ``checked`` leaves uncertified decided by the CPU's float64 path. ``(assignment, value, rows
+        redone, rows decided over their near-ties)``."""
         a, v = checked.assignment, checked.value
         todo = np.flatnonzero(~checked.certified)
         fallback = 0
@@ -303,17 +308,28 @@ class _Assigner:
 
     def _torch(self, base: Any, xb: np.ndarray, rows: tuple, side: Side, pool) -> tuple:
         """The float64 GEMM ``x'' . y''_j`` on the torch device (``base``: the columns there), its two smallest
-        entries per row; the rows it cannot certify are decided by the CPU's float64 path."""
-        xa = _augment(xb, side)
-        k = len(side.cent)
-        step = max(1, _TORCH_TILE // k)
-        j1, second = np.empty(len(xa), dtype=np.int64), np.empty(len(xa))
-        for i in range(0, len(xa), step):
-            tile = torch.from_numpy(xa[i : i + step]).to(base.device, non_blocking=True) @ base
+        entries per row, in tiles of rows (at least one per worker); the CPU's share, the tiles' ``x''`` before and
+        their certificates after, on the worker pool. The rows it cannot certify are decided by the CPU's float64
+        path."""
+        n, k = len(xb), len(side.cent)
+        workers = self.engine.threads if pool is not None else 1
+        step = max(1, min(_TORCH_TILE // k, -(-n // workers)))
+        tiles = [slice(i, min(n, i + step)) for i in range(0, n, step)]
+        augmented = _map(pool, lambda s: _augment(xb[s], side), tiles)
+        smallest = []
+        for xa in augmented:  # queued on the device one after the other, brought back once
+            tile = torch.from_numpy(xa).to(base.device, non_blocking=True) @ base
             values, index = tile.topk(2, dim=1, largest=False)  # an exact tie of the two fails the certificate
-            j1[i : i + step], second[i : i + step] = index[:, 0].cpu().numpy(), values[:, 1].cpu().numpy()
-        lower = second - _eta(_U64, xa.shape[1], xa, side.big)
-        return self._certified(pool, xb, rows, side, j1[:, None], lower)
+            smallest.append((index[:, 0], values[:, 1]))
+        j1 = torch.cat([i for i, _ in smallest]).cpu().numpy()
+        second = torch.cat([v for _, v in smallest]).cpu().numpy()
+        eta = max(_eta(_U64, xa.shape[1], xa, side.big) for xa in augmented)  # as over the whole block
+        checked = _map(
+            pool,
+            lambda s: _certify(self.geom, xb[s], tuple(q[s] for q in rows), side, j1[s, None], second[s] - eta),
+            tiles,
+        )
+        return self._finish(pool, xb, rows, side, _Checked(*(np.concatenate(c) for c in zip(*checked, strict=True))))
 
     def __call__(
         self, cent: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None
