@@ -29,8 +29,9 @@ its threads and GPUs: pipeline.geometry.kmeans_engines):
   GPU (each searches a share of the rows), top ``candidates`` (at least 2), the last one's value the lower bound
   of every centroid outside them; the rows it cannot certify go to the CPU's float64 GEMM.
 - GPU through torch (a CUDA GPU that faiss does not see): the float64 GEMM on the GPU in tiles of rows, its
-  smallest two entries per row (``topk``) brought back; the rows it cannot certify (near-ties) go to the CPU's
-  float64 path, which decides them over their near-ties.
+  smallest two entries per row (``topk``) brought back once per block; the tiles' ``x''`` and certificates on the
+  CPU's worker pool; the rows it cannot certify (near-ties) go to the CPU's float64 path, which decides them over
+  their near-ties.
 
 **The certificate.** The candidates are re-ranked by the reference value itself; the best one's direct-difference
 ``t`` (relative error ``<= (d + 7) u``), times a margin that covers the reference value's own rounding (its
@@ -315,15 +316,20 @@ class _Assigner:
         workers = self.engine.threads if pool is not None else 1
         step = max(1, min(_TORCH_TILE // k, -(-n // workers)))
         tiles = [slice(i, min(n, i + step)) for i in range(0, n, step)]
-        augmented = _map(pool, lambda s: _augment(xb[s], side), tiles)
+
+        def terms(s: slice) -> tuple[np.ndarray, float]:
+            xa = _augment(xb[s], side)
+            return xa, _eta(_U64, xa.shape[1], xa, side.big)
+
+        augmented = _map(pool, terms, tiles)
+        eta = max(e for _, e in augmented)  # the block's: eta grows with the largest |x''|
         smallest = []
-        for xa in augmented:  # queued on the device one after the other, brought back once
+        for xa, _ in augmented:  # queued on the device one after the other, brought back once
             tile = torch.from_numpy(xa).to(base.device, non_blocking=True) @ base
             values, index = tile.topk(2, dim=1, largest=False)  # an exact tie of the two fails the certificate
             smallest.append((index[:, 0], values[:, 1]))
         j1 = torch.cat([i for i, _ in smallest]).cpu().numpy()
         second = torch.cat([v for _, v in smallest]).cpu().numpy()
-        eta = max(_eta(_U64, xa.shape[1], xa, side.big) for xa in augmented)  # as over the whole block
         checked = _map(
             pool,
             lambda s: _certify(self.geom, xb[s], tuple(q[s] for q in rows), side, j1[s, None], second[s] - eta),
