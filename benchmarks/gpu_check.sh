@@ -12,7 +12,9 @@
 # image yields its 20 proposals, the LVIS workload), the `propose` stage over val on DEVICE, then
 # benchmarks/bench_propose.py, benchmarks/bench_sample.py (sections 2-4, crop 224 with the proposer's resnet50)
 # and benchmarks/bench_train_proposer.py (--variants lvis: decoding workers, bf16, fp16) on DEVICE, and
-# benchmarks/bench_kmeans.py (the assignment's torch float64 search on the GPU against faiss-cpu's k = 1 search). Tables and logs go to $OUT (the device tool brings them back), else /tmp/gpu_check.
+# benchmarks/bench_kmeans.py (the assignment's torch float64 search on the GPU against faiss-cpu's k = 1 search),
+# then the tests with a CUDA case (tests/geometry/test_masks.py, test_kmeans_assign.py). Tables and logs go to $OUT
+# (the device tool brings them back), else /tmp/gpu_check.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -92,4 +94,8 @@ bench bench_sample --device "$DEVICE" --sections 234 --crop "$CROP" --backbone "
 bench bench_train_proposer --variants lvis --device "$DEVICE" --backbone "$BACKBONE" \
     --image-size "$SIZE" --steps "$TRAIN_STEPS" --warmup 5 --repeat "$REPEAT" --threads "$THREADS"
 bench bench_kmeans --skip-eval --threads "$THREADS" --scale "$KMEANS_SCALE"
+# the tests that run on CUDA where it is: the paste's bit-identity, the torch float64 search on the device
+echo "== CUDA tests ($(date -u +%T))"
+timeout "$STEP_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider tests/geometry/test_masks.py \
+    tests/geometry/test_kmeans_assign.py 2>&1 | tee "$OUT/pytest_cuda.txt" || echo "CUDA tests FAILED or timed out"
 echo "gpu_check done ($(date -u +%T)): tables in $OUT"

@@ -12,6 +12,7 @@ import types
 import faiss
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +29,8 @@ ENGINES = {
     "faiss32": lambda: ke._Faiss(False, force_faiss_cpu=True),  # faiss float32 top-k (the GPU path), then float64
     "torch64": lambda: ke._Faiss(False, force_torch="cpu"),  # torch's float64 GEMM + top-2 (its GPU path), on the CPU
 }
+if torch.cuda.is_available():  # the same path on the GPU itself (benchmarks/gpu_check.sh runs these tests there)
+    ENGINES["torch64cuda"] = lambda: ke._Faiss(False, force_torch="cuda")
 
 
 def closed_form(x: np.ndarray, cent: np.ndarray, c: float | None) -> tuple[np.ndarray, np.ndarray]:
