@@ -2,7 +2,7 @@
 # Issue 12's GPU measurements at LVIS image size (800 px), in one call on a lent GPU machine.
 #
 #   here, once:  bash benchmarks/gpu_wheels.sh     # zarr and the rest the GPU image lacks, as CPython 3.12 wheels in .whl/
-#   device:      run(command="IMAGES=80 N_TRAIN=80 bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=570)
+#   device:      run(command="IMAGES=80 bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=570)
 #   locally:     DEVICE=cpu SIZE=192 IMAGES=4 BACKBONE=resnet18 CROP=64 TRAIN_STEPS=1 WORKERS=2 KMEANS_SCALE=0.05 \
 #                WHEELS= PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
 #
