@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.distributed import _env_int
 from pipeline.errors import PipelineError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,7 +52,7 @@ def decoding_workers(setting: int | str, device: str | torch.device) -> int:
     if torch.device(device).type != "cuda":
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    ranks_here = max(1, _env_int("LOCAL_WORLD_SIZE", 1))
     return max(0, min(AUTO_WORKERS, cpus // ranks_here - 1))
 
 
