@@ -15,7 +15,7 @@ Empty groups give NaN (the caller keeps their old centroid).
 The block operations run on one torch thread each (`_one_thread`): a block is a few MB, so per-operation parallel
 start-up dominates (measured on 2 busy cores: 10x slower with 2 threads). The parallelism is across blocks
 instead: ``workers`` threads compute the per-row terms of consecutive blocks at once (torch releases the GIL;
-blocks under ``_THREADED_ELEMENTS`` stay on the calling thread),
+`_update` keeps blocks under ``_THREADED_ELEMENTS`` on the calling thread),
 and the sums are still taken one block after the other in row order, so the results do not depend on it, bit for
 bit. At most ``workers + 1`` blocks are held at once.
 """
@@ -23,7 +23,6 @@ bit. At most ``workers + 1`` blocks are held at once.
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -78,18 +77,13 @@ def _sums(
         for total, v in zip(sums, values, strict=True):
             total.index_add_(0, g, v)
 
-    stream = iter(read())
-    first = next(stream, None)
-    if first is None:
-        return sums
-    stream = itertools.chain([first], stream)
-    if workers <= 1 or first[0].size < _THREADED_ELEMENTS:
-        for xb, gb in stream:
+    if workers <= 1:
+        for xb, gb in read():
             add(*block_terms(xb, gb))
         return sums
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
-        for xb, gb in stream:
+        for xb, gb in read():
             pending.append(pool.submit(block_terms, xb, gb))
             if len(pending) > workers:
                 add(*pending.popleft().result())
@@ -175,7 +169,8 @@ def _update(
     "einstein" / "frechet" (Poincaré ball of curvature -c) or "mean" (Euclidean); empty clusters keep ``old``.
     The blocks' terms run on as many threads as torch's intra-op count (the same results whatever it is)."""
     step = rows_per_block(x, block_rows)
-    workers = max(1, torch.get_num_threads())
+    first_block = min(step, x.shape[0]) * x.shape[1]  # elements: every block but the last has as many
+    workers = max(1, torch.get_num_threads()) if first_block >= _THREADED_ELEMENTS else 1
 
     def read() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for s in blocks(x.shape[0], step):

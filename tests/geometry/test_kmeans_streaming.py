@@ -87,9 +87,8 @@ def test_streamed_mean_and_update_do_not_depend_on_the_block_size():
 
 
 @pytest.mark.parametrize("workers", [2, 3, 8])
-def test_streamed_updates_are_the_same_bits_on_any_number_of_threads(workers, monkeypatch):
+def test_streamed_updates_are_the_same_bits_on_any_number_of_threads(workers):
     """The blocks' terms on a thread pool, the sums still in row order: the same bits as one thread."""
-    monkeypatch.setattr(ku, "_THREADED_ELEMENTS", 0)  # these small blocks too go to the pool
     rng = np.random.default_rng(23)
     x = mixed_points(rng, 1000, 8, 0.7)
     groups = rng.choice([0, 1, 2, 4, 5], size=len(x))  # group 3 empty
