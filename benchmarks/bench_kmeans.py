@@ -10,7 +10,9 @@ not a test).
    distance) on ``--check-rows`` random rows (0: all): the assignments must be identical.
 2. One Lloyd iteration: the assignment plus the Einstein-midpoint centroid update (hyperbolic).
 3. Euclidean k-means against `faiss.Kmeans` (float32, uncertified) on ``--lloyd-n`` points: seconds per iteration.
-4. One evaluation of the val split (`pipeline.evaluation.evaluate.evaluate_clusters`) when `dvc repro` has produced
+4. With ``--profile``: where one hyperbolic assignment's time goes, per d (each step's time summed over threads;
+   on a CUDA search also torch.profiler's operators by device time), to see the CPU's share of a GPU search.
+5. One evaluation of the val split (`pipeline.evaluation.evaluate.evaluate_clusters`) when `dvc repro` has produced
    data/val/{proposals,clusters}.zarr and data/prepared/dataset.json.
 
     python benchmarks/bench_kmeans.py                        # N=200000, K=1462, d in 16,256, 2 threads
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +53,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lloyd-n", type=int, default=50_000, help="points of the Euclidean k-means comparison")
     parser.add_argument("--lloyd-k", type=int, default=100, help="clusters of the Euclidean k-means comparison")
     parser.add_argument("--skip-eval", action="store_true", help="do not time the val evaluation")
+    parser.add_argument(
+        "--profile", action="store_true", help="time the steps of one hyperbolic assignment (torch's operators on CUDA)"
+    )
     return parser.parse_args()
 
 
@@ -65,7 +71,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
 from pipeline.geometry import hyperbolic as hyp  # noqa: E402
+from pipeline.geometry import kmeans_assign  # noqa: E402
 from pipeline.geometry.kmeans import assign, euclidean_kmeans, search_name  # noqa: E402
+from pipeline.geometry.kmeans_terms import Poincare  # noqa: E402
 from pipeline.geometry.kmeans_update import _update  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------- data
@@ -160,7 +168,7 @@ def bench_assign(n: int, k: int, dims: list[int]) -> None:
     ]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
-    failures, lloyd = [], []
+    failures, lloyd, profiled = [], [], []
     for d in dims:
         x, cent = synthetic(n, k, d, ARGS.seed, ARGS.max_radius)
         x32, c32 = x.astype(np.float32), cent.astype(np.float32)
@@ -187,11 +195,68 @@ def bench_assign(n: int, k: int, dims: list[int]) -> None:
             )
             if differences:
                 failures.append(f"{geometry} d={d}: {differences} differences")
+            if geometry == "poincare" and ARGS.profile:
+                profiled.append((d, x, cent))
             if geometry == "poincare":
                 _, t_update = best(lambda x=x, a=a, cent=cent: _update(x, a, k, 1.0, "einstein", cent), 1)
                 lloyd.append(f"d={d}: assign {t_ours:.3f} s + Einstein midpoint update {t_update:.3f} s")
     print("\nOne hyperbolic Lloyd iteration: " + "; ".join(lloyd))
+    for d, x, cent in profiled:
+        profile_assign(d, x, cent)
     assert not failures, "assignments differ from the float64 closed form: " + "; ".join(failures)
+
+
+_PROFILED = ("check_points", "read_block", "_augment", "_top2", "_certify", "_near_ties", "_gemm", "_exact")
+
+
+def profile_assign(d: int, x: np.ndarray, cent: np.ndarray) -> None:
+    """Where one hyperbolic assignment's time goes: the wall time of each of kmeans_assign's steps, summed over
+    the calls on every thread (inclusive: `_gemm` contains `_augment`, `_top2` and `_certify`), against the
+    call's wall time; on a CUDA search also torch.profiler's operators by device time (copies, GEMM, topk)."""
+    assign(x, cent)  # warm-up: the device's kernels and the worker pool
+    spent: dict[str, list[float]] = {}
+    lock = threading.Lock()
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    entry = spent.setdefault(name, [0, 0.0])
+                    entry[0] += 1
+                    entry[1] += time.perf_counter() - start
+
+        return wrapper
+
+    originals = {name: getattr(kmeans_assign, name) for name in _PROFILED}
+    rows, distance = Poincare.rows, Poincare.distance
+    try:
+        for name, fn in originals.items():
+            setattr(kmeans_assign, name, timed(name, fn))
+        Poincare.rows, Poincare.distance = timed("rows", rows), timed("distance", distance)
+        start = time.perf_counter()
+        assign(x, cent)
+        wall = time.perf_counter() - start
+    finally:
+        for name, fn in originals.items():
+            setattr(kmeans_assign, name, fn)
+        Poincare.rows, Poincare.distance = rows, distance
+    print(f"\n### Steps of one hyperbolic assignment, d={d}: {wall:.3f} s wall, {ARGS.threads} threads\n")
+    print("| step | calls | seconds (summed over threads) | / wall |\n|---|---|---|---|")
+    for name, (calls, seconds) in sorted(spent.items(), key=lambda item: -item[1][1]):
+        print(f"| {name} | {calls} | {seconds:.4f} | {seconds / wall:.2f} |")
+    if torch.cuda.is_available() and "cuda" in search_name():
+        from torch.profiler import ProfilerActivity, profile
+
+        try:  # the tables above stand without it
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                assign(x, cent)
+            table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=10)
+        except Exception as error:  # noqa: BLE001
+            table = f"torch.profiler failed: {error!r}"
+        print(f"\ntorch.profiler, d={d}:\n\n```\n{table.rstrip()}\n```")
 
 
 def bench_euclidean_kmeans(n: int, k: int, d: int = 16, iterations: int = 10) -> None:

@@ -93,7 +93,7 @@ bench bench_sample --device "$DEVICE" --sections 234 --crop "$CROP" --backbone "
     --repeat "$REPEAT" --threads "$THREADS" --workers "$WORKERS"
 bench bench_train_proposer --variants lvis --device "$DEVICE" --backbone "$BACKBONE" \
     --image-size "$SIZE" --steps "$TRAIN_STEPS" --warmup 5 --repeat "$REPEAT" --threads "$THREADS"
-bench bench_kmeans --skip-eval --threads "$THREADS" --scale "$KMEANS_SCALE"
+bench bench_kmeans --skip-eval --profile --threads "$THREADS" --scale "$KMEANS_SCALE"
 # the tests that run on CUDA where it is: the paste's bit-identity, the torch float64 search on the device
 echo "== CUDA tests ($(date -u +%T))"
 timeout "$STEP_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider tests/geometry/test_masks.py \
