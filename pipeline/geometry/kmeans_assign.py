@@ -81,6 +81,7 @@ log = logging.getLogger(__name__)
 _TILE = 1 << 20  # elements of one worker's float64 GEMM tile (8 MB)
 _TORCH_TILE = 1 << 25  # elements of one float64 GEMM tile on the torch device (256 MB)
 _PAIRS = 1 << 18  # elements of a near-tie difference temporary (2 MB)
+_ROWS = 4096  # rows of a worker's share of the per-row terms, at least
 _WIDE = 64  # near-ties a row may leave to `_near_ties` (more: float64 first, then every centroid)
 
 
@@ -284,6 +285,15 @@ class _Assigner:
             a[open_], v[open_] = best, value
         return a, v, redone, exact + sum(len(t[0]) for t in decided)
 
+    def _rows(self, pool: ThreadPoolExecutor | None, xb: np.ndarray) -> tuple:
+        """The geometry's per-row terms of ``xb`` (Poincaré: D(x)), one share of the rows per worker (computed row
+        by row: the same values as in one call)."""
+        step = max(_ROWS, -(-len(xb) // self.engine.threads))
+        if pool is None or len(xb) <= step:
+            return self.geom.rows(xb)
+        parts = _map(pool, lambda i: self.geom.rows(xb[i : i + step]), list(range(0, len(xb), step)))
+        return tuple(np.concatenate(terms) for terms in zip(*parts, strict=True))
+
     def _certified(self, pool, xb: np.ndarray, rows: tuple, side: Side, cand: np.ndarray, lower: np.ndarray) -> tuple:
         """A GPU search's answer (candidates ``cand``, lower bound ``lower`` of every other centroid) certified, and
         finished by `_finish`."""
@@ -358,7 +368,7 @@ class _Assigner:
         with _one_blas_thread(), pool_context as pool:
             for s in blocks(n, self.rows):
                 xb = read_block(x, s)
-                rows = geom.rows(xb)
+                rows = self._rows(pool, xb)
                 if k == 1:
                     a, v = _exact(geom, xb, rows, side)
                     r = f = 0

@@ -83,12 +83,14 @@ def check_points(x: Any, c: float | None, rows: int | None = None) -> Any:
     r_out = 0.0
     for s in blocks(shape[0], rows_per_block(x, rows)):
         xb = read_block(x, s)
-        bad = np.flatnonzero(~np.isfinite(xb).all(axis=1))
+        sq = np.einsum("ij,ij->i", xb, xb)  # one pass, no temporary: a NaN or inf makes its row's sum one too
+        suspect = np.flatnonzero(~np.isfinite(sq))  # and so does a finite row whose sum overflows
+        bad = suspect[~np.isfinite(xb[suspect]).all(axis=1)]
         if bad.size and not n_bad:
             first_bad = s.start + int(bad[0])
         n_bad += bad.size
         if c is not None:
-            r = math.sqrt(c) * np.linalg.norm(xb, axis=1)
+            r = math.sqrt(c) * np.sqrt(sq)
             out = np.flatnonzero(r >= 1)
             if out.size and not n_out:
                 first_out, r_out = s.start + int(out[0]), float(r[out[0]])

@@ -431,6 +431,17 @@ def test_points_on_or_outside_the_ball(c, scaled_norm):
         assign(x[4:], x[2:4], c)
 
 
+def test_huge_finite_embeddings_are_outside_the_ball_not_nan():
+    """A finite row whose squared norm overflows is outside the ball; NaN/inf are reported first."""
+    x = np.full((10, 3), 0.01)
+    x[5] = [1e200, 0.0, -1e200]
+    with pytest.raises(PipelineError, match=r"1 embeddings lie on or outside the Poincaré ball.*first at index 5"):
+        assign(x, x[:2])
+    x[2, 0] = np.inf
+    with pytest.raises(PipelineError, match=r"1 embeddings contain NaN or inf \(first at index 2\)"):
+        assign(x, x[:2])
+
+
 def test_point_valid_for_one_curvature_is_outside_for_a_larger_one():
     x = np.array([[0.8, 0.0], [0.0, 0.1], [0.1, 0.1]])
     assert hyperbolic_kmeans(x, 2, c=1.0).assignment.shape == (3,)
