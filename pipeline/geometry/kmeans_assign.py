@@ -28,10 +28,10 @@ its threads and GPUs: pipeline.geometry.kmeans_engines):
 - GPU (faiss-gpu sees a GPU): a faiss ``IndexFlatIP`` of the ``-y''_j`` in float32, replicated on every visible
   GPU (each searches a share of the rows), top ``candidates`` (at least 2), the last one's value the lower bound
   of every centroid outside them; the rows it cannot certify go to the CPU's float64 GEMM.
-- GPU through torch (a CUDA GPU that faiss does not see): the float64 GEMM on the GPU in tiles of rows, its
-  smallest two entries per row (``topk``) brought back once per block; the tiles' ``x''`` and certificates on the
-  CPU's worker pool; the rows it cannot certify (near-ties) go to the CPU's float64 path, which decides them over
-  their near-ties.
+- GPU through torch (a CUDA GPU that faiss does not see): the float64 GEMM on the GPU in tiles of rows, per row
+  its smallest entry and the smallest of the others (`_smallest_two`) brought back once per block; the tiles'
+  ``x''`` and certificates on the CPU's worker pool; the rows it cannot certify (near-ties) go to the CPU's float64
+  path, which decides them over their near-ties.
 
 **The certificate.** The candidates are re-ranked by the reference value itself; the best one's direct-difference
 ``t`` (relative error ``<= (d + 7) u``), times a margin that covers the reference value's own rounding (its
@@ -141,6 +141,15 @@ def _top2(xa: np.ndarray, base: np.ndarray, buffer: np.ndarray | None) -> tuple[
     j1 = tile.argmin(axis=1)
     tile[np.arange(len(j1)), j1] = np.inf
     return j1, tile.min(axis=1).astype(np.float64), tile
+
+
+def _smallest_two(tile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``tile`` (overwritten), the index of its smallest entry and the smallest of the others, in two
+    reductions (CUDA's ``topk`` selects by radix, 2 bits a pass over the row: up to 32 passes in float64). An exact
+    tie of the two fails the certificate, whichever index wins it."""
+    j1 = tile.argmin(dim=1)
+    tile.scatter_(1, j1[:, None], torch.inf)
+    return j1, tile.amin(dim=1)
 
 
 def _near_tie_pairs(tile: np.ndarray, j1: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -336,8 +345,7 @@ class _Assigner:
         smallest = []
         for xa, _ in augmented:  # queued on the device one after the other, brought back once
             tile = torch.from_numpy(xa).to(base.device, non_blocking=True) @ base
-            values, index = tile.topk(2, dim=1, largest=False)  # an exact tie of the two fails the certificate
-            smallest.append((index[:, 0], values[:, 1]))
+            smallest.append(_smallest_two(tile))
         j1 = torch.cat([i for i, _ in smallest]).cpu().numpy()
         second = torch.cat([v for _, v in smallest]).cpu().numpy()
         checked = _map(
