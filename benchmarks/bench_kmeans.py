@@ -29,6 +29,7 @@ clusters hold several centroids, so near-ties are common). The Euclidean rows us
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import threading
@@ -257,6 +258,32 @@ def profile_assign(d: int, x: np.ndarray, cent: np.ndarray) -> None:
         except Exception as error:  # noqa: BLE001
             table = f"torch.profiler failed: {error!r}"
         print(f"\ntorch.profiler, d={d}:\n\n```\n{table.rstrip()}\n```")
+        top2_on_device(len(cent))
+
+
+def top2_on_device(k: int, rows: int = 22_951, repeat: int = 10) -> None:
+    """The torch search's top-2 of one float64 tile on the GPU (rows x k: kmeans_assign._TORCH_TILE elements):
+    `_smallest_two`'s two reductions against ``topk(2)``, the baseline, in the same run."""
+    tile = torch.randn(rows, k, dtype=torch.float64, device="cuda")
+
+    def timed(fn) -> float:
+        fn(tile.clone())  # warm-up
+        best_ms = math.inf
+        for _ in range(repeat):
+            work = tile.clone()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn(work)
+            torch.cuda.synchronize()
+            best_ms = min(best_ms, 1e3 * (time.perf_counter() - start))
+        return best_ms
+
+    t_topk = timed(lambda t: t.topk(2, dim=1, largest=False))
+    t_two = timed(kmeans_assign._smallest_two)
+    print(
+        f"\ntop-2 of a {rows} x {k} float64 tile on the GPU (best of {repeat}): topk(2) {t_topk:.2f} ms, "
+        f"_smallest_two {t_two:.2f} ms ({t_topk / t_two:.1f}x)"
+    )
 
 
 def bench_euclidean_kmeans(n: int, k: int, d: int = 16, iterations: int = 10) -> None:

@@ -12,7 +12,7 @@
 # image yields its 20 proposals, the LVIS workload), the `propose` stage over val on DEVICE, then
 # benchmarks/bench_propose.py, benchmarks/bench_sample.py (sections 2-4, crop 224 with the proposer's resnet50)
 # and benchmarks/bench_train_proposer.py (--variants lvis: decoding workers, bf16, fp16) on DEVICE, and
-# benchmarks/bench_kmeans.py (the assignment's torch float64 search on the GPU against faiss-cpu's k = 1 search),
+# benchmarks/bench_kmeans.py --profile (the torch float64 search on the GPU against faiss-cpu k = 1; its steps, top-2),
 # then the tests with a CUDA case (tests/geometry/test_masks.py, test_kmeans_assign.py). Tables and logs go to $OUT
 # (the device tool brings them back), else /tmp/gpu_check.
 set -euo pipefail
