@@ -44,8 +44,9 @@ def decoding_workers(setting: int | str, device: str | torch.device) -> int:
     (torchrun's ``LOCAL_WORLD_SIZE``), leave fewer than that besides the rank's own process.
 
     Why: on an H100 with 16 cores, 4 workers made the proposer's training step 2.3x faster, `propose` 1.8x and
-    `sample` 1.2x at 800 px (the decoding had kept the GPU waiting); on the 2-core CPU machine they made
-    `propose` and `sample` slower (0.6x to 0.9x), the decoding competing with the network for the same cores.
+    `sample` 1.2x at 800 px (the decoding had kept the GPU waiting); on the 2-core CPU machine they gave no steady
+    gain (0.95x to 1.02x with one thread, 3 to 13 % slower on idle cores), the decoding competing with the network
+    for the same cores.
     The count never changes what a stage writes."""
     if setting != "auto":
         return int(setting)
