@@ -43,10 +43,13 @@ assignment over all centroids, whatever the engine, block size or thread count, 
 reference value computed as `assign_exact` computes it (bit-identical).
 
 What the certificate assumes: IEEE float32 / float64 arithmetic in the GEMM (not TF32 or float16: do not set
-NVIDIA_TF32_OVERRIDE=1 for faiss). Where float32 is weak: next to the boundary its error (``a_j ~ 1 / (2 gap)``)
-exceeds the gaps between near centroids, so the share of rows it leaves open grows with ``1 / gap`` (16 % at
-d = 16 and 29 % at d = 256 in benchmarks/bench_kmeans.py, radii to ``1 - |x| = 1e-3``, with 5 and 10 near-ties a
-row on average, 22 and 48 at most; logged, and returned in ``stats``).
+NVIDIA_TF32_OVERRIDE=1 for faiss), and no overflow in it: a row whose entries could exceed the largest float
+(`kmeans_terms._fits`: coordinates beyond ~1e15 for float32, ~1e150 for float64) goes one precision further, the
+last step being direct differences; a faiss label it could not fill (-1) leaves its row uncertified. Where
+float32 is weak: next to the boundary its error (``a_j ~ 1 / (2 gap)``) exceeds the gaps between near centroids,
+so the share of rows it leaves open grows with ``1 / gap`` (16 % at d = 16 and 29 % at d = 256 in
+benchmarks/bench_kmeans.py, radii to ``1 - |x| = 1e-3``, with 5 and 10 near-ties a row on average, 22 and 48 at
+most; logged, and returned in ``stats``).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ from pipeline.geometry.kmeans_terms import (
     Side,
     _augment,
     _eta,
+    _fits,
     _geometry,
     _sq_diff,
 )
@@ -210,6 +214,9 @@ def _gemm(
     reusable tiles by dtype."""
     unit, base = (_U32, side.base32) if float32 else (_U64, side.base)
     xa = _augment(xb, side)
+    fits = _fits(xa, side, unit)
+    if not fits.all():  # coordinates so large that the GEMM could overflow: those rows go one precision further
+        return _split(geom, xb, rows, side, buffers, float32, fits)
     j1, lower, tile = _top2(xa.astype(base.dtype, copy=False), base, buffers.get(str(base.dtype)))
     eta = _eta(unit, xb.shape[1] + 3, xa, side.big)
     checked = _certify(geom, xb, rows, side, j1[:, None], lower - eta)
@@ -235,6 +242,33 @@ def _gemm(
     row, col = np.concatenate([row, w[redo.row]]), np.concatenate([col, redo.col])
     order = np.argsort(row, kind="stable")  # a row's pairs come from one precision: its centroids stay ascending
     return _Tile(a, v, int(w.size), redo.exact, row[order], col[order])
+
+
+def _split(
+    geom: Geometry, xb: np.ndarray, rows: tuple, side: Side, buffers: dict, float32: bool, fits: np.ndarray
+) -> _Tile:
+    """`_gemm` of a tile whose rows ``~fits`` could overflow its precision: the others as usual, those in float64
+    (from float32) or by direct differences over every centroid (from float64); the tiles merged."""
+    inside, outside = np.flatnonzero(fits), np.flatnonzero(~fits)
+    parts = []
+    for index, again in ((inside, float32), (outside, False)):
+        if not index.size:
+            continue
+        xs, rs = xb[index], tuple(q[index] for q in rows)
+        if index is outside and not float32:
+            a, v = _exact(geom, xs, rs, side)
+            none = np.empty(0, dtype=np.int64)
+            parts.append((index, _Tile(a, v, 0, len(index), none, none)))
+        else:
+            parts.append((index, _gemm(geom, xs, rs, side, buffers, again)))
+    a, v = np.empty(len(xb), dtype=np.int32), np.empty(len(xb))
+    for index, t in parts:
+        a[index], v[index] = t.assignment, t.value
+    row = np.concatenate([index[t.row] for index, t in parts])
+    col = np.concatenate([t.col for _, t in parts])
+    order = np.argsort(row, kind="stable")  # a row's pairs come from one part: its centroids stay ascending
+    redone = sum(t.redone for _, t in parts) + (len(outside) if float32 else 0)
+    return _Tile(a, v, redone, sum(t.exact for _, t in parts), row[order], col[order])
 
 
 # ------------------------------------------------------------------------------------------------- assignment
@@ -321,9 +355,12 @@ class _Assigner:
     def _faiss(self, index: Any, kk: int, xb: np.ndarray, rows: tuple, side: Side, pool) -> tuple:
         """faiss float32 on the rows of ``xb``; the rows it cannot certify go to the CPU's float64 GEMM."""
         xa = _augment(xb, side)
-        dist, cand = index.search(xa.astype(np.float32), kk)  # inner products with -y'': largest first
-        lower = -dist[:, kk - 1].astype(np.float64) - _eta(_U32, xa.shape[1], xa, side.big)
-        cand = np.sort(cand, axis=1)  # ties go to the lowest index, as in the brute force
+        fits = _fits(xa, side, _U32)
+        with np.errstate(over="ignore"):
+            dist, cand = index.search(xa.astype(np.float32), kk)  # inner products with -y'': largest first
+        lower = -dist[:, kk - 1].astype(np.float64) - _eta(_U32, xa.shape[1], xa[fits], side.big)
+        lower[~fits | (cand < 0).any(axis=1)] = -np.inf  # overflow, or a label faiss could not fill: uncertified
+        cand = np.sort(np.maximum(cand, 0), axis=1)  # ties go to the lowest index, as in the brute force
         return self._certified(pool, xb, rows, side, cand, lower)
 
     def _torch(self, base: Any, xb: np.ndarray, rows: tuple, side: Side, pool) -> tuple:
@@ -336,18 +373,21 @@ class _Assigner:
         step = max(1, min(_TORCH_TILE // k, -(-n // workers)))
         tiles = [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
-        def terms(s: slice) -> tuple[np.ndarray, float]:
+        def terms(s: slice) -> tuple[np.ndarray, float, np.ndarray]:
             xa = _augment(xb[s], side)
-            return xa, _eta(_U64, xa.shape[1], xa, side.big)
+            fits = _fits(xa, side, _U64)
+            return xa, _eta(_U64, xa.shape[1], xa[fits], side.big), fits
 
         augmented = _map(pool, terms, tiles)
-        eta = max(e for _, e in augmented)  # the block's: eta grows with the largest |x''|
+        eta = max(e for _, e, _ in augmented)  # the block's: eta grows with the largest |x''|
+        fits = np.concatenate([f for _, _, f in augmented])
         smallest = []
-        for xa, _ in augmented:  # queued on the device one after the other, brought back once
+        for xa, _, _ in augmented:  # queued on the device one after the other, brought back once
             tile = torch.from_numpy(xa).to(base.device, non_blocking=True) @ base
             smallest.append(_smallest_two(tile))
         j1 = torch.cat([i for i, _ in smallest]).cpu().numpy()
         second = torch.cat([v for _, v in smallest]).cpu().numpy()
+        second[~fits] = -np.inf  # rows whose GEMM could overflow: uncertified, decided by the CPU's float64 path
         checked = _map(
             pool,
             lambda s: _certify(self.geom, xb[s], tuple(q[s] for q in rows), side, j1[s, None], second[s] - eta),

@@ -91,6 +91,9 @@ def check_points(x: Any, c: float | None, rows: int | None = None) -> Any:
         n_bad += bad.size
         if c is not None:
             r = math.sqrt(c) * np.sqrt(sq)
+            edge = np.flatnonzero(r > 1 - 1e-9)  # within the two norms' ulps of the boundary: decided by the norm
+            with np.errstate(over="ignore"):  # a huge finite row: inf, outside
+                r[edge] = math.sqrt(c) * np.linalg.norm(xb[edge], axis=1)  # D(x)'s norm (kmeans_terms._den)
             out = np.flatnonzero(r >= 1)
             if out.size and not n_out:
                 first_out, r_out = s.start + int(out[0]), float(r[out[0]])

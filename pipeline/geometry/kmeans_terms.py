@@ -48,6 +48,8 @@ class Side(NamedTuple):
     base: np.ndarray  # (d + 3, K) float64: the columns y''_j with float64's beta (see the module doc)
     base32: np.ndarray  # (d + 3, K) float32: the same with float32's beta
     big: float  # max |base| (for the underflow term)
+    weight_max: float  # max a_j and max s_j = |y_j - p| (for the overflow bound, `_fits`)
+    spread: float
 
 
 def _side(cent: np.ndarray, weight: np.ndarray, data: tuple[np.ndarray, ...]) -> Side:
@@ -65,7 +67,10 @@ def _side(cent: np.ndarray, weight: np.ndarray, data: tuple[np.ndarray, ...]) ->
         return base
 
     base = columns(_beta(d, _U64))
-    return Side(cent, data, weight, p, base, columns(_beta(d, _U32)).astype(np.float32), float(abs(base).max()))
+    with np.errstate(over="ignore"):  # centroids too far out for float32: `_fits` sends every row to float64
+        base32 = columns(_beta(d, _U32)).astype(np.float32)
+    s_max = float(np.sqrt(s2.max(initial=0.0)))
+    return Side(cent, data, weight, p, base, base32, float(abs(base).max()), float(weight.max()), s_max)
 
 
 class Poincare:
@@ -135,12 +140,24 @@ def _eta(unit: float, n: int, xa: np.ndarray, big: float) -> float:
     return (n + 2) * tiny * (1 + float(np.abs(xa).max(initial=0.0))) * (1 + big)
 
 
+def _fits(xa: np.ndarray, side: Side, unit: float) -> np.ndarray:
+    """Rows whose GEMM cannot overflow in the precision of ``unit``: every partial sum of ``x'' . y''_j`` is at most
+    ``sum_k |x''_k y''_k| <= a_j (r + s_j)^2 <= a_max (r + s_max)^2`` in magnitude (the module doc's bound), which
+    must stay far below the largest float (2^100 against float32's 2^128, 2^1000 against float64's 2^1024). Only
+    coordinates beyond ~1e15 (float32) or ~1e150 (float64) fail it; such rows go to the next precision, the last
+    to the direct differences of the reference value."""
+    limit = 2.0**100 if unit > _U64 else 2.0**1000
+    with np.errstate(over="ignore", invalid="ignore"):
+        return side.weight_max * (xa[:, -1] + side.spread) ** 2 < limit
+
+
 def _augment(xb: np.ndarray, side: Side) -> np.ndarray:
     """``x'' = (x - p, |x - p|^2, 1, |x - p|)`` (b, d + 3) float64."""
     b, d = xb.shape
     xa = np.empty((b, d + 3))
     np.subtract(xb, side.centre, out=xa[:, :d])
-    r2 = np.einsum("ij,ij->i", xa[:, :d], xa[:, :d])
+    with np.errstate(over="ignore"):  # |x - p| beyond ~1e154: r = inf, a row `_fits` rejects
+        r2 = np.einsum("ij,ij->i", xa[:, :d], xa[:, :d])
     xa[:, d] = r2
     xa[:, d + 1] = 1.0
     xa[:, d + 2] = np.sqrt(r2)

@@ -229,12 +229,30 @@ def test_assigner_reused_across_centroid_sets():
         np.testing.assert_array_equal(dist, assign_exact(x, cent, c)[1])
 
 
-def test_assign_ties_go_to_the_lowest_index_and_candidates_beyond_k():
+@pytest.mark.parametrize("faiss_search", [False, True])
+def test_assign_ties_go_to_the_lowest_index_and_candidates_beyond_k(faiss_search):
+    """Ties to the lowest index; with faiss (the GPU's search, here on the CPU), more candidates than centroids."""
     x = np.array([[0.1, 0.0], [0.0, 0.0], [-0.3, 0.2]])
     cent = np.array([[0.5, 0.5], [0.0, 0.0], [0.0, 0.0], [-0.3, 0.2]])
-    a, dist = assign(x, cent, candidates=10, use_gpu=False)
-    np.testing.assert_array_equal(a, [1, 1, 3])
-    np.testing.assert_array_equal(dist[1:], [0.0, 0.0])
+    engine = ke._Faiss(False, force_faiss_cpu=faiss_search)
+    for candidates in (10, 2):
+        a, dist = assign(x, cent, candidates=candidates, engine=engine)
+        np.testing.assert_array_equal(a, [1, 1, 3])
+        np.testing.assert_array_equal(dist[1:], [0.0, 0.0])
+
+
+def test_the_ball_check_uses_the_norm_of_d_x():
+    """Points on the unit sphere (to rounding): accepted exactly when the norm D(x) is computed from is below 1."""
+    rng = np.random.default_rng(9)
+    for d in (16, 256):
+        v = rng.normal(size=(3000, d))
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        inside = np.linalg.norm(v, axis=1) < 1
+        assert 0 < inside.sum() < len(v)
+        np.testing.assert_array_equal(assign(v[inside], v[:1] * 0.5)[0], np.zeros(inside.sum()))
+        for row in np.flatnonzero(~inside)[:20]:
+            with pytest.raises(PipelineError, match="outside the Poincaré ball"):
+                assign(v[row : row + 1], v[:1] * 0.5)
 
 
 @pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="a GPU is visible to faiss")

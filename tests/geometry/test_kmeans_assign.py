@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
@@ -221,13 +222,47 @@ def test_result_does_not_depend_on_threads_or_blocks(monkeypatch):
     x = mixed_points(rng, 5000, 16, 1.0)
     cent = np.concatenate([x[:100], near_ties(rng, x[:100], 50, 1e-12, 1.0)])
     runs = []
-    for workers, rows, tile in [(1, None, ka._TILE), (2, 777, ka._TILE), (3, 1000, 3000)]:
+    for workers, rows, tile in [(1, None, ka._TILE), (2, 777, ka._TILE), (3, 1000, 3000), (2, None, ka._TILE)]:
         monkeypatch.setattr(ke, "threads", lambda w=workers: w)
         monkeypatch.setattr(ka, "_TILE", tile)
         runs.append(assign(x, cent, use_gpu=False, block_rows=rows))
     for a, dist in runs[1:]:
         np.testing.assert_array_equal(a, runs[0][0])
         np.testing.assert_array_equal(dist, runs[0][1])
+
+
+def test_the_rows_terms_are_split_over_the_workers(monkeypatch):
+    """A 5,000-row block on 2 workers: D(x) in two shares (`_Assigner._rows`), the same bits as in one call."""
+    rng = np.random.default_rng(6)
+    x = mixed_points(rng, 5000, 8, 1.0)
+    monkeypatch.setattr(ke, "threads", lambda: 2)
+    assigner = ka._Assigner(x, 1.0, ke._Faiss(False), 4)
+    with ThreadPoolExecutor(2) as pool:
+        calls = []
+        rows = assigner.geom.rows
+        monkeypatch.setattr(assigner.geom, "rows", lambda xb: calls.append(len(xb)) or rows(xb))
+        split = assigner._rows(pool, x)
+    assert sorted(calls) == [904, 4096]
+    np.testing.assert_array_equal(split[0], kt.Poincare(1.0).rows(x)[0])
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize(
+    "geometry, c, scale",
+    [("euclidean", 1.0, s) for s in (1e16, 1e19, 1e40, 1e150, 1e160)] + [("poincare", 1e-40, 1e19)],
+)
+def test_coordinates_that_overflow_the_gemm(engine, geometry, c, scale):
+    """Coordinates whose GEMM would overflow float32 (beyond ~1e15) or float64 (~1e150) go one precision further,
+    the last to direct differences: still the reference assignment, never a centroid certified from inf or NaN."""
+    rng = np.random.default_rng(int(math.log10(scale)))
+    x, cent = rng.normal(size=(300, 4)) * scale, rng.normal(size=(10, 4)) * scale
+    if geometry == "poincare":  # a ball of radius 1e20
+        x, cent = x[np.linalg.norm(x, axis=1) < 5e19], cent[np.linalg.norm(cent, axis=1) < 5e19]
+    with np.errstate(over="ignore"):  # beyond ~1e154 the reference's own squares overflow
+        a, dist = assign(x, cent, c, geometry=geometry, candidates=2, engine=ENGINES[engine]())
+        ref_a, ref_dist = assign_exact(x, cent, c, geometry=geometry)
+    np.testing.assert_array_equal(a, ref_a)
+    np.testing.assert_array_equal(dist, ref_dist)
 
 
 def test_one_centroid_and_wide_rows():
