@@ -207,13 +207,19 @@ def bench_assign(n: int, k: int, dims: list[int]) -> None:
     assert not failures, "assignments differ from the float64 closed form: " + "; ".join(failures)
 
 
-_PROFILED = ("check_points", "read_block", "_augment", "_top2", "_certify", "_near_ties", "_gemm", "_exact")
+_PROFILED = [  # (owner, attribute): kmeans_assign's functions, the search's methods, the geometry's row terms
+    *((kmeans_assign, name) for name in ("check_points", "read_block", "_augment", "_top2", "_certify")),
+    *((kmeans_assign, name) for name in ("_near_ties", "_gemm", "_exact")),
+    *((kmeans_assign._Assigner, name) for name in ("_rows", "_cpu", "_torch", "_faiss", "_finish")),
+    (Poincare, "rows"),
+    (Poincare, "distance"),
+]
 
 
 def profile_assign(d: int, x: np.ndarray, cent: np.ndarray) -> None:
     """Where one hyperbolic assignment's time goes: the wall time of each of kmeans_assign's steps, summed over
-    the calls on every thread (inclusive: `_gemm` contains `_augment`, `_top2` and `_certify`), against the
-    call's wall time; on a CUDA search also torch.profiler's operators by device time (copies, GEMM, topk)."""
+    the calls on every thread (inclusive: `_torch` contains `_augment` and `_certify`, `_gemm` contains `_top2`),
+    against the call's wall time; on a CUDA search also torch.profiler's operators by device time."""
     assign(x, cent)  # warm-up: the device's kernels and the worker pool
     spent: dict[str, list[float]] = {}
     lock = threading.Lock()
@@ -231,19 +237,16 @@ def profile_assign(d: int, x: np.ndarray, cent: np.ndarray) -> None:
 
         return wrapper
 
-    originals = {name: getattr(kmeans_assign, name) for name in _PROFILED}
-    rows, distance = Poincare.rows, Poincare.distance
+    originals = [(owner, name, getattr(owner, name)) for owner, name in _PROFILED]
     try:
-        for name, fn in originals.items():
-            setattr(kmeans_assign, name, timed(name, fn))
-        Poincare.rows, Poincare.distance = timed("rows", rows), timed("distance", distance)
+        for owner, name, fn in originals:
+            setattr(owner, name, timed(name, fn))
         start = time.perf_counter()
         assign(x, cent)
         wall = time.perf_counter() - start
     finally:
-        for name, fn in originals.items():
-            setattr(kmeans_assign, name, fn)
-        Poincare.rows, Poincare.distance = rows, distance
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
     print(f"\n### Steps of one hyperbolic assignment, d={d}: {wall:.3f} s wall, {ARGS.threads} threads\n")
     print("| step | calls | seconds (summed over threads) | / wall |\n|---|---|---|---|")
     for name, (calls, seconds) in sorted(spent.items(), key=lambda item: -item[1][1]):
