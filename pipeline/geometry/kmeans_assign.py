@@ -251,16 +251,14 @@ def _split(
     (from float32) or by direct differences over every centroid (from float64); the tiles merged."""
     inside, outside = np.flatnonzero(fits), np.flatnonzero(~fits)
     parts = []
-    for index, again in ((inside, float32), (outside, False)):
-        if not index.size:
-            continue
-        xs, rs = xb[index], tuple(q[index] for q in rows)
-        if index is outside and not float32:
-            a, v = _exact(geom, xs, rs, side)
-            none = np.empty(0, dtype=np.int64)
-            parts.append((index, _Tile(a, v, 0, len(index), none, none)))
-        else:
-            parts.append((index, _gemm(geom, xs, rs, side, buffers, again)))
+    if inside.size:
+        parts.append((inside, _gemm(geom, xb[inside], tuple(q[inside] for q in rows), side, buffers, float32)))
+    xs, rs = xb[outside], tuple(q[outside] for q in rows)
+    if float32:
+        parts.append((outside, _gemm(geom, xs, rs, side, buffers, False)))
+    else:
+        none = np.empty(0, dtype=np.int64)
+        parts.append((outside, _Tile(*_exact(geom, xs, rs, side), 0, len(outside), none, none)))
     a, v = np.empty(len(xb), dtype=np.int32), np.empty(len(xb))
     for index, t in parts:
         a[index], v[index] = t.assignment, t.value
