@@ -244,6 +244,11 @@ def _gemm(
     return _Tile(a, v, int(w.size), redo.exact, row[order], col[order])
 
 
+def _fitting(xa: np.ndarray, fits: np.ndarray) -> np.ndarray:
+    """The rows of ``xa`` that `_fits` keeps, without a copy in the usual case where that is all of them."""
+    return xa if fits.all() else xa[fits]
+
+
 def _split(
     geom: Geometry, xb: np.ndarray, rows: tuple, side: Side, buffers: dict, float32: bool, fits: np.ndarray
 ) -> _Tile:
@@ -356,7 +361,7 @@ class _Assigner:
         fits = _fits(xa, side, _U32)
         with np.errstate(over="ignore"):
             dist, cand = index.search(xa.astype(np.float32), kk)  # inner products with -y'': largest first
-        lower = -dist[:, kk - 1].astype(np.float64) - _eta(_U32, xa.shape[1], xa[fits], side.big)
+        lower = -dist[:, kk - 1].astype(np.float64) - _eta(_U32, xa.shape[1], _fitting(xa, fits), side.big)
         lower[~fits | (cand < 0).any(axis=1)] = -np.inf  # overflow, or a label faiss could not fill: uncertified
         cand = np.sort(np.maximum(cand, 0), axis=1)  # ties go to the lowest index, as in the brute force
         return self._certified(pool, xb, rows, side, cand, lower)
@@ -374,7 +379,7 @@ class _Assigner:
         def terms(s: slice) -> tuple[np.ndarray, float, np.ndarray]:
             xa = _augment(xb[s], side)
             fits = _fits(xa, side, _U64)
-            return xa, _eta(_U64, xa.shape[1], xa[fits], side.big), fits
+            return xa, _eta(_U64, xa.shape[1], _fitting(xa, fits), side.big), fits
 
         augmented = _map(pool, terms, tiles)
         eta = max(e for _, e, _ in augmented)  # the block's: eta grows with the largest |x''|
