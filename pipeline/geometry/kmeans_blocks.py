@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.geometry.kmeans_terms import ball_radius
 
 _BLOCK = 1 << 22  # elements of a float64 temporary (32 MB)
 BLOCK_ROWS = 65_536  # rows of points per block (at most; see rows_per_block)
@@ -93,7 +94,7 @@ def check_points(x: Any, c: float | None, rows: int | None = None) -> Any:
             r = math.sqrt(c) * np.sqrt(sq)
             edge = np.flatnonzero(r > 1 - 1e-9)  # within the two norms' ulps of the boundary: decided by the norm
             with np.errstate(over="ignore"):  # a huge finite row: inf, outside
-                r[edge] = math.sqrt(c) * np.linalg.norm(xb[edge], axis=1)  # D(x)'s norm (kmeans_terms._den)
+                r[edge] = ball_radius(xb[edge], c)  # the radius D(x) is computed from
             out = np.flatnonzero(r >= 1)
             if out.size and not n_out:
                 first_out, r_out = s.start + int(out[0]), float(r[out[0]])

@@ -20,10 +20,16 @@ _U32 = 2.0**-24
 _U64 = 2.0**-53
 
 
+def ball_radius(x: np.ndarray, c: float) -> np.ndarray:
+    """``r = sqrt(c)|x|`` per row, as `D(x)` computes it: the ball check (kmeans_blocks.check_points) decides the
+    rows next to the boundary with it, so that every point it accepts has ``r < 1`` here too."""
+    return math.sqrt(c) * np.linalg.norm(x, axis=1)
+
+
 def _den(x: np.ndarray, c: float) -> np.ndarray:
-    """``D(x) = (1 - r)(1 + r)`` with ``r = sqrt(c)|x|``, the gap ``1 - r`` kept above eps / 2 (as
+    """``D(x) = (1 - r)(1 + r)`` with ``r = sqrt(c)|x|`` (`ball_radius`), the gap ``1 - r`` kept above eps / 2 (as
     pipeline.geometry.hyperbolic)."""
-    r = math.sqrt(c) * np.linalg.norm(x, axis=1)
+    r = ball_radius(x, c)
     return np.maximum(1 - r, np.finfo(np.float64).eps / 2) * (1 + r)
 
 
@@ -48,8 +54,8 @@ class Side(NamedTuple):
     base: np.ndarray  # (d + 3, K) float64: the columns y''_j with float64's beta (see the module doc)
     base32: np.ndarray  # (d + 3, K) float32: the same with float32's beta
     big: float  # max |base| (for the underflow term)
-    weight_max: float  # max a_j and max s_j = |y_j - p| (for the overflow bound, `_fits`)
-    spread: float
+    weight_max: float  # max a_j (for the overflow bound, `_fits`)
+    spread: float  # max s_j = |y_j - p| (the same)
 
 
 def _side(cent: np.ndarray, weight: np.ndarray, data: tuple[np.ndarray, ...]) -> Side:
