@@ -12,7 +12,7 @@ import torch
 
 from pipeline.data import annotation_stream as stream
 from pipeline.data.annotation_stream import AnnotationIndex, annotations_of, load_image_records, top_level_value
-from pipeline.data.lvis_format import validate_coco, validate_lvis
+from pipeline.data.lvis_format import load_json, validate_coco, validate_lvis
 from pipeline.errors import PipelineError
 
 
@@ -124,3 +124,37 @@ def test_duplicate_annotation_id_found_across_the_stream(tmp_path: Path) -> None
     path.write_text(json.dumps(data))
     with pytest.raises(PipelineError, match=f"duplicate annotation id {data['annotations'][3]['id']}$"):
         validate_coco(path)
+
+
+def test_image_records_are_streamed_equal_to_the_parsed_file(tmp_path):
+    data = {
+        "info": {"year": 2017},
+        "images": [
+            {"id": 9, "width": 640, "height": 480, "coco_url": "http://x/train2017/000000000009.jpg", "f": 0.5},
+            {"id": 139, "width": 427, "height": 640, "file_name": "000000000139.jpg", "neg_category_ids": [1, 2]},
+        ],
+        "annotations": [{"id": 1, "image_id": 9, "category_id": 1, "bbox": [1.5, 2, 3, 4], "area": 12.25}],
+        "categories": [{"id": 1, "name": "a", "frequency": "r"}],
+    }
+    path = tmp_path / "lvis.json"
+    path.write_text(json.dumps(data))
+    records = load_image_records(path, "LVIS annotations")
+    assert records == load_json(path, "LVIS annotations")["images"]
+    assert [type(r["id"]) for r in records] == [int, int] and type(records[0]["f"]) is float
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"images": [{"id": 1}', "not valid JSON"),
+        ('{"images": [3, 4]}', "'images' must be a list of records"),
+    ],
+)
+def test_image_records_errors_are_one_line(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(PipelineError, match=message) as err:
+        load_image_records(path, "LVIS annotations")
+    assert str(err.value).startswith(f"LVIS annotations: {path}: ") and "\n" not in str(err.value)
+    with pytest.raises(PipelineError, match="file not found"):
+        load_image_records(tmp_path / "missing.json", "LVIS annotations")

@@ -1,5 +1,5 @@
-"""Unit tests for the real-data path: `pipeline.data.lvis_format`, `base_categories_by_name` and
-`stages.prepare.prepare_lvis`, on tiny hand-made LVIS v1 / COCO files and images under tmp_path.
+"""Unit tests of `pipeline.data.lvis_format` (validation, image paths, sampled image checks, image loading) on the
+tiny hand-made LVIS v1 / COCO files of tests/data/lvis_files.py.
 
 Every failure must be a PipelineError whose message is a single line naming the file (and the
 offending id, or the JSON line/column, where there is one).
@@ -14,11 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from pipeline.config import Data, LvisData, Params, as_dict, parse_params
-from pipeline.data.annotation_stream import load_image_records
-from pipeline.data.dataset import Manifest, base_categories_by_name
 from pipeline.data.lvis_format import (
     check_sampled_images,
     excluded_image_ids,
@@ -29,162 +25,21 @@ from pipeline.data.lvis_format import (
     validate_lvis,
 )
 from pipeline.errors import PipelineError
-from stages.prepare import coco_image_folder, prepare_lvis
-
-# ---------------------------------------------------------------------------------------------
-# tiny hand-made files
-
-
-def _ann(ann_id: int, image_id: int, category_id: int) -> dict:
-    return {
-        "id": ann_id,
-        "image_id": image_id,
-        "category_id": category_id,
-        "bbox": [1.0, 1.0, 3.0, 2.0],
-        "area": 6.0,
-        "segmentation": [[1.0, 1.0, 4.0, 1.0, 4.0, 3.0, 1.0, 3.0]],
-    }
-
-
-LVIS_CATEGORIES = [
-    {"id": 1, "name": "traffic_light", "synonyms": ["traffic_light", "stoplight"], "frequency": "f"},
-    {"id": 2, "name": "human", "synonyms": ["human", "person"], "frequency": "c"},
-    {"id": 3, "name": "aardvark", "synonyms": ["aardvark"], "frequency": "r"},
-]
-BASE_IDS = [1, 2]  # traffic_light ~ 'traffic light'; human via its synonym 'person'
-
-COCO_CATEGORIES = [
-    {"id": 10, "name": "traffic light", "supercategory": "outdoor"},
-    {"id": 1, "name": "person", "supercategory": "person"},
-    {"id": 18, "name": "dog", "supercategory": "animal"},
-]
-
-
-def lvis_train() -> dict:
-    """Two images: one with a file_name (synthetic style), one with only a coco_url (real LVIS v1)."""
-    return {
-        "info": {"description": "tiny"},
-        "images": [
-            {
-                "id": 1,
-                "width": 8,
-                "height": 6,
-                "file_name": "train/000001.png",
-                "neg_category_ids": [3],
-                "not_exhaustive_category_ids": [],
-            },
-            {
-                "id": 2,
-                "width": 8,
-                "height": 6,
-                "coco_url": "http://images.cocodataset.org/train2017/000000000002.jpg",
-                "neg_category_ids": [],
-                "not_exhaustive_category_ids": [1],
-            },
-        ],
-        "annotations": [_ann(1, 1, 1), _ann(2, 2, 2), _ann(3, 2, 3)],
-        "categories": copy.deepcopy(LVIS_CATEGORIES),
-    }
-
-
-def lvis_val() -> dict:
-    """Two images, as in LVIS v1 val: one from COCO val2017, one from COCO train2017 (also in the COCO file)."""
-    return {
-        "images": [
-            {
-                "id": 139,
-                "width": 8,
-                "height": 6,
-                "coco_url": "http://images.cocodataset.org/val2017/000000000139.jpg",
-                "neg_category_ids": [],
-                "not_exhaustive_category_ids": [],
-            },
-            {
-                "id": 9,
-                "width": 8,
-                "height": 6,
-                "coco_url": "http://images.cocodataset.org/train2017/000000000009.jpg",
-                "neg_category_ids": [],
-                "not_exhaustive_category_ids": [],
-            },
-        ],
-        "annotations": [_ann(7, 139, 2), _ann(8, 9, 1)],
-        "categories": copy.deepcopy(LVIS_CATEGORIES),
-    }
-
-
-EXCLUDED_IDS = [9]  # the LVIS val image the COCO file also holds
-
-
-def coco_base() -> dict:
-    """COCO 2017 instances: bare file_names under <image_root>/train2017; image 9 is an LVIS val image."""
-    return {
-        "images": [
-            {"id": 2, "width": 8, "height": 6, "file_name": "000000000002.jpg"},
-            {"id": 9, "width": 8, "height": 6, "file_name": "000000000009.jpg"},
-        ],
-        "annotations": [
-            {"id": 1, "image_id": 2, "category_id": 10, "bbox": [1, 1, 3, 2], "area": 6, "iscrowd": 0},
-            {"id": 2, "image_id": 9, "category_id": 1, "bbox": [1, 1, 3, 2], "area": 6, "iscrowd": 0},
-        ],
-        "categories": copy.deepcopy(COCO_CATEGORIES),
-    }
-
-
-def _write_json(path: Path, data: object) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
-    return path
-
-
-def _write_image(path: Path, fmt: str = "PNG", mode: str = "RGB", size: tuple[int, int] = (8, 6)) -> Path:
-    """A noise image of `size` (width, height)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    width, height = size
-    if mode == "L":
-        Image.fromarray(rng.integers(0, 255, (height, width), dtype=np.uint8), mode="L").save(path, format=fmt)
-    else:
-        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path, format=fmt)
-    return path
-
-
-def _one_line(err: pytest.ExceptionInfo, *parts: object) -> str:
-    """The error's message, checked to be a single non-empty line containing every part."""
-    msg = str(err.value)
-    assert msg.strip(), "empty error message"
-    assert "\n" not in msg and "\r" not in msg, f"multi-line message: {msg!r}"
-    for part in parts:
-        assert str(part) in msg, f"{part!r} not in {msg!r}"
-    return msg
+from tests.data.lvis_files import (
+    EXCLUDED_IDS,
+    coco_base,
+    lvis_train,
+    lvis_val,
+    one_line,
+    write_dataset,
+    write_image,
+    write_json,
+)
 
 
 @pytest.fixture
 def dataset(tmp_path: Path) -> dict[str, Path]:
-    """The valid tiny LVIS train/val + COCO files and every image they reference."""
-    root = tmp_path / "images"
-    _write_image(root / "train" / "000001.png")
-    _write_image(root / "train2017" / "000000000002.jpg", fmt="JPEG")
-    _write_image(root / "train2017" / "000000000009.jpg", fmt="JPEG")
-    _write_image(root / "val2017" / "000000000139.jpg", fmt="JPEG")
-    return {
-        "train": _write_json(tmp_path / "ann" / "lvis_v1_train.json", lvis_train()),
-        "val": _write_json(tmp_path / "ann" / "lvis_v1_val.json", lvis_val()),
-        "coco": _write_json(tmp_path / "ann" / "instances_train2017.json", coco_base()),
-        "root": root,
-    }
-
-
-def _params(dataset: dict[str, Path], coco_image_root: Path | None = None, **override: Path) -> Params:
-    paths = {**dataset, **override}
-    lvis = LvisData(
-        train_json=str(paths["train"]),
-        val_json=str(paths["val"]),
-        image_root=str(paths["root"]),
-        coco_json=str(paths["coco"]),
-        coco_image_root=None if coco_image_root is None else str(coco_image_root),
-    )
-    return Params(data=Data(source="lvis", lvis=lvis))
+    return write_dataset(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,16 +68,16 @@ def test_valid_coco_passes(dataset: dict[str, Path]) -> None:
 
 def test_coco_file_fails_validate_lvis(tmp_path: Path) -> None:
     """A COCO file lacks LVIS-only keys (frequency, neg_category_ids), so validate_lvis rejects it."""
-    path = _write_json(tmp_path / "coco.json", coco_base())
+    path = write_json(tmp_path / "coco.json", coco_base())
     with pytest.raises(PipelineError) as err:
         validate_lvis(path)
-    _one_line(err, path)
+    one_line(err, path)
 
 
 def test_lvis_accepts_rle_segmentation(tmp_path: Path) -> None:
     data = lvis_train()
     data["annotations"][0]["segmentation"] = {"size": [6, 8], "counts": "abc"}
-    validate_lvis(_write_json(tmp_path / "rle.json", data))
+    validate_lvis(write_json(tmp_path / "rle.json", data))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +89,7 @@ def test_missing_file(tmp_path: Path) -> None:
     for validate in (validate_lvis, validate_coco):
         with pytest.raises(PipelineError) as err:
             validate(path)
-        _one_line(err, path, "not found")
+        one_line(err, path, "not found")
 
 
 def test_corrupt_json_gives_line_and_column(tmp_path: Path) -> None:
@@ -246,7 +101,7 @@ def test_corrupt_json_gives_line_and_column(tmp_path: Path) -> None:
         json.loads(truncated)
     with pytest.raises(PipelineError) as err:
         validate_lvis(path)
-    msg = _one_line(err, path, "not valid JSON", f"line {ref.value.lineno}", f"column {ref.value.colno}")
+    msg = one_line(err, path, "not valid JSON", f"line {ref.value.lineno}", f"column {ref.value.colno}")
     assert ref.value.lineno > 1, msg  # the truncation is well past the first line
 
 
@@ -255,7 +110,7 @@ def test_corrupt_json_in_coco(tmp_path: Path) -> None:
     path.write_text('{"images": [')
     with pytest.raises(PipelineError) as err:
         validate_coco(path)
-    _one_line(err, path, "line 1", "column 13")
+    one_line(err, path, "line 1", "column 13")
 
 
 def test_non_utf8_json(tmp_path: Path) -> None:
@@ -263,7 +118,7 @@ def test_non_utf8_json(tmp_path: Path) -> None:
     path.write_bytes(b'{"name": "caf\xe9"}')
     with pytest.raises(PipelineError) as err:
         validate_lvis(path)
-    _one_line(err, path, "UTF-8")
+    one_line(err, path, "UTF-8")
 
 
 @pytest.mark.parametrize(("text", "kind"), [("[1, 2]", "list"), ('"hello"', "str"), ("3", "int"), ("null", "None")])
@@ -272,22 +127,22 @@ def test_top_level_not_an_object(tmp_path: Path, text: str, kind: str) -> None:
     path.write_text(text)
     with pytest.raises(PipelineError) as err:
         validate_lvis(path)
-    _one_line(err, path, "JSON object", kind)
+    one_line(err, path, "JSON object", kind)
 
 
 def test_load_json_names_what(tmp_path: Path) -> None:
     with pytest.raises(PipelineError) as err:
         load_json(tmp_path / "x.json", "LVIS val annotations")
-    _one_line(err, "LVIS val annotations", tmp_path / "x.json")
+    one_line(err, "LVIS val annotations", tmp_path / "x.json")
     with pytest.raises(PipelineError) as err:
         validate_lvis(tmp_path / "x.json", what="my LVIS")
-    _one_line(err, "my LVIS")
+    one_line(err, "my LVIS")
 
 
 def test_directory_instead_of_file(tmp_path: Path) -> None:
     with pytest.raises(PipelineError) as err:
         validate_lvis(tmp_path)
-    _one_line(err, tmp_path)
+    one_line(err, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,10 +212,10 @@ def test_lvis_structural_errors(tmp_path: Path, case: str) -> None:
     mutate, parts = LVIS_ERRORS[case]
     data = lvis_train()
     mutate(data)
-    path = _write_json(tmp_path / "lvis_v1_train.json", data)
+    path = write_json(tmp_path / "lvis_v1_train.json", data)
     with pytest.raises(PipelineError) as err:
         validate_lvis(path)
-    _one_line(err, path, *parts)
+    one_line(err, path, *parts)
 
 
 UNHASHABLE_IDS = {
@@ -376,10 +231,10 @@ UNHASHABLE_IDS = {
 def test_lvis_unhashable_id_is_a_pipeline_error(tmp_path: Path, case: str) -> None:
     data = lvis_train()
     UNHASHABLE_IDS[case](data)
-    path = _write_json(tmp_path / "lvis_v1_train.json", data)
+    path = write_json(tmp_path / "lvis_v1_train.json", data)
     with pytest.raises(PipelineError) as err:
         validate_lvis(path)
-    _one_line(err, path)
+    one_line(err, path)
 
 
 COCO_ERRORS = {
@@ -396,17 +251,17 @@ def test_coco_structural_errors(tmp_path: Path, case: str) -> None:
     mutate, parts = COCO_ERRORS[case]
     data = coco_base()
     mutate(data)
-    path = _write_json(tmp_path / "instances.json", data)
+    path = write_json(tmp_path / "instances.json", data)
     with pytest.raises(PipelineError) as err:
         validate_coco(path)
-    _one_line(err, path, *parts)
+    one_line(err, path, *parts)
 
 
 def test_coco_does_not_require_lvis_keys(tmp_path: Path) -> None:
     """COCO images carry no neg_category_ids and categories no frequency; that is fine for validate_coco."""
     data = coco_base()
     assert "neg_category_ids" not in data["images"][0]
-    validate_coco(_write_json(tmp_path / "c.json", data))
+    validate_coco(write_json(tmp_path / "c.json", data))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +300,7 @@ def test_image_path_lvis_record_is_the_last_two_url_components(url: str, expecte
 def test_image_path_coco_url_without_a_folder(url: str) -> None:
     with pytest.raises(PipelineError) as err:
         image_path({"id": 7, "coco_url": url}, Path("root"))
-    _one_line(err, "image id 7", "coco_url", repr(url))
+    one_line(err, "image id 7", "coco_url", repr(url))
 
 
 def test_image_path_coco_bare_file_name_under_the_coco_folder() -> None:
@@ -463,7 +318,7 @@ def test_image_path_synthetic_record() -> None:
 def test_image_path_neither() -> None:
     with pytest.raises(PipelineError) as err:
         image_path({"id": 5, "file_name": ""}, Path("root"))
-    _one_line(err, "image id 5", "file_name", "coco_url")
+    one_line(err, "image id 5", "file_name", "coco_url")
 
 
 @pytest.mark.parametrize("key", ["file_name", "coco_url"])
@@ -512,7 +367,7 @@ def test_check_sampled_images_root_is_a_file(tmp_path: Path) -> None:
     root.write_text("not a folder")
     with pytest.raises(PipelineError) as err:
         _check(lvis_train()["images"], root)
-    _one_line(err, root, "not found")
+    one_line(err, root, "not found")
 
 
 def test_check_sampled_images_is_seeded(tmp_path: Path) -> None:
@@ -524,14 +379,14 @@ def test_check_sampled_images_is_seeded(tmp_path: Path) -> None:
     for _ in range(3):
         with pytest.raises(PipelineError) as err:
             _check(images, root, sample=5, seed=7)
-        msgs.add(_one_line(err, "5 of 5"))
+        msgs.add(one_line(err, "5 of 5"))
     assert len(msgs) == 1
 
 
 def test_check_sampled_images_wrong_size(dataset: dict[str, Path]) -> None:
     """A JPEG whose size is not the record's width x height: the classic annotation/folder mismatch."""
     root = dataset["root"]
-    _write_image(root / "val2017" / "000000000139.jpg", fmt="JPEG", size=(6, 8))  # rotated: 6 wide, 8 high
+    write_image(root / "val2017" / "000000000139.jpg", fmt="JPEG", size=(6, 8))  # rotated: 6 wide, 8 high
     with pytest.raises(PipelineError) as err:
         _check(lvis_val()["images"], root)
     assert str(err.value) == (
@@ -546,7 +401,7 @@ def test_check_sampled_images_unreadable(dataset: dict[str, Path]) -> None:
     path.write_bytes(path.read_bytes()[:60])  # a JPEG header and no pixels
     with pytest.raises(PipelineError) as err:
         _check(lvis_val()["images"], root)
-    msg = _one_line(err, "/ann/lvis_v1_train.json", "val2017/000000000139.jpg", "cannot be read")
+    msg = one_line(err, "/ann/lvis_v1_train.json", "val2017/000000000139.jpg", "cannot be read")
     assert msg.startswith(
         f"LVIS train annotations /ann/lvis_v1_train.json: image val2017/000000000139.jpg under {root}"
     )
@@ -555,11 +410,11 @@ def test_check_sampled_images_unreadable(dataset: dict[str, Path]) -> None:
 def test_non_string_file_name_is_a_pipeline_error(tmp_path: Path) -> None:
     data = lvis_train()
     data["images"][0]["file_name"] = 5
-    path = _write_json(tmp_path / "lvis_v1_train.json", data)
+    path = write_json(tmp_path / "lvis_v1_train.json", data)
     (tmp_path / "images").mkdir()
     with pytest.raises(PipelineError) as err:
         _check(validate_lvis(path).images, tmp_path / "images")
-    _one_line(err)
+    one_line(err)
 
 
 def test_excluded_image_ids() -> None:
@@ -572,19 +427,19 @@ def test_excluded_image_ids() -> None:
 
 
 def test_load_image_ok(tmp_path: Path) -> None:
-    rgb = load_image(_write_image(tmp_path / "a.png"))
+    rgb = load_image(write_image(tmp_path / "a.png"))
     assert rgb.shape == (6, 8, 3) and rgb.dtype == np.uint8
-    gray = load_image(_write_image(tmp_path / "g.png", mode="L"))
+    gray = load_image(write_image(tmp_path / "g.png", mode="L"))
     assert gray.shape == (6, 8, 3) and gray.dtype == np.uint8
     assert np.array_equal(gray[..., 0], gray[..., 2])
-    assert load_image(_write_image(tmp_path / "b.jpg", fmt="JPEG")).shape == (6, 8, 3)
+    assert load_image(write_image(tmp_path / "b.jpg", fmt="JPEG")).shape == (6, 8, 3)
 
 
 def test_load_image_missing(tmp_path: Path) -> None:
     path = tmp_path / "val2017" / "000000000139.jpg"
     with pytest.raises(PipelineError) as err:
         load_image(path)
-    _one_line(err, path, "not found")
+    one_line(err, path, "not found")
 
 
 def test_load_image_corrupt(tmp_path: Path) -> None:
@@ -592,266 +447,12 @@ def test_load_image_corrupt(tmp_path: Path) -> None:
     path.write_bytes(b"this is not an image at all\n" * 4)
     with pytest.raises(PipelineError) as err:
         load_image(path)
-    _one_line(err, path, "cannot read image")
+    one_line(err, path, "cannot read image")
 
 
 def test_load_image_truncated_png(tmp_path: Path) -> None:
-    path = _write_image(tmp_path / "t.png")
+    path = write_image(tmp_path / "t.png")
     path.write_bytes(path.read_bytes()[:40])  # valid signature and header, no pixel data
     with pytest.raises(PipelineError) as err:
         load_image(path)
-    _one_line(err, path)
-
-
-# ---------------------------------------------------------------------------------------------
-# base categories
-
-
-def test_base_categories_by_name() -> None:
-    assert base_categories_by_name(LVIS_CATEGORIES, COCO_CATEGORIES) == BASE_IDS
-
-
-def test_base_categories_normalisation() -> None:
-    lvis = [
-        {"id": 5, "name": "Traffic-Light", "frequency": "f"},  # no synonyms key at all
-        {"id": 4, "name": "hot_dog", "synonyms": [], "frequency": "c"},
-        {"id": 9, "name": "teddy_bear", "synonyms": ["teddy"], "frequency": "c"},
-        {"id": 6, "name": "trafficlight", "synonyms": [], "frequency": "r"},  # no separator: no match
-    ]
-    coco = [{"id": 1, "name": "traffic light"}, {"id": 2, "name": "hot dog"}, {"id": 3, "name": "teddy bear"}]
-    assert base_categories_by_name(lvis, coco) == [4, 5, 9]  # sorted ids
-    assert base_categories_by_name(lvis, []) == []
-
-
-# ---------------------------------------------------------------------------------------------
-# stages.prepare.prepare_lvis
-
-
-def test_prepare_lvis_valid(dataset: dict[str, Path]) -> None:
-    manifest, text = prepare_lvis(_params(dataset))
-    assert isinstance(manifest, Manifest)
-    assert manifest.source == "lvis"
-    assert manifest.base_category_ids == BASE_IDS
-    assert manifest.train_json == str(dataset["train"].resolve())
-    assert manifest.val_json == str(dataset["val"].resolve())
-    assert manifest.proposer_json == str(dataset["coco"].resolve())
-    assert manifest.image_root == str(dataset["root"].resolve())
-    assert set(manifest.files) == {str(dataset[k].resolve()) for k in ("train", "val", "coco")}
-    # COCO's bare file_names live in <image_root>/train2017; LVIS val image 9 is also a COCO train image
-    assert manifest.proposer_image_root == str((dataset["root"] / "train2017").resolve())
-    assert manifest.proposer_images() == (dataset["root"] / "train2017").resolve()
-    assert manifest.proposer_excluded_image_ids == EXCLUDED_IDS
-    assert "\n" not in text and "2 train / 2 val images" in text and "2 matched" in text
-    assert "proposer: 1 of 2 COCO images, 1 left out as LVIS val images" in text
-
-
-def test_prepare_lvis_from_parsed_params(dataset: dict[str, Path]) -> None:
-    """The same params built through parse_params (as params.yaml would be) give the same manifest."""
-    p = parse_params(as_dict(_params(dataset)))
-    assert p.data.source == "lvis"
-    manifest, _ = prepare_lvis(p)
-    assert manifest.base_category_ids == BASE_IDS
-
-
-def test_prepare_lvis_missing_image_root(dataset: dict[str, Path], tmp_path: Path) -> None:
-    root = tmp_path / "missing_images"
-    with pytest.raises(PipelineError) as err:
-        prepare_lvis(_params(dataset, root=root))
-    _one_line(err, root, "image_root")
-
-
-@pytest.mark.parametrize("which", ["train", "val", "coco"])
-def test_prepare_lvis_corrupt_json(dataset: dict[str, Path], which: str) -> None:
-    path = dataset[which]
-    path.write_text(path.read_text()[:-25])
-    with pytest.raises(PipelineError) as err:
-        prepare_lvis(_params(dataset))
-    _one_line(err, path, "not valid JSON", "line", "column")
-
-
-def test_prepare_lvis_missing_json(dataset: dict[str, Path], tmp_path: Path) -> None:
-    path = tmp_path / "ann" / "lvis_v1_minival.json"
-    with pytest.raises(PipelineError) as err:
-        prepare_lvis(_params(dataset, val=path))
-    _one_line(err, path, "not found")
-
-
-def test_prepare_lvis_missing_image_file(dataset: dict[str, Path]) -> None:
-    root = dataset["root"]
-    (root / "val2017" / "000000000139.jpg").unlink()
-    with pytest.raises(PipelineError) as err:
-        prepare_lvis(_params(dataset))
-    assert str(err.value) == (
-        f"LVIS val annotations {dataset['val']}: image val2017/000000000139.jpg not found under {root} "
-        "(1 of 2 sampled images missing)"
-    )
-
-
-def test_prepare_lvis_missing_val_image_from_train2017(dataset: dict[str, Path]) -> None:
-    """LVIS v1 val images from COCO train2017 are looked up in train2017/, through coco_url."""
-    root = dataset["root"]
-    (root / "train2017" / "000000000009.jpg").unlink()
-    with pytest.raises(PipelineError) as err:
-        prepare_lvis(_params(dataset))
-    assert str(err.value) == (
-        f"LVIS val annotations {dataset['val']}: image train2017/000000000009.jpg not found under {root} "
-        "(1 of 2 sampled images missing)"
-    )
-
-
-def test_prepare_lvis_missing_coco_image(dataset: dict[str, Path]) -> None:
-    data = coco_base()
-    data["images"].append({"id": 30, "width": 8, "height": 6, "file_name": "000000000030.jpg"})
-    _write_json(dataset["coco"], data)
-    with pytest.raises(PipelineError) as err:
-        prepare_lvis(_params(dataset))
-    assert str(err.value) == (
-        f"COCO annotations {dataset['coco']}: image 000000000030.jpg not found under {dataset['root'] / 'train2017'} "
-        "(1 of 3 sampled images missing)"
-    )
-
-
-def test_prepare_lvis_coco_image_root_param(dataset: dict[str, Path], tmp_path: Path) -> None:
-    """data.lvis.coco_image_root moves the COCO folder; its images are checked there, sizes included."""
-    coco_root = tmp_path / "elsewhere" / "coco_train"
-    _write_image(coco_root / "000000000002.jpg", fmt="JPEG")
-    _write_image(coco_root / "000000000009.jpg", fmt="JPEG", size=(8, 7))
-    with pytest.raises(PipelineError) as err:
-        prepare_lvis(_params(dataset, coco_image_root=coco_root))
-    assert str(err.value) == (
-        f"COCO annotations {dataset['coco']}: image 000000000009.jpg under {coco_root} is 8x7 pixels "
-        "but image id 9 says 8x6"
-    )
-    _write_image(coco_root / "000000000009.jpg", fmt="JPEG")
-    manifest, _ = prepare_lvis(_params(dataset, coco_image_root=coco_root))
-    assert manifest.proposer_image_root == str(coco_root.resolve())
-    assert manifest.image_root == str(dataset["root"].resolve())
-
-
-def test_prepare_lvis_wrong_image_size(dataset: dict[str, Path]) -> None:
-    root = dataset["root"]
-    _write_image(root / "train2017" / "000000000002.jpg", fmt="JPEG", size=(16, 12))
-    with pytest.raises(PipelineError) as err:
-        prepare_lvis(_params(dataset))
-    assert str(err.value) == (
-        f"LVIS train annotations {dataset['train']}: image train2017/000000000002.jpg under {root} is 16x12 pixels "
-        "but image id 2 says 8x6"
-    )
-
-
-def test_prepare_lvis_missing_coco_folder(dataset: dict[str, Path], tmp_path: Path) -> None:
-    root = dataset["root"]
-    (root / "train2017").rename(tmp_path / "moved")
-    with pytest.raises(PipelineError) as err:
-        prepare_lvis(_params(dataset))
-    assert str(err.value) == (
-        f"data.lvis.image_root: {root} has no train2017 folder for the COCO file's images "
-        f"({root / 'train2017'} not found; set data.lvis.coco_image_root to where they are)"
-    )
-    missing = tmp_path / "nowhere"
-    with pytest.raises(PipelineError) as err:
-        prepare_lvis(_params(dataset, coco_image_root=missing))
-    assert str(err.value) == f"data.lvis.coco_image_root: {missing}: folder not found"
-
-
-def test_coco_image_folder_default(dataset: dict[str, Path]) -> None:
-    assert coco_image_folder(_params(dataset).data.lvis) == dataset["root"] / "train2017"
-
-
-def test_prepare_lvis_invalid_structure(dataset: dict[str, Path]) -> None:
-    data = lvis_train()
-    data["categories"][0]["frequency"] = "x"
-    _write_json(dataset["train"], data)
-    with pytest.raises(PipelineError) as err:
-        prepare_lvis(_params(dataset))
-    _one_line(err, dataset["train"], "category id 1", "frequency 'x'")
-
-
-# ---------------------------------------------------------------------------------------------
-# stages.prepare.main: nothing is written before every check has passed
-
-
-def _run_prepare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p: Params) -> None:
-    import yaml
-
-    import stages.prepare
-
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(as_dict(p), sort_keys=False))
-    monkeypatch.chdir(tmp_path)
-    stages.prepare.main(params_file="params.yaml")
-
-
-def test_prepare_main_keeps_the_old_output_on_error(
-    dataset: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    prepared = tmp_path / "data" / "prepared"
-    _write_json(prepared / "dataset.json", {"old": True})
-    (dataset["root"] / "train2017" / "000000000009.jpg").unlink()
-    with pytest.raises(SystemExit) as code:
-        _run_prepare(tmp_path, monkeypatch, _params(dataset))
-    assert code.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: LVIS val annotations ") and "\n" not in err
-    assert json.loads((prepared / "dataset.json").read_text()) == {"old": True}
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["prepared"]  # no temporary leftovers
-    assert not (tmp_path / "plots" / "prepare" / "preview.png").exists()
-
-
-def test_prepare_main_writes_the_manifest(
-    dataset: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    _write_json(tmp_path / "data" / "prepared" / "dataset.json", {"old": True})
-    _run_prepare(tmp_path, monkeypatch, _params(dataset))
-    manifest = json.loads((tmp_path / "data" / "prepared" / "dataset.json").read_text())
-    assert manifest["proposer_excluded_image_ids"] == EXCLUDED_IDS
-    assert manifest["proposer_image_root"] == str((dataset["root"] / "train2017").resolve())
-    assert (tmp_path / "plots" / "prepare" / "preview.png").stat().st_size > 1000
-    out = capsys.readouterr().out
-    assert "[prepare] LVIS: 2 train / 2 val images" in out and "1 left out as LVIS val images" in out
-
-
-def test_image_loader_resolves_lvis_records_through_coco_url(dataset: dict[str, Path]) -> None:
-    """stages.common.image_loader reads a split's images under manifest.image_root: val2017 and train2017."""
-    from stages.common import image_loader
-
-    manifest, _ = prepare_lvis(_params(dataset))
-    load = image_loader(manifest, "val", np.array([9, 139]))
-    for i, folder, name in ((0, "train2017", "000000000009.jpg"), (1, "val2017", "000000000139.jpg")):
-        assert np.array_equal(load(i), load_image(dataset["root"] / folder / name))
-    with pytest.raises(PipelineError) as err:
-        image_loader(manifest, "val", np.array([2]))
-    _one_line(err, dataset["val"].resolve(), "image id 2")
-
-
-def test_image_records_are_streamed_equal_to_the_parsed_file(tmp_path):
-    data = {
-        "info": {"year": 2017},
-        "images": [
-            {"id": 9, "width": 640, "height": 480, "coco_url": "http://x/train2017/000000000009.jpg", "f": 0.5},
-            {"id": 139, "width": 427, "height": 640, "file_name": "000000000139.jpg", "neg_category_ids": [1, 2]},
-        ],
-        "annotations": [{"id": 1, "image_id": 9, "category_id": 1, "bbox": [1.5, 2, 3, 4], "area": 12.25}],
-        "categories": [{"id": 1, "name": "a", "frequency": "r"}],
-    }
-    path = tmp_path / "lvis.json"
-    path.write_text(json.dumps(data))
-    records = load_image_records(path, "LVIS annotations")
-    assert records == load_json(path, "LVIS annotations")["images"]
-    assert [type(r["id"]) for r in records] == [int, int] and type(records[0]["f"]) is float
-
-
-@pytest.mark.parametrize(
-    "text, message",
-    [
-        ('{"images": [{"id": 1}', "not valid JSON"),
-        ('{"images": [3, 4]}', "'images' must be a list of records"),
-    ],
-)
-def test_image_records_errors_are_one_line(tmp_path, text, message):
-    path = tmp_path / "bad.json"
-    path.write_text(text)
-    with pytest.raises(PipelineError, match=message) as err:
-        load_image_records(path, "LVIS annotations")
-    assert str(err.value).startswith(f"LVIS annotations: {path}: ") and "\n" not in str(err.value)
-    with pytest.raises(PipelineError, match="file not found"):
-        load_image_records(tmp_path / "missing.json", "LVIS annotations")
+    one_line(err, path)
