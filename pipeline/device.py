@@ -23,3 +23,12 @@ def pick_device(device: str | torch.device) -> str:
             raise PipelineError(f"device {device!r} asked for, but CUDA is not available here (use auto or cpu)")
         return device
     raise PipelineError(f"unknown device {device!r} (expected auto, cpu, cuda or cuda:<n>)")
+
+
+def numeric_context(device: str | torch.device) -> dict[str, int | str]:
+    """What a run's floating-point results depend on besides its params and inputs, for the keys of resumable
+    work (parts, checkpoints): the device type, and on the CPU torch's intra-op thread count (its kernels split
+    reductions by thread, so 1 and 2 threads give different bits). A resume under another context starts over
+    instead of mixing the two."""
+    kind = torch.device(device).type
+    return {"device": kind, "threads": torch.get_num_threads()} if kind == "cpu" else {"device": kind}

@@ -29,7 +29,7 @@ import typer
 from dvclive import Live
 
 from pipeline.config import Params, as_dict
-from pipeline.device import pick_device
+from pipeline.device import numeric_context, pick_device
 from pipeline.distributed import Ranks, init_ranks, launch_ranks, main_goes_on, rank_device, shutdown
 from pipeline.models.embedding import embed_batches, geometry_margin, save_head
 from pipeline.models.embedding_train import train_embedder
@@ -51,12 +51,14 @@ def open_samples(split: str):
     return samples
 
 
-def checkpoint_key(embed: dict, loss: dict, train_fingerprint: str) -> dict:
-    """What a training checkpoint must have been made from: the params that shape training and the inputs."""
+def checkpoint_key(embed: dict, loss: dict, train_fingerprint: str, numerics: dict | None = None) -> dict:
+    """What a training checkpoint must have been made from: the params that shape training, the inputs, and
+    the device and threads its arithmetic ran on (`pipeline.device.numeric_context`)."""
     return {
         "embed": {k: v for k, v in embed.items() if k not in RUN_ONLY},
         "loss": loss,
         "train": train_fingerprint,
+        "numerics": numerics or {},
     }
 
 
@@ -131,7 +133,9 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
     run_device = rank_device(device, ranks)
     train = open_samples(TRAIN)
     val = open_samples(EVAL)
-    checkpoint = Checkpoint("embed", checkpoint_key(as_dict(cfg), as_dict(loss), train.attrs["fingerprint"]))
+    checkpoint = Checkpoint(
+        "embed", checkpoint_key(as_dict(cfg), as_dict(loss), train.attrs["fingerprint"], numeric_context(device))
+    )
     live_run = Live(LIVE_DIR, save_dvc_exp=False, dvcyaml=None) if ranks.is_main else nullcontext()
     with live_run as live:
 

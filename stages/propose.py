@@ -18,7 +18,7 @@ import typer
 from pipeline.config import store_params
 from pipeline.data.annotation_stream import load_image_records
 from pipeline.data.dataset import read_manifest
-from pipeline.device import pick_device
+from pipeline.device import numeric_context, pick_device
 from pipeline.distributed import init_ranks, launch_ranks, main_first, main_goes_on, rank_device, shutdown
 from pipeline.evaluation.proposal_metrics import evaluate_proposals
 from pipeline.models.inference import decoding_workers
@@ -63,11 +63,20 @@ def main(
         "split": split,
         "propose": store_params(cfg),
         "device": device,
+        "numerics": numeric_context(device),
         "proposer_digest": proposer_digest,
         "annotations": manifest.files.get(str(gt_path), str(gt_path)),
+        "image_root": manifest.image_root,
     }
     with main_first(ranks):  # rank 0 clears another run's parts before any rank writes
-        parts = ImageParts(out, key, proposal_columns(mask_size), len(images), images_per_part=images_per_part)
+        parts = ImageParts(
+            out,
+            key,
+            proposal_columns(mask_size),
+            len(images),
+            images_per_part=images_per_part,
+            is_main=ranks.is_main,
+        )
     if parts.n_done and ranks.is_main:
         print(f"[propose] resuming: {parts.n_done} of {len(parts.ranges)} parts already done", flush=True)
     propose_parts(
@@ -110,6 +119,7 @@ def main(
         k=cfg.max_proposals,
     )
     write_json(Path("metrics") / f"propose_{split}.json", metrics)
+    parts.remove()  # only now: a kill during the metrics keeps every part for the rerun
     rate = len(images) / max(timer.seconds, 1e-9)
     k = cfg.max_proposals
     recall = {group: metrics.get(f"recall@{k}/{group}", float("nan")) for group in ("base", "novel")}

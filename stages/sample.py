@@ -13,7 +13,7 @@ import typer
 
 from pipeline.config import store_params
 from pipeline.data.dataset import read_manifest
-from pipeline.device import pick_device
+from pipeline.device import numeric_context, pick_device
 from pipeline.distributed import init_ranks, launch_ranks, main_first, main_goes_on, rank_device, shutdown
 from pipeline.models.features import build_backbone
 from pipeline.models.inference import decoding_workers
@@ -51,6 +51,8 @@ def main(
         "sample": store_params(cfg),
         "seed": p.seed,
         "device": device,
+        "numerics": numeric_context(device),
+        "image_root": manifest.image_root,
         "proposals": proposals.attrs["fingerprint"],
         "backbone": backbone.init,
         "proposer": proposals.attrs.get("proposer_digest"),
@@ -63,6 +65,7 @@ def main(
             len(image_ids),
             images_per_part=images_per_part,
             index_columns=PAIR_COLUMNS,
+            is_main=ranks.is_main,
         )
     if parts.n_done and ranks.is_main:
         print(f"[sample] resuming: {parts.n_done} of {len(parts.ranges)} parts already done", flush=True)
@@ -103,6 +106,7 @@ def main(
         "counts": counts,
     }
     parts.assemble(attrs, kind="samples")
+    parts.remove()
     summary(
         "sample",
         f"{split}: {n} proposals x 3 views ({cfg.backbone}, {attrs['backbone']}), {counts['object_pairs']} object "

@@ -40,7 +40,7 @@ from dvclive import Live
 
 from pipeline.config import Params
 from pipeline.data.dataset import Manifest, read_manifest
-from pipeline.device import pick_device
+from pipeline.device import numeric_context, pick_device
 from pipeline.distributed import init_ranks, launch_ranks, main_goes_on, rank_device, shutdown
 from pipeline.errors import PipelineError
 from pipeline.models.inference import decoding_workers
@@ -76,6 +76,7 @@ def checkpoint_key(p: Params, manifest: Manifest, device: str, world_size: int =
         "files": dict(sorted(manifest.files.items())),
         "excluded": sorted(int(i) for i in manifest.proposer_excluded_image_ids),
         "device": str(torch.device(device).type),
+        "numerics": numeric_context(device),
     }
     if cfg.amp != "off":
         key["proposer"]["amp"] = cfg.amp

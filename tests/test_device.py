@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.device import pick_device
+from pipeline.device import numeric_context, pick_device
 from pipeline.errors import PipelineError
 
 
@@ -27,3 +27,9 @@ def test_cuda_is_given_back_or_refused_without_cuda(device, monkeypatch):
 def test_unknown_devices_are_refused(device):
     with pytest.raises(PipelineError, match="unknown device"):
         pick_device(device)
+
+
+def test_numeric_context_names_the_cpu_threads_only_on_the_cpu():
+    threads = torch.get_num_threads()
+    assert numeric_context("cpu") == {"device": "cpu", "threads": threads}
+    assert numeric_context("cuda:1") == {"device": "cuda"}  # GPU kernels do not split by CPU thread

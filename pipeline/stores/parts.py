@@ -5,12 +5,14 @@ A stage that makes rows per image (`propose`, `sample`) processes its split in p
 a work folder beside the final store (`data/val/.proposals.zarr.parts/part-00000000-00000256/`),
 written to a temporary name and renamed, so a part on disk is always complete. When every part is
 there, `assemble` streams them, in image order, into the final Zarr store (through
-`pipeline.stores.store.StoreWriter`, one shard's rows in memory at a time) and removes the work folder.
+`pipeline.stores.store.StoreWriter`, one shard's rows in memory at a time); the stage removes the work folder
+(`remove`) once its every output is written.
 
 - Memory: one part while computing, one part plus one shard per array while assembling.
 - Resume: a rerun after a kill finds the finished parts and computes only the missing ones. The work
   folder records a digest of what the parts were made from (params, input fingerprints); parts of
-  another run are discarded, never mixed in.
+  another run are discarded, never mixed in. Only rank 0 writes that record (atomically); the other ranks,
+  started after it (`pipeline.distributed.main_first`), check it.
 - Ranks: parts are independent and named by their image range, so ranks can compute disjoint parts of
   one store; the assembled store is the same bytes whoever computed which part.
 """
@@ -29,7 +31,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.stores.checkpoint import key_digest
-from pipeline.stores.store import StoreWriter, atomic_path
+from pipeline.stores.store import StoreWriter, atomic_path, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class ImageParts:
         *,
         images_per_part: int = IMAGES_PER_PART,
         index_columns: tuple[str, ...] = (),
+        is_main: bool = True,
     ) -> None:
         self.final = Path(final)
         self.work = self.final.parent / f".{self.final.name}.parts"
@@ -79,13 +82,27 @@ class ImageParts:
         self.ranges = part_ranges(self.n_images, images_per_part)
         self.digest = key_digest({**key, "images_per_part": int(images_per_part), "n_images": self.n_images})
         stamp = self.work / "key.json"
-        if self.work.exists():
-            recorded = json.loads(stamp.read_text()).get("digest") if stamp.is_file() else None
-            if recorded != self.digest:
-                log.info("%s: parts of another run (params or inputs changed); starting over", self.work)
-                shutil.rmtree(self.work)
+        if not is_main:  # rank 0 has set the folder up (`main_first`): the other ranks only check it
+            if self._recorded(stamp) != self.digest:
+                raise PipelineError(f"{stamp}: rank 0 recorded parts of another key (ranks with different params?)")
+            return
+        if self.work.exists() and self._recorded(stamp) != self.digest:
+            log.info("%s: parts of another run (params or inputs changed); starting over", self.work)
+            shutil.rmtree(self.work)
         self.work.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps({"digest": self.digest, "key": key}, sort_keys=True, default=str) + "\n")
+        if self._recorded(stamp) != self.digest:
+            write_bytes(
+                stamp, (json.dumps({"digest": self.digest, "key": key}, sort_keys=True, default=str) + "\n").encode()
+            )
+
+    @staticmethod
+    def _recorded(stamp: Path) -> str | None:
+        """The digest a work folder's stamp records; None without one, or with an unreadable one (a stamp of
+        before the atomic writes, emptied by a kill)."""
+        try:
+            return json.loads(stamp.read_text()).get("digest")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def _folder(self, start: int, stop: int) -> Path:
         return self.work / f"part-{start:08d}-{stop:08d}"
@@ -156,7 +173,8 @@ class ImageParts:
         return np.concatenate([np.zeros(0, np.int64), *self._counts()])
 
     def assemble(self, attrs: Mapping[str, Any], kind: str) -> str:
-        """Stream every part into the final store (atomically), then remove the work folder; the fingerprint."""
+        """Stream every part into the final store (atomically); the fingerprint. The parts stay until `remove`,
+        which a stage calls once every output of it is written (a kill before then loses no part)."""
         missing = [r for r in self.ranges if not self.done(*r)]
         if missing:
             raise PipelineError(
@@ -176,6 +194,8 @@ class ImageParts:
                         rows = rows + np.asarray(first_row[r], dtype=rows.dtype)
                     array.write(rows)
                 writer.close(array)
-            fingerprint = writer.finish(attrs, kind)
-        shutil.rmtree(self.work)
-        return fingerprint
+            return writer.finish(attrs, kind)
+
+    def remove(self) -> None:
+        """Remove the work folder: the parts are no longer needed once the stage's outputs are all written."""
+        shutil.rmtree(self.work, ignore_errors=True)

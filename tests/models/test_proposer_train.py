@@ -254,6 +254,12 @@ def test_checkpoint_key_covers_what_changes_training():
         checkpoint_key(Params(), Manifest(**{**manifest.__dict__, "proposer_image_root": "coco"}), "cpu"),
     ]
     assert all(key != base for key in changed)
+    threads = torch.get_num_threads()
+    try:  # the CPU's thread count changes the bits: a resume under another one starts over
+        torch.set_num_threads(threads + 1)
+        assert checkpoint_key(Params(), manifest, "cpu") != base
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_decoding_workers_train_the_same_weights(proposer_world, uninterrupted):

@@ -1,5 +1,6 @@
 """pipeline.stores.parts: stores assembled from parts of whole images, resumable and shardable."""
 
+import json
 import os
 import signal
 import subprocess
@@ -79,7 +80,8 @@ def test_assembled_store_equals_the_store_of_whole_arrays(tmp_path):
     reference = write_store(tmp_path / "ref.zarr", whole(images), {"split": "val"}, kind="samples")
     assert fingerprint == reference
     assert files(tmp_path / "s.zarr") == files(tmp_path / "ref.zarr")
-    assert not parts.work.exists()  # the work folder is gone once the store is in place
+    parts.remove()
+    assert not parts.work.exists()  # the work folder is gone once the stage is done
     group = open_store(tmp_path / "s.zarr", "samples")
     assert np.array_equal(read_array(group, "pairs"), whole(images)["pairs"])
 
@@ -123,6 +125,45 @@ def test_a_part_of_the_wrong_shape_is_refused_and_assembly_needs_every_part(tmp_
     assert not (tmp_path / "s.zarr").exists()
 
 
+def test_only_rank_0_writes_the_stamp_and_the_other_ranks_check_it(tmp_path):
+    _, images = world(8)
+    out = tmp_path / "s.zarr"
+    stamp = out.parent / f".{out.name}.parts" / "key.json"
+    with pytest.raises(PipelineError, match="rank 0 recorded parts of another key"):  # rank 0 not there yet
+        ImageParts(out, {"lr": 1}, COLUMNS, len(images), images_per_part=4, is_main=False)
+    ImageParts(out, {"lr": 1}, COLUMNS, len(images), images_per_part=4)
+    recorded = stamp.stat().st_mtime_ns, stamp.read_bytes()
+    other = ImageParts(out, {"lr": 1}, COLUMNS, len(images), images_per_part=4, is_main=False)
+    assert other.pending(1, 2) == [(4, 8)]
+    ImageParts(out, {"lr": 1}, COLUMNS, len(images), images_per_part=4)  # the same key: the stamp is left alone
+    assert (stamp.stat().st_mtime_ns, stamp.read_bytes()) == recorded
+    with pytest.raises(PipelineError, match="another key"):
+        ImageParts(out, {"lr": 2}, COLUMNS, len(images), images_per_part=4, is_main=False)
+
+
+def test_an_emptied_stamp_starts_over_instead_of_failing(tmp_path):
+    _, images = world(8)
+    out = tmp_path / "s.zarr"
+    parts = ImageParts(out, {}, COLUMNS, len(images), images_per_part=4, index_columns=("pairs",))
+    write_part(parts, images, 0, 4)
+    (parts.work / "key.json").write_text("")  # a kill inside a plain write, as before the stamp was atomic
+    again = ImageParts(out, {}, COLUMNS, len(images), images_per_part=4, index_columns=("pairs",))
+    assert again.n_done == 0 and json.loads((again.work / "key.json").read_text())["digest"] == again.digest
+
+
+def test_the_parts_stay_after_assembly_until_removed(tmp_path):
+    _, images = world(8)
+    out = tmp_path / "s.zarr"
+    parts = ImageParts(out, {}, COLUMNS, len(images), images_per_part=4, index_columns=("pairs",))
+    for start, stop in parts.pending():
+        write_part(parts, images, start, stop)
+    parts.assemble({}, kind="samples")
+    again = ImageParts(out, {}, COLUMNS, len(images), images_per_part=4, index_columns=("pairs",))
+    assert again.pending() == [] and out.exists()  # a kill after assembly keeps every part for the rerun
+    again.remove()
+    assert not again.work.exists()
+
+
 SLOW_WRITER = """
 import sys, time
 import numpy as np
@@ -137,6 +178,7 @@ for start, stop in parts.pending():
     write_part(parts, images, start, stop)
     time.sleep({pause})
 parts.assemble({{}}, kind="samples")
+parts.remove()
 """
 
 
