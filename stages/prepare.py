@@ -8,6 +8,7 @@ data.lvis.coco_image_root) and the COCO images the proposer must leave out becau
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -92,6 +93,11 @@ def prepare_lvis(p: Params) -> tuple[Manifest, str]:
     return manifest, text
 
 
+def _as_given(path: str | Path) -> str:
+    """A path as params give it, normalised (``a/./b`` -> ``a/b``) but neither made absolute nor resolved."""
+    return os.path.normpath(path)
+
+
 def check_lvis(p: Params) -> tuple[Manifest, str, AnnotationFile]:
     """Check real LVIS v1 + COCO 2017 in their published layout; writes nothing, raises a one-line error.
 
@@ -119,19 +125,17 @@ def check_lvis(p: Params) -> tuple[Manifest, str, AnnotationFile]:
     train, val, coco = data["train"], data["val"], data["coco"]
     base = base_categories_by_name(train.categories, coco.categories)
     excluded = excluded_image_ids(val.images, coco.images)
-    files = {}
-    for path, *_ in inputs.values():
-        stat = path.stat()
-        files[str(path.resolve())] = f"{stat.st_size}-{int(stat.st_mtime)}"
+    # The manifest holds the paths as given (a relative one stays relative to the workspace, so two clones
+    # write the same bytes) and each file's content digest (a touched or copied file changes nothing downstream).
     manifest = Manifest(
         source="lvis",
-        train_json=str(Path(cfg.train_json).resolve()),
-        val_json=str(Path(cfg.val_json).resolve()),
-        image_root=str(root.resolve()),
-        proposer_json=str(Path(cfg.coco_json).resolve()),
+        train_json=_as_given(cfg.train_json),
+        val_json=_as_given(cfg.val_json),
+        image_root=_as_given(root),
+        proposer_json=_as_given(cfg.coco_json),
         base_category_ids=base,
-        files=files,
-        proposer_image_root=str(coco_root.resolve()),
+        files={_as_given(path): file_digest(path) for path, *_ in inputs.values()},
+        proposer_image_root=_as_given(coco_root),
         proposer_excluded_image_ids=excluded,
     )
     n_coco = len(coco.images)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from tests.data.lvis_files import (
     coco_base,
     lvis_params,
     lvis_train,
+    lvis_val,
     one_line,
     write_dataset,
     write_image,
@@ -43,17 +45,39 @@ def test_prepare_lvis_valid(dataset: dict[str, Path]) -> None:
     assert isinstance(manifest, Manifest)
     assert manifest.source == "lvis"
     assert manifest.base_category_ids == BASE_IDS
-    assert manifest.train_json == str(dataset["train"].resolve())
-    assert manifest.val_json == str(dataset["val"].resolve())
-    assert manifest.proposer_json == str(dataset["coco"].resolve())
-    assert manifest.image_root == str(dataset["root"].resolve())
-    assert set(manifest.files) == {str(dataset[k].resolve()) for k in ("train", "val", "coco")}
+    assert manifest.train_json == str(dataset["train"])
+    assert manifest.val_json == str(dataset["val"])
+    assert manifest.proposer_json == str(dataset["coco"])
+    assert manifest.image_root == str(dataset["root"])
+    assert set(manifest.files) == {str(dataset[k]) for k in ("train", "val", "coco")}
     # COCO's bare file_names live in <image_root>/train2017; LVIS val image 9 is also a COCO train image
-    assert manifest.proposer_image_root == str((dataset["root"] / "train2017").resolve())
-    assert manifest.proposer_images() == (dataset["root"] / "train2017").resolve()
+    assert manifest.proposer_image_root == str(dataset["root"] / "train2017")
+    assert manifest.proposer_images() == (dataset["root"] / "train2017")
     assert manifest.proposer_excluded_image_ids == EXCLUDED_IDS
     assert "\n" not in text and "2 train / 2 val images" in text and "2 matched" in text
     assert "proposer: 1 of 2 COCO images, 1 left out as LVIS val images" in text
+
+
+def test_prepare_lvis_manifest_depends_on_the_files_contents_not_their_times_or_the_workspace(
+    dataset: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relative paths stay relative (two clones of the workspace write the same manifest); the files are
+    recorded by content, so touching one changes nothing and rewriting one changes its digest."""
+    monkeypatch.chdir(tmp_path)
+    relative = {k: v.relative_to(tmp_path) for k, v in dataset.items()}
+    first, _ = prepare_lvis(lvis_params(relative))
+    assert first.val_json == "ann/lvis_v1_val.json" and first.image_root == "images"
+    assert first.proposer_image_root == "images/train2017" and "ann/lvis_v1_val.json" in first.files
+    os.utime(dataset["val"], (1, 1))
+    assert prepare_lvis(lvis_params(relative))[0] == first
+    data = lvis_val()
+    data["annotations"][0]["area"] = 7.0
+    write_json(dataset["val"], data)
+    changed, _ = prepare_lvis(lvis_params(relative))
+    assert changed.files["ann/lvis_v1_val.json"] != first.files["ann/lvis_v1_val.json"]
+    assert {k: v for k, v in changed.files.items() if "val" not in k} == {
+        k: v for k, v in first.files.items() if "val" not in k
+    }
 
 
 def test_prepare_lvis_from_parsed_params(dataset: dict[str, Path]) -> None:
@@ -135,8 +159,8 @@ def test_prepare_lvis_coco_image_root_param(dataset: dict[str, Path], tmp_path: 
     )
     write_image(coco_root / "000000000009.jpg", fmt="JPEG")
     manifest, _ = prepare_lvis(lvis_params(dataset, coco_image_root=coco_root))
-    assert manifest.proposer_image_root == str(coco_root.resolve())
-    assert manifest.image_root == str(dataset["root"].resolve())
+    assert manifest.proposer_image_root == str(coco_root)
+    assert manifest.image_root == str(dataset["root"])
 
 
 def test_prepare_lvis_wrong_image_size(dataset: dict[str, Path]) -> None:
@@ -215,7 +239,7 @@ def test_prepare_main_writes_the_manifest(
     _run_prepare(tmp_path, monkeypatch, lvis_params(dataset))
     manifest = json.loads((tmp_path / "data" / "prepared" / "dataset.json").read_text())
     assert manifest["proposer_excluded_image_ids"] == EXCLUDED_IDS
-    assert manifest["proposer_image_root"] == str((dataset["root"] / "train2017").resolve())
+    assert manifest["proposer_image_root"] == str(dataset["root"] / "train2017")
     assert (tmp_path / "plots" / "prepare" / "preview.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "[prepare] LVIS: 2 train / 2 val images" in out and "1 left out as LVIS val images" in out
@@ -231,4 +255,4 @@ def test_image_loader_resolves_lvis_records_through_coco_url(dataset: dict[str, 
         assert np.array_equal(load(i), load_image(dataset["root"] / folder / name))
     with pytest.raises(PipelineError) as err:
         image_loader(manifest, "val", np.array([2]))
-    one_line(err, dataset["val"].resolve(), "image id 2")
+    one_line(err, dataset["val"], "image id 2")

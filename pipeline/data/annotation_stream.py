@@ -22,12 +22,17 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 
+_EXACT_ERROR_BYTES = 64 << 20  # files up to this size are re-parsed whole for the error's line and column
 
-def _json_error(path: Path, what: str, err: Exception) -> PipelineError:
-    """A one-line "not valid JSON" error; the line and column come from the standard parser (error path only)."""
+
+def _json_error(path: Path, what: str, err: Exception, near: int | None = None) -> PipelineError:
+    """A one-line "not valid JSON" error. A file up to 64 MB is re-parsed by the standard parser for the line and
+    column (error path only); a larger one (LVIS train is 1 GB: parsed whole, several GB) gets ijson's message
+    and ``near``, the byte offset the stream had read to when it failed."""
     try:
-        with path.open("r", encoding="utf-8") as f:
-            json.load(f)
+        if path.stat().st_size <= _EXACT_ERROR_BYTES:
+            with path.open("r", encoding="utf-8") as f:
+                json.load(f)
     except json.JSONDecodeError as exact:
         where = f"line {exact.lineno} column {exact.colno}"
         return PipelineError(f"{what}: {path}: not valid JSON ({exact.msg} at {where})")
@@ -36,7 +41,8 @@ def _json_error(path: Path, what: str, err: Exception) -> PipelineError:
     except (OSError, MemoryError):
         pass
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return PipelineError(f"{what}: {path}: not valid JSON ({first[:200]})")
+    where = f", within the first {near:,} bytes" if near else ""
+    return PipelineError(f"{what}: {path}: not valid JSON ({first[:200]}{where})")
 
 
 def _open(path: Path, what: str) -> io.BufferedReader:
@@ -46,6 +52,14 @@ def _open(path: Path, what: str) -> io.BufferedReader:
         return path.open("rb")
     except OSError as err:
         raise PipelineError(f"{what}: {path}: cannot read ({err.strerror or err})") from None
+
+
+def _read_to(f: io.BufferedReader) -> int | None:
+    """How far the stream had read (the error lies before it, within one read buffer)."""
+    try:
+        return f.tell()
+    except (OSError, ValueError):
+        return None
 
 
 def stream_items(path: Path | str, what: str, prefix: str) -> Iterator[Any]:
@@ -67,11 +81,11 @@ def stream_items(path: Path | str, what: str, prefix: str) -> Iterator[Any]:
             f.seek(0)
             yield from ijson.items(f, prefix, use_float=True)
         except ijson.JSONError as err:
-            raise _json_error(path, what, err) from None
+            raise _json_error(path, what, err, _read_to(f)) from None
         except StopIteration:
             raise PipelineError(f"{what}: {path}: not valid JSON (the file is empty)") from None
         except UnicodeDecodeError:
-            raise _json_error(path, what, ValueError("not UTF-8 text")) from None
+            raise _json_error(path, what, ValueError("not UTF-8 text"), _read_to(f)) from None
         except OSError as err:
             raise PipelineError(f"{what}: {path}: cannot read ({err.strerror or err})") from None
 
@@ -98,6 +112,8 @@ def load_image_records(path: Path | str, what: str, keys: Iterable[str] | None =
         if not isinstance(record, dict) or "id" not in record:
             raise PipelineError(f"{what}: {path}: 'images' must be a list of records with an 'id'")
         records.append(record if keep is None else {k: record[k] for k in keep if k in record})
+    if not records and top_level_value(path, what, "images") != []:  # absent, or not a list: say so
+        raise PipelineError(f"{what}: {path}: 'images' must be a list of records with an 'id'")
     return records
 
 

@@ -26,7 +26,7 @@ class Manifest:
     image_root: str
     proposer_json: str
     base_category_ids: list[int]
-    files: dict[str, str]  # path -> size/mtime or content digest, so a changed input changes the manifest
+    files: dict[str, str]  # path -> content digest, so a changed input changes the manifest (and only then)
     proposer_image_root: str = ""  # folder of the proposer file's file_names ("" means image_root)
     proposer_excluded_image_ids: list[int] = field(default_factory=list)  # images the proposer must not train on
 

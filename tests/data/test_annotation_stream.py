@@ -158,3 +158,25 @@ def test_image_records_errors_are_one_line(tmp_path, text, message):
     assert str(err.value).startswith(f"LVIS annotations: {path}: ") and "\n" not in str(err.value)
     with pytest.raises(PipelineError, match="file not found"):
         load_image_records(tmp_path / "missing.json", "LVIS annotations")
+
+
+def test_a_large_broken_file_is_not_parsed_whole_for_its_error(tmp_path, monkeypatch):
+    """Above the size limit (here 0 bytes) the error names where the stream had read to instead of the line and
+    column the standard parser would find by loading the whole file (several GB for LVIS train)."""
+    path = tmp_path / "cut.json"
+    path.write_text(json.dumps({"images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(5000)]})[:-40_000])
+    monkeypatch.setattr(stream, "_EXACT_ERROR_BYTES", 0)
+    monkeypatch.setattr(json, "load", lambda *a, **k: pytest.fail("parsed whole"))
+    with pytest.raises(PipelineError, match=r"not valid JSON \(.*within the first [\d,]+ bytes\)") as err:
+        load_image_records(path, "LVIS annotations")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text", ['{"annotations": []}', '{"images": {"id": 1}}', '{"images": null}'])
+def test_a_file_without_an_images_list_is_an_error_not_an_empty_split(tmp_path, text):
+    path = tmp_path / "no_images.json"
+    path.write_text(text)
+    with pytest.raises(PipelineError, match="'images' must be a list|missing top-level key 'images'"):
+        load_image_records(path, "LVIS annotations")
+    path.write_text('{"images": []}')
+    assert load_image_records(path, "LVIS annotations") == []
