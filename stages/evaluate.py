@@ -17,8 +17,9 @@ from pipeline.config import as_dict
 from pipeline.data.dataset import read_manifest
 from pipeline.evaluation.evaluate import ROWS, evaluate_clusters, metrics_table
 from pipeline.evaluation.lvis_eval import load_lvis
-from pipeline.experiments.plots import bucket_ap_bars, disk_coordinates, poincare_disk
-from pipeline.stores.store import atomic_path, check_source, open_store, read_array, write_json
+from pipeline.experiments.plots import bucket_ap_bars, poincare_disk
+from pipeline.geometry.disk import disk_coordinates
+from pipeline.stores.store import atomic_path, check_source, open_store, read_array, store_array, write_json
 from stages.common import MANIFEST, Timer, clean_errors, params, split_dir, summary
 
 SPLIT = "val"
@@ -68,7 +69,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
     names = {int(c["id"]): c["name"] for c in gt.dataset["categories"]}
     labels = result.matches.category
     bucket = np.array([frequency.get(int(c), "") for c in labels], dtype="<U1")
-    points = disk_coordinates(read_array(embeddings, "embeddings"), float(embeddings.attrs["curvature"]))
+    points = disk_coordinates(store_array(embeddings, "embeddings"), float(embeddings.attrs["curvature"]))  # by blocks
     if embeddings.attrs["geometry"] != "poincare":  # Euclidean: squash into the disk for the picture only
         points = points / (1.0 + np.linalg.norm(points, axis=1, keepdims=True))
     with atomic_path(DISK_PNG) as tmp:

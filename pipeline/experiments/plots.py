@@ -209,24 +209,6 @@ def elbow_plot(curve: list[tuple[int, float]], elbow: int | None, chosen: int, o
     _save(fig, out_png)
 
 
-def disk_coordinates(x: np.ndarray, c: float = 1.0, seed: int = 0) -> np.ndarray:
-    """2-D points of the unit disk for (N, d) points of the ball of curvature c.
-
-    d == 2: the points themselves, scaled to the unit disk. d > 2: each point keeps its distance to the
-    origin (its norm) and gets the direction of its first two principal components (directions normalised),
-    so how deep a point sits in the hierarchy is read off exactly.
-    """
-    x = np.asarray(x, dtype=np.float64) * np.sqrt(c)
-    if x.shape[1] == 2:
-        return x
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    centred = x - x.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred[np.random.default_rng(seed).permutation(len(x))[:20000]], full_matrices=False)
-    direction = centred @ vt[:2].T
-    direction /= np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-12)
-    return direction * norm
-
-
 def poincare_disk(
     points: np.ndarray,
     labels: np.ndarray,
