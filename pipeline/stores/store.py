@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -36,8 +37,12 @@ def temporary_path(final: Path | str) -> Path:
 
 
 def clean_leftovers(final: Path | str) -> None:
-    """Remove what a killed writer of `final` left behind: its temporary path and an old copy mid-rename."""
+    """Remove what a killed writer of `final` left behind: its temporary path, and an old copy mid-rename (put
+    back in place when the kill came between the two renames of a folder, so the previous output is not lost)."""
     final = Path(final)
+    old = final.parent / f".{final.name}.old"
+    if old.exists() and not final.exists():
+        old.rename(final)
     if final.parent.is_dir():
         for pattern in (f".{final.name}.tmp*", f".{final.name}.old*"):
             for leftover in final.parent.glob(pattern):
@@ -60,7 +65,10 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
-    old = final.parent / f".{final.name}.old"
+    if tmp.is_file() and not final.is_dir():  # a file replaces a file in one step: no moment without either
+        os.replace(tmp, final)
+        return
+    old = final.parent / f".{final.name}.old"  # a folder cannot: the old one is moved aside first
     if final.exists():
         final.rename(old)
     tmp.rename(final)

@@ -1,10 +1,20 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import zarr
 
 from pipeline.errors import PipelineError
 from pipeline.geometry.masks import encode_rle, mask_iou, paste_masks
-from pipeline.stores.store import atomic_path, check_source, offsets_from_counts, open_store, read_array, write_store
+from pipeline.stores.store import (
+    atomic_path,
+    check_source,
+    clean_leftovers,
+    offsets_from_counts,
+    open_store,
+    read_array,
+    write_store,
+)
 
 
 def ragged(rng, counts):
@@ -60,6 +70,27 @@ def test_atomic_path_keeps_old_output_on_failure(tmp_path):
         tmp.mkdir()
         (tmp / "partial").write_text("half")
         raise RuntimeError("killed")
+    assert np.array_equal(read_array(open_store(target, "proposals"), "x"), np.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+
+
+def test_atomic_path_replaces_a_file_in_one_step(tmp_path, monkeypatch):
+    target = tmp_path / "state.pt"
+    target.write_bytes(b"old")
+    renames = []
+    monkeypatch.setattr(Path, "rename", lambda self, to: renames.append((self, to)))  # a folder's two renames
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and renames == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+
+
+def test_a_kill_between_a_folders_two_renames_puts_the_old_one_back(tmp_path):
+    target = tmp_path / "out.zarr"
+    write_store(target, {"x": np.arange(3)}, {}, kind="proposals")
+    target.rename(tmp_path / ".out.zarr.old")  # the first rename done, then killed
+    (tmp_path / ".out.zarr.tmp").mkdir()  # the new folder that was never renamed in
+    clean_leftovers(target)
     assert np.array_equal(read_array(open_store(target, "proposals"), "x"), np.arange(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
 
