@@ -383,7 +383,6 @@ def write_clusters(path: Path, n: int, k: int, dim: int, source_fingerprint: str
         "centroid_rule": "einstein",
         "geometry": "poincare",
         "curvature": 1.0,
-        "faiss": "fabricated",
         "params": {"fabricated_by": "benchmarks/bench_memory.py"},
         "source": "data/val/embeddings.zarr",
         "source_fingerprint": source_fingerprint,

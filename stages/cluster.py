@@ -28,7 +28,6 @@ from pipeline.distributed import Ranks, all_gather, init_ranks, launch_ranks, ma
 from pipeline.experiments.plots import elbow_plot
 from pipeline.geometry.kmeans import (
     cuda_devices,
-    faiss_backend,
     inertia_curve,
     k_sweep,
     kmeans,
@@ -114,7 +113,6 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
         "centroid_rule": cfg.centroid if geometry == "poincare" else "euclidean mean",
         "geometry": geometry,
         "curvature": c,
-        "faiss": faiss_backend(),
         "params": {"cluster": as_dict(cfg)},
         "source": str(source),
         "source_fingerprint": store.attrs["fingerprint"],
