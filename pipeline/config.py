@@ -28,7 +28,8 @@ import yaml
 from pipeline.errors import PipelineError
 
 # How a param enters the params a store records (`store_params`): one that only sets how fast a stage runs
-# never does; one added after the stores existed does only when set away from its default, so that the
+# (or how often it checkpoints) never does, nor is it among the stage's params in dvc.yaml, so changing it
+# re-runs nothing; one added after the stores existed does only when set away from its default, so that the
 # stores made with the default keep their bytes.
 SPEED_ONLY = {"store": "never"}
 RECORDED_WHEN_SET = {"store": "when_set"}
@@ -69,7 +70,7 @@ class Proposer:
     epochs: int = 8
     batch_size: int = 4  # the global batch: split across the ranks under torchrun
     lr: float = 0.02
-    checkpoint_every: int = 100
+    checkpoint_every: int = field(default=100, metadata=SPEED_ONLY)  # resumes give the same weights
     roi_align_grad: Literal["sparse", "torchvision"] = (
         "sparse"  # RoIAlign's CPU backward (pipeline/models/roi_align.py)
     )
@@ -116,8 +117,8 @@ class Embed:
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-5
-    num_workers: int = 0
-    checkpoint_every: int = 100
+    num_workers: int = field(default=0, metadata=SPEED_ONLY)
+    checkpoint_every: int = field(default=100, metadata=SPEED_ONLY)  # resumes give the same head
     view: Literal["fg", "box"] = "fg"
     init: Literal["released", "torch"] = "released"
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -394,6 +395,11 @@ def load_params(path: Path | str = "params.yaml") -> Params:
 def as_dict(obj: Any) -> dict:
     """Params (or one group) as a plain dict, for store attrs and logs."""
     return dataclasses.asdict(obj)
+
+
+def speed_only(group: type | Any) -> tuple[str, ...]:
+    """The fields of a params group that set only how a run goes, not what it makes (`SPEED_ONLY`)."""
+    return tuple(f.name for f in dataclasses.fields(group) if f.metadata.get("store") == "never")
 
 
 def store_params(group: Any) -> dict:

@@ -28,7 +28,7 @@ import numpy as np
 import typer
 from dvclive import Live
 
-from pipeline.config import Params, as_dict
+from pipeline.config import Embed, Params, as_dict, speed_only
 from pipeline.device import numeric_context, pick_device
 from pipeline.distributed import Ranks, init_ranks, launch_ranks, main_goes_on, rank_device, shutdown
 from pipeline.models.embedding import embed_batches, geometry_margin, save_head
@@ -40,7 +40,7 @@ from stages.common import EMBEDDER_CHECKPOINT, Timer, clean_errors, params, spli
 
 LIVE_DIR = "dvclive/embed"
 TRAIN, EVAL = "train", "val"
-RUN_ONLY = ("num_workers", "checkpoint_every")  # embed params that change how a run goes, not what it makes
+RUN_ONLY = speed_only(Embed)  # num_workers, checkpoint_every: how a run goes, not what it makes
 
 
 def open_samples(split: str):

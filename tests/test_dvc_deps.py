@@ -98,3 +98,39 @@ def test_import_closure_follows_imports_transitively():
         "pipeline/data/lvis_format.py",
     } <= closure
     assert "pipeline/models/proposer.py" not in closure  # only what is imported
+
+
+def _params(dvcfile: str) -> dict[str, list[str]]:
+    spec = yaml.safe_load((ROOT / dvcfile).read_text())
+    return {name: stage.get("do", stage).get("params", []) for name, stage in spec["stages"].items()}
+
+
+# the main stage of each params group that has speed-only fields
+GROUP_STAGES = {"proposer": "train_proposer", "propose": "propose", "sample": "sample", "embed": "embed"}
+
+
+@pytest.mark.parametrize("group", sorted(GROUP_STAGES))
+def test_a_stage_lists_every_param_of_its_group_but_the_speed_only_ones(group):
+    """A speed-only param (num_workers, checkpoint_every) re-runs nothing when changed; every other one of the
+    group is listed, so a param added to the group is not forgotten in dvc.yaml."""
+    import dataclasses
+
+    from pipeline.config import Params, speed_only
+
+    group_type = type(getattr(Params(), group))
+    fields = {f.name for f in dataclasses.fields(group_type)}
+    assert speed_only(group_type)
+    declared = {k.split(".", 1)[1] for k in _params("dvc.yaml")[GROUP_STAGES[group]] if k.startswith(f"{group}.")}
+    assert declared == fields - set(speed_only(group_type))
+
+
+@pytest.mark.parametrize("dvcfile", ["dvc.yaml", "baselines/dvc.yaml"])
+def test_no_stage_lists_a_speed_only_param_or_a_whole_group_holding_one(dvcfile):
+    from pipeline.config import Params, speed_only
+
+    for stage, keys in _params(dvcfile).items():
+        for key in keys:
+            group, _, name = key.partition(".")
+            value = getattr(Params(), group, None)
+            if value is not None and hasattr(value, "__dataclass_fields__") and speed_only(type(value)):
+                assert name and name not in speed_only(type(value)), f"{dvcfile} stage {stage!r} lists {key!r}"
