@@ -113,6 +113,7 @@ def train_head(
         seed=cfg.seed,
         device=device,
         num_workers=cfg.num_workers,
+        checkpoint_every=cfg.checkpoint_every,
         view=cfg.view,
         init=cfg.init,
         schedule=cfg.schedule,
