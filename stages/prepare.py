@@ -87,9 +87,9 @@ def coco_image_folder(cfg: LvisData) -> Path:
     return folder
 
 
-def prepare_lvis(p: Params) -> tuple[Manifest, str]:
+def prepare_lvis(p: Params, params_file: str = "params.yaml") -> tuple[Manifest, str]:
     """`check_lvis` without the train file's summary: (manifest, summary line)."""
-    manifest, text, _ = check_lvis(p)
+    manifest, text, _ = check_lvis(p, params_file)
     return manifest, text
 
 
@@ -98,7 +98,7 @@ def _as_given(path: str | Path) -> str:
     return os.path.normpath(path)
 
 
-def check_lvis(p: Params) -> tuple[Manifest, str, AnnotationFile]:
+def check_lvis(p: Params, params_file: str = "params.yaml") -> tuple[Manifest, str, AnnotationFile]:
     """Check real LVIS v1 + COCO 2017 in their published layout; writes nothing, raises a one-line error.
 
     The three annotation files must parse and be well formed; a seeded sample of each file's images must
@@ -109,7 +109,7 @@ def check_lvis(p: Params) -> tuple[Manifest, str, AnnotationFile]:
     cfg = p.data.lvis
     for key in ("train_json", "val_json", "image_root", "coco_json"):
         if not getattr(cfg, key):
-            raise PipelineError(f"params.yaml: data.lvis.{key} is empty; data.source lvis needs it")
+            raise PipelineError(f"{params_file}: data.lvis.{key} is empty; data.source lvis needs it")
     root = Path(cfg.image_root)
     if not root.is_dir():
         raise PipelineError(f"data.lvis.image_root: {root}: folder not found")
@@ -144,6 +144,11 @@ def check_lvis(p: Params) -> tuple[Manifest, str, AnnotationFile]:
         f"{len(train.categories)} categories, {len(base)} matched to COCO as base; proposer: "
         f"{n_coco - len(excluded)} of {n_coco} COCO images, {len(excluded)} left out as LVIS val images"
     )
+    if coco.n_short_polygons:
+        text += (
+            f"; {coco.n_short_polygons} COCO annotations hold polygons under three points "
+            "(left out of their masks, as detectron2 does)"
+        )
     return manifest, text, train
 
 
@@ -165,7 +170,7 @@ def main(params_file: str = typer.Option("params.yaml", help="params file")) -> 
             write_manifest(out / MANIFEST.name, manifest)
             _preview(out / "world" / "lvis_v1_train.json", out / "world" / "images")
     else:
-        manifest, text, train = check_lvis(p)
+        manifest, text, train = check_lvis(p, params_file)
         with atomic_path(PREPARED) as out:
             out.mkdir(parents=True)
             write_manifest(out / MANIFEST.name, manifest)

@@ -202,6 +202,31 @@ def test_prepare_lvis_invalid_structure(dataset: dict[str, Path]) -> None:
     one_line(err, dataset["train"], "category id 1", "frequency 'x'")
 
 
+def test_prepare_lvis_empty_path_names_the_params_file(dataset: dict[str, Path]) -> None:
+    with pytest.raises(PipelineError) as err:
+        prepare_lvis(lvis_params(dataset, val=""), params_file="experiments/lvis.yaml")
+    msg = one_line(err, "data.lvis.val_json is empty")
+    assert msg.startswith("experiments/lvis.yaml: ")
+
+
+def test_prepare_lvis_reports_short_coco_polygons(dataset: dict[str, Path]) -> None:
+    data = coco_base()
+    data["annotations"][0]["segmentation"] = [[1, 1, 4, 1]]
+    write_json(dataset["coco"], data)
+    _, text = prepare_lvis(lvis_params(dataset))
+    assert "; 1 COCO annotations hold polygons under three points" in text and "\n" not in text
+
+
+def test_prepare_lvis_refuses_a_string_area_before_any_stage_runs(dataset: dict[str, Path]) -> None:
+    """Found by a user trial: it used to pass prepare and fail in evaluate, the last stage, inside LVISEval."""
+    data = lvis_val()
+    data["annotations"][0]["area"] = "12.5"
+    write_json(dataset["val"], data)
+    with pytest.raises(PipelineError) as err:
+        prepare_lvis(lvis_params(dataset))
+    one_line(err, dataset["val"], f"annotation id {data['annotations'][0]['id']}", "'area'")
+
+
 # ---------------------------------------------------------------------------------------------
 # stages.prepare.main: nothing is written before every check has passed
 

@@ -16,6 +16,12 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.annotation_fields import (
+    annotation_problem,
+    category_problem,
+    image_problem,
+    short_polygon_count,
+)
 from pipeline.data.annotation_stream import stream_items, top_level_value
 from pipeline.errors import PipelineError
 
@@ -106,16 +112,24 @@ class AnnotationFile:
     categories: list[dict]
     annotated_image_ids: np.ndarray  # sorted, unique
     n_annotations: int
+    n_short_polygons: int = 0  # annotations with a polygon under three points (COCO only; an LVIS file is refused)
 
 
 _ABSENT = object()
 
 
 def _validate(
-    path: Path, what: str, image_keys: Sequence[str], cat_keys: Sequence[str], ann_keys: Sequence[str]
+    path: Path,
+    what: str,
+    image_keys: Sequence[str],
+    cat_keys: Sequence[str],
+    ann_keys: Sequence[str],
+    allow_short_polygons: bool = False,
 ) -> AnnotationFile:
-    """Check a COCO/LVIS file's structure in three streamed passes (images, categories, annotations): record keys
-    and integer ids, unique ids, an image file reference, annotations whose category and image exist."""
+    """Check a COCO/LVIS file in three streamed passes (images, categories, annotations): record keys, integer
+    ids, unique ids, an image file reference, annotations whose category and image exist, and the fields of
+    every record (`pipeline.data.annotation_fields`). Polygons under three points are an error, or are counted
+    with `allow_short_polygons` (the proposer's loader drops them, as detectron2 does)."""
     path = Path(path)
     images = _require_list(top_level_value(path, what, "images", _ABSENT), "images", path, what)
     cats = _require_list(top_level_value(path, what, "categories", _ABSENT), "categories", path, what)
@@ -124,14 +138,24 @@ def _validate(
     _require_int_ids(images, ("id",), "image", path, what)
     _require_int_ids(cats, ("id",), "category", path, what)
     for im in images:
+        problem = image_problem(im)
+        if problem:
+            raise PipelineError(f"{what}: {path}: image id {im['id']}: {problem}")
         if "file_name" not in im and "coco_url" not in im:
             raise PipelineError(f"{what}: {path}: image id {im['id']} has neither 'file_name' nor 'coco_url'")
-        for key in ("file_name", "coco_url"):
-            if key in im and not isinstance(im[key], str):
-                raise PipelineError(f"{what}: {path}: image id {im['id']}: {key!r} must be a string, got {im[key]!r}")
+        try:
+            image_path(im, Path("."))  # a file_name and coco_url of the right type, a coco_url with a folder
+        except PipelineError as err:
+            raise PipelineError(f"{what}: {path}: {err}") from None
+    for cat in cats:
+        problem = category_problem(cat)
+        if problem:
+            raise PipelineError(f"{what}: {path}: category id {cat['id']}: {problem}")
     image_ids = _unique_ids(images, "image", path, what)
     cat_ids = _unique_ids(cats, "category", path, what)
+    sizes = {im["id"]: (im["height"], im["width"]) for im in images}
     ann_ids, ann_images = array("q"), array("q")
+    n_short = 0
     for i, ann in enumerate(stream_items(path, what, "annotations.item")):
         _require_record(ann, i, ann_keys, "annotation", path, what)
         _require_int_id(ann, i, ("id", "image_id", "category_id"), "annotation", path, what)
@@ -141,8 +165,16 @@ def _validate(
             )
         if ann["image_id"] not in image_ids:
             raise PipelineError(f"{what}: {path}: annotation id {ann['id']} has unknown image_id {ann['image_id']}")
-        if "segmentation" in ann and not isinstance(ann["segmentation"], list | dict):
-            raise PipelineError(f"{what}: {path}: annotation id {ann['id']} has a malformed 'segmentation'")
+        problem = annotation_problem(ann, *sizes[ann["image_id"]])
+        if problem:
+            raise PipelineError(f"{what}: {path}: annotation id {ann['id']}: {problem}")
+        if short_polygon_count(ann.get("segmentation")):
+            if not allow_short_polygons:
+                raise PipelineError(
+                    f"{what}: {path}: annotation id {ann['id']}: a polygon has fewer than three points "
+                    "or an odd number of coordinates"
+                )
+            n_short += 1
         ann_ids.append(ann["id"])
         ann_images.append(ann["image_id"])
     if not ann_ids:  # an empty list, or no list at all: read the (small) value to tell
@@ -152,7 +184,7 @@ def _validate(
     if repeated.size:
         raise PipelineError(f"{what}: {path}: duplicate annotation id {int(repeated[0])}")
     annotated = np.unique(np.frombuffer(ann_images, dtype=np.int64))
-    return AnnotationFile(path, images, cats, annotated, len(ann_ids))
+    return AnnotationFile(path, images, cats, annotated, len(ann_ids), n_short)
 
 
 def validate_lvis(path: Path, what: str = "LVIS annotations") -> AnnotationFile:
@@ -187,9 +219,18 @@ def validate_lvis(path: Path, what: str = "LVIS annotations") -> AnnotationFile:
 
 
 def validate_coco(path: Path, what: str = "COCO annotations") -> AnnotationFile:
-    """Check a COCO instances file's structure (ids unique, references resolve), streaming its annotations;
-    returns its `AnnotationFile`."""
-    return _validate(Path(path), what, image_keys=_IMAGE_KEYS, cat_keys=("id", "name"), ann_keys=_ANN_KEYS)
+    """Check a COCO instances file's structure (ids unique, references resolve, fields typed), streaming its
+    annotations; returns its `AnnotationFile`. Polygons under three points are counted, not refused: the
+    proposer's loader drops them, as detectron2 does (COCO train2017 holds degenerate annotations, such as
+    id 918 with zero area, that training skips)."""
+    return _validate(
+        Path(path),
+        what,
+        image_keys=_IMAGE_KEYS,
+        cat_keys=("id", "name"),
+        ann_keys=(*_ANN_KEYS, "segmentation"),
+        allow_short_polygons=True,
+    )
 
 
 def image_path(image: dict, image_root: Path) -> Path:

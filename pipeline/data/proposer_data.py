@@ -20,7 +20,7 @@ import torch
 from pipeline.data.annotation_stream import AnnotationIndex, load_image_records
 from pipeline.data.lvis_format import IMAGE_FIELDS, image_path, load_image
 from pipeline.errors import PipelineError
-from pipeline.geometry.masks import annotation_rle
+from pipeline.geometry.masks import annotation_rle, is_short_polygon
 
 
 def _decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
@@ -33,8 +33,9 @@ class CocoInstances(torch.utils.data.Dataset):
 
     target: `boxes` (n, 4) float32 xyxy, `labels` (n,) int64 (all 1, or `label_map[category_id]` for a
     class-aware detector such as the supervised baseline), `masks` (n, H, W) uint8,
-    `image_id` int. Crowd annotations and boxes narrower or lower than one pixel (after clipping to
-    the image) are dropped; with `skip_empty`, images left without annotations are dropped.
+    `image_id` int. Crowd annotations, boxes narrower or lower than one pixel (after clipping to the image)
+    and polygon annotations without a polygon of three points are dropped (as detectron2 does); with
+    `skip_empty`, images left without annotations are dropped.
     Images whose id is in `exclude_image_ids` are left out altogether (the COCO-trained proposer must not
     see the LVIS val images, which come from COCO train2017 too); `n_excluded` counts those of the file.
     """
@@ -67,8 +68,11 @@ class CocoInstances(torch.utils.data.Dataset):
                 x2, y2 = min(float(img["width"]), x + w), min(float(img["height"]), y + h)
                 if x2 - x1 < 1.0 or y2 - y1 < 1.0:
                     return None
+                segmentation = ann["segmentation"]
+                if isinstance(segmentation, list) and all(is_short_polygon(p) for p in segmentation):
+                    return None  # no polygon of three points: detectron2 drops the instance too
                 label = 1 if label_map is None else label_map[int(ann["category_id"])]
-                return {"box": (x1, y1, x2, y2), "segmentation": ann["segmentation"], "label": label}
+                return {"box": (x1, y1, x2, y2), "segmentation": segmentation, "label": label}
 
             # the annotations wait on disk, indexed by image: 24 bytes each in memory, not their polygons
             self._anns = AnnotationIndex(self.coco_json, what, instance)

@@ -216,9 +216,22 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0).astype(np.float64)
 
 
+MIN_POLYGON_COORDS = 6  # three points: detectron2's and mmdetection's rule for a polygon that can be filled
+
+
+def is_short_polygon(polygon: list) -> bool:
+    """Fewer than three points, or an odd number of coordinates: a polygon detectron2 drops (`load_coco_json`)."""
+    return len(polygon) < MIN_POLYGON_COORDS or len(polygon) % 2 == 1
+
+
 def annotation_rle(segmentation: list | dict, height: int, width: int) -> dict:
-    """Compressed RLE of one annotation's segmentation: polygons (merged), uncompressed or compressed RLE."""
+    """Compressed RLE of one annotation's segmentation: polygons (merged), uncompressed or compressed RLE.
+
+    Polygons under three points are left out, as detectron2 does (pycocotools reads a first polygon of four
+    numbers as a box and fails on fewer); without a polygon left, the mask is empty.
+    """
     if isinstance(segmentation, list):
+        segmentation = [polygon for polygon in segmentation if not is_short_polygon(polygon)]
         if not segmentation:
             return mask_utils.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
         return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))

@@ -96,6 +96,9 @@ def lvis_val() -> dict:
 EXCLUDED_IDS = [9]  # the LVIS val image the COCO file also holds
 
 
+_BOX = [[1, 1, 4, 1, 4, 3, 1, 3]]
+
+
 def coco_base() -> dict:
     """COCO 2017 instances: bare file_names under <image_root>/train2017; image 9 is an LVIS val image."""
     return {
@@ -104,8 +107,24 @@ def coco_base() -> dict:
             {"id": 9, "width": 8, "height": 6, "file_name": "000000000009.jpg"},
         ],
         "annotations": [
-            {"id": 1, "image_id": 2, "category_id": 10, "bbox": [1, 1, 3, 2], "area": 6, "iscrowd": 0},
-            {"id": 2, "image_id": 9, "category_id": 1, "bbox": [1, 1, 3, 2], "area": 6, "iscrowd": 0},
+            {
+                "id": 1,
+                "image_id": 2,
+                "category_id": 10,
+                "bbox": [1, 1, 3, 2],
+                "area": 6,
+                "iscrowd": 0,
+                "segmentation": _BOX,
+            },
+            {
+                "id": 2,
+                "image_id": 9,
+                "category_id": 1,
+                "bbox": [1, 1, 3, 2],
+                "area": 6,
+                "iscrowd": 0,
+                "segmentation": _BOX,
+            },
         ],
         "categories": copy.deepcopy(COCO_CATEGORIES),
     }

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import pytest
 
 from pipeline.data.lvis_format import (
@@ -75,8 +76,12 @@ def test_coco_file_fails_validate_lvis(tmp_path: Path) -> None:
 
 
 def test_lvis_accepts_rle_segmentation(tmp_path: Path) -> None:
+    """Compressed (string) and uncompressed (list) RLE of the image's size, as pycocotools writes them."""
+    mask = np.zeros((6, 8), dtype=np.uint8, order="F")
+    mask[1:3, 1:4] = 1
     data = lvis_train()
-    data["annotations"][0]["segmentation"] = {"size": [6, 8], "counts": "abc"}
+    data["annotations"][0]["segmentation"] = {"size": [6, 8], "counts": mask_utils.encode(mask)["counts"].decode()}
+    data["annotations"][1]["segmentation"] = {"size": [6, 8], "counts": [8, 2, 4, 2, 4, 2, 26]}
     validate_lvis(write_json(tmp_path / "rle.json", data))
 
 
@@ -204,6 +209,39 @@ LVIS_ERRORS = {
     "annotation missing bbox": (lambda d: d["annotations"][2].pop("bbox"), ["annotation id 3", "'bbox'"]),
     "annotation missing area": (lambda d: d["annotations"][0].pop("area"), ["annotation id 1", "'area'"]),
     "malformed segmentation": (_set_ann("segmentation", "oops"), ["annotation id 2", "'segmentation'"]),
+    # fields that used to pass prepare and fail a later stage with a library traceback (a user trial found them)
+    "area a string": (_set_ann("area", "6.0"), ["annotation id 2", "'area'", "'6.0'"]),
+    "area negative": (_set_ann("area", -1.0), ["annotation id 2", "'area'"]),
+    "bbox of three": (_set_ann("bbox", [1, 1, 3]), ["annotation id 2", "'bbox'"]),
+    "bbox with a string": (_set_ann("bbox", [1, 1, "3", 2]), ["annotation id 2", "'bbox'"]),
+    "bbox negative height": (_set_ann("bbox", [1, 1, 3, -2]), ["annotation id 2", "negative"]),
+    "iscrowd a string": (_set_ann("iscrowd", "no"), ["annotation id 2", "'iscrowd'", "'no'"]),
+    "polygon of two points": (_set_ann("segmentation", [[1, 1, 4, 1]]), ["annotation id 2", "fewer than three"]),
+    "polygon of odd length": (_set_ann("segmentation", [[1, 1, 4, 1, 4, 3, 1]]), ["annotation id 2", "odd"]),
+    "polygon of strings": (_set_ann("segmentation", [["1", "1", "4", "1", "4", "3"]]), ["annotation id 2", "'1'"]),
+    "polygon with NaN": (_set_ann("segmentation", [[1, 1, 4, float("nan"), 4, 3]]), ["not valid JSON"]),
+    "polygon far outside": (_set_ann("segmentation", [[1, 1, 1e30, 1, 4, 3]]), ["annotation id 2", "8x6 image"]),
+    "polygon not a list": (_set_ann("segmentation", [7]), ["annotation id 2", "polygon must be a list"]),
+    "RLE without size": (_set_ann("segmentation", {"counts": "PP"}), ["annotation id 2", "'size'"]),
+    "RLE of another size": (
+        _set_ann("segmentation", {"counts": [48], "size": [8, 6]}),
+        ["annotation id 2", "[8, 6]", "[6, 8]"],
+    ),
+    "RLE counts short": (_set_ann("segmentation", {"counts": [1, 2], "size": [6, 8]}), ["add up to 3", "48 pixels"]),
+    "RLE string garbage": (_set_ann("segmentation", {"counts": "abc", "size": [6, 8]}), ["compressed RLE"]),
+    "RLE counts a number": (_set_ann("segmentation", {"counts": 5, "size": [6, 8]}), ["'counts'", "int"]),
+    "width a string": (lambda d: d["images"][1].__setitem__("width", "8"), ["image id 2", "'width'", "'8'"]),
+    "height zero": (lambda d: d["images"][0].__setitem__("height", 0), ["image id 1", "'height'"]),
+    "coco_url without a folder": (
+        lambda d: d["images"][1].__setitem__("coco_url", "http://host/x.jpg"),
+        ["image id 2", "coco_url", "<folder>/<file>"],
+    ),
+    "category name a number": (lambda d: d["categories"][1].__setitem__("name", 7), ["category id 2", "'name'"]),
+    "category name empty": (lambda d: d["categories"][1].__setitem__("name", " "), ["category id 2", "'name'"]),
+    "synonyms a string": (
+        lambda d: d["categories"][0].__setitem__("synonyms", "stoplight"),
+        ["category id 1", "'synonyms'"],
+    ),
 }
 
 
@@ -243,6 +281,14 @@ COCO_ERRORS = {
     "unknown image_id": (_set_ann("image_id", 99, 0), ["annotation id 1", "unknown image_id 99"]),
     "duplicate category id": (_dup("categories"), ["duplicate category id 10"]),
     "category missing name": (lambda d: d["categories"][0].pop("name"), ["category id 10", "'name'"]),
+    "missing segmentation": (lambda d: d["annotations"][1].pop("segmentation"), ["annotation id 2", "'segmentation'"]),
+    "polygon of strings": (_set_ann("segmentation", [["1", "1", "4", "1", "4", "3"]], 0), ["annotation id 1", "'1'"]),
+    "crowd RLE short": (
+        _set_ann("segmentation", {"counts": [5, 5], "size": [6, 8]}, 0),
+        ["annotation id 1", "add up to 10"],
+    ),
+    "iscrowd a string": (_set_ann("iscrowd", "no", 0), ["annotation id 1", "'iscrowd'"]),
+    "bbox not a list": (_set_ann("bbox", "1 1 3 2", 0), ["annotation id 1", "'bbox'"]),
 }
 
 
@@ -255,6 +301,38 @@ def test_coco_structural_errors(tmp_path: Path, case: str) -> None:
     with pytest.raises(PipelineError) as err:
         validate_coco(path)
     one_line(err, path, *parts)
+
+
+def test_coco_counts_short_polygons_that_lvis_refuses(tmp_path: Path) -> None:
+    """A COCO polygon under three points is counted (the proposer's loader drops it, as detectron2 does), not
+    refused: COCO train2017 has degenerate annotations. `area` and `iscrowd` are optional in COCO."""
+    data = coco_base()
+    data["annotations"][0]["segmentation"] = [[1, 1, 4, 1]]
+    data["annotations"][1]["segmentation"] = [[1, 1, 4, 1, 4, 3], [2, 2]]
+    del data["annotations"][1]["area"], data["annotations"][1]["iscrowd"]
+    assert validate_coco(write_json(tmp_path / "c.json", data)).n_short_polygons == 2
+    assert validate_coco(write_json(tmp_path / "ok.json", coco_base())).n_short_polygons == 0
+
+
+def test_overflowing_coordinate_is_one_line(tmp_path: Path) -> None:
+    """1e999 is valid JSON that reads as inf, which pycocotools' rasteriser would exhaust memory on: the stream
+    refuses it (yajl: numeric overflow)."""
+    data = lvis_train()
+    data["annotations"][1]["segmentation"] = [[1, 1, 4, 1, 4, 12345.5]]
+    path = tmp_path / "inf.json"
+    path.write_text(json.dumps(data).replace("12345.5", "1e999"))
+    with pytest.raises(PipelineError) as err:
+        validate_lvis(path)
+    one_line(err, path, "overflow")
+
+
+def test_iscrowd_booleans_and_float_coordinates_pass(tmp_path: Path) -> None:
+    data = lvis_train()
+    data["annotations"][0]["iscrowd"] = False
+    data["annotations"][1]["iscrowd"] = 0
+    data["annotations"][2]["segmentation"] = [[0.5, 0.5, 8.5, 0.5, 8.5, 6.5]]  # a pixel over the border is fine
+    data["annotations"][2]["area"] = 0  # COCO train2017 has zero-area annotations
+    validate_lvis(write_json(tmp_path / "l.json", data))
 
 
 def test_coco_does_not_require_lvis_keys(tmp_path: Path) -> None:

@@ -124,6 +124,37 @@ def test_dataset(proposer_world):
         assert mask.sum() == pytest.approx((x2 - x1) * (y2 - y1), rel=0.15)
 
 
+def test_dataset_drops_polygons_under_three_points(tmp_path):
+    """As detectron2's load_coco_json: short polygons are left out of the mask, an instance left without a
+    polygon is dropped (pycocotools would read a first polygon of four numbers as a box and fail)."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.fromarray(_image(0, 16, 16)).save(tmp_path / "img" / "a.png")
+    square = [2, 2, 10, 2, 10, 10, 2, 10]
+
+    def ann(i, segmentation):
+        return {
+            "id": i,
+            "image_id": 1,
+            "category_id": 1,
+            "bbox": [2, 2, 8, 8],
+            "iscrowd": 0,
+            "segmentation": segmentation,
+        }
+
+    coco = {
+        "images": [{"id": 1, "width": 16, "height": 16, "file_name": "a.png"}],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [ann(1, [[2, 2, 10, 2], square]), ann(2, [[2, 2, 10, 2]]), ann(3, []), ann(4, [square])],
+    }
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps(coco))
+    _, target = CocoInstances(path, tmp_path / "img")[0]
+    assert target["boxes"].shape == (2, 4)  # annotations 1 and 4
+    assert torch.equal(target["masks"][0], target["masks"][1]) and target["masks"][0].sum() > 0
+
+
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = build_model("resnet18", SIZE, score_thresh=0.0)
