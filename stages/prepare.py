@@ -146,8 +146,8 @@ def check_lvis(p: Params, params_file: str = "params.yaml") -> tuple[Manifest, s
     )
     if coco.n_short_polygons:
         text += (
-            f"; {coco.n_short_polygons} COCO annotations hold polygons under three points "
-            "(left out of their masks, as detectron2 does)"
+            f"; {coco.n_short_polygons} COCO annotations hold polygons under three points or of odd length "
+            "(train_proposer leaves those polygons out, as detectron2 does)"
         )
     return manifest, text, train
 

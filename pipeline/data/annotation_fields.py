@@ -96,7 +96,8 @@ def compressed_rle_counts(text: str) -> list[int] | None:
 
     pycocotools decodes a string whose runs do not cover the image into uninitialised memory, without an error,
     so the runs are read here to be checked. Each run is a little-endian base-32 number in characters from '0';
-    0x20 marks a continued character, 0x10 the sign of the last; from the third on, runs are differences.
+    0x20 marks a continued character, 0x10 the sign of the last; from the fourth on, runs are differences
+    (to the run two before).
     """
     counts: list[int] = []
     pos = 0

@@ -112,7 +112,7 @@ class AnnotationFile:
     categories: list[dict]
     annotated_image_ids: np.ndarray  # sorted, unique
     n_annotations: int
-    n_short_polygons: int = 0  # annotations with a polygon under three points (COCO only; an LVIS file is refused)
+    n_short_polygons: int = 0  # non-crowd annotations with a short polygon (COCO only; an LVIS file is refused)
 
 
 _ABSENT = object()
@@ -168,13 +168,16 @@ def _validate(
         problem = annotation_problem(ann, *sizes[ann["image_id"]])
         if problem:
             raise PipelineError(f"{what}: {path}: annotation id {ann['id']}: {problem}")
-        if short_polygon_count(ann.get("segmentation")):
+        segmentation = ann.get("segmentation")
+        if short_polygon_count(segmentation):
             if not allow_short_polygons:
                 raise PipelineError(
                     f"{what}: {path}: annotation id {ann['id']}: a polygon has fewer than three points "
                     "or an odd number of coordinates"
                 )
-            n_short += 1
+            n_short += not ann.get("iscrowd", 0)  # training leaves crowds out anyway
+        elif segmentation == [] and not allow_short_polygons:  # LVISEval fails on it inside pycocotools
+            raise PipelineError(f"{what}: {path}: annotation id {ann['id']}: 'segmentation' holds no polygon")
         ann_ids.append(ann["id"])
         ann_images.append(ann["image_id"])
     if not ann_ids:  # an empty list, or no list at all: read the (small) value to tell
@@ -192,7 +195,9 @@ def validate_lvis(path: Path, what: str = "LVIS annotations") -> AnnotationFile:
 
     Checks: images/annotations/categories lists; image width/height and LVIS's neg_category_ids and
     not_exhaustive_category_ids (lists of known category ids); category name and frequency ('r'/'c'/'f');
-    annotation segmentation/area/bbox; every annotation's category_id and image_id exist; ids unique.
+    annotation segmentation/area/bbox; every annotation's category_id and image_id exist; ids unique; the fields
+    of every record (`pipeline.data.annotation_fields`). A polygon under three points is an error, as it is for
+    detectron2's and TFDS's LVIS loaders (both assert it never happens in LVIS v1).
     """
     path = Path(path)
     data = _validate(
@@ -220,9 +225,9 @@ def validate_lvis(path: Path, what: str = "LVIS annotations") -> AnnotationFile:
 
 def validate_coco(path: Path, what: str = "COCO annotations") -> AnnotationFile:
     """Check a COCO instances file's structure (ids unique, references resolve, fields typed), streaming its
-    annotations; returns its `AnnotationFile`. Polygons under three points are counted, not refused: the
-    proposer's loader drops them, as detectron2 does (COCO train2017 holds degenerate annotations, such as
-    id 918 with zero area, that training skips)."""
+    annotations; returns its `AnnotationFile`. Polygons under three points or of odd length are counted, not
+    refused: the proposer's loader leaves them out, as detectron2's COCO loader does (which warns, where its LVIS
+    loader asserts)."""
     return _validate(
         Path(path),
         what,

@@ -34,7 +34,8 @@ class CocoInstances(torch.utils.data.Dataset):
     target: `boxes` (n, 4) float32 xyxy, `labels` (n,) int64 (all 1, or `label_map[category_id]` for a
     class-aware detector such as the supervised baseline), `masks` (n, H, W) uint8,
     `image_id` int. Crowd annotations, boxes narrower or lower than one pixel (after clipping to the image)
-    and polygon annotations without a polygon of three points are dropped (as detectron2 does); with
+    and polygon annotations without a polygon of three points are dropped (detectron2 drops those whose polygons
+    are all short, and keeps an empty list as a box without a mask, which Mask R-CNN cannot train on); with
     `skip_empty`, images left without annotations are dropped.
     Images whose id is in `exclude_image_ids` are left out altogether (the COCO-trained proposer must not
     see the LVIS val images, which come from COCO train2017 too); `n_excluded` counts those of the file.
@@ -70,7 +71,7 @@ class CocoInstances(torch.utils.data.Dataset):
                     return None
                 segmentation = ann["segmentation"]
                 if isinstance(segmentation, list) and all(is_short_polygon(p) for p in segmentation):
-                    return None  # no polygon of three points: detectron2 drops the instance too
+                    return None  # no polygon of three points to make a mask of
                 label = 1 if label_map is None else label_map[int(ann["category_id"])]
                 return {"box": (x1, y1, x2, y2), "segmentation": segmentation, "label": label}
 

@@ -10,6 +10,12 @@ import numpy as np
 from pipeline.geometry.kmeans_blocks import blocks, read_block, read_rows, rows_per_block
 
 
+def _project(rows: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """(n, d) rows onto (k, d) axes, each row summed on its own: the bits do not depend on how many rows come
+    at once (a BLAS product may pick another kernel for another shape, and did on one Intel CPU)."""
+    return (rows[:, None, :] * axes[None, :, :]).sum(axis=-1)
+
+
 def disk_coordinates(x: Any, c: float = 1.0, seed: int = 0, block_rows: int | None = None) -> np.ndarray:
     """2-D points of the unit disk for (N, d) points of the ball of curvature c (a numpy or zarr array).
 
@@ -35,7 +41,7 @@ def disk_coordinates(x: Any, c: float = 1.0, seed: int = 0, block_rows: int | No
     out = np.empty((n, 2))
     for s in blocks(n, step):
         xs = read_block(x, s) * sc
-        direction = (xs - mean) @ vt[:2].T
+        direction = _project(xs - mean, vt[:2])
         direction /= np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-12)
         out[s] = direction * np.linalg.norm(xs, axis=1, keepdims=True)
     return out

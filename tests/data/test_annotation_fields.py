@@ -29,10 +29,23 @@ def _runs(mask: np.ndarray) -> list[int]:
 
 
 def test_compressed_rle_counts_match_pycocotools() -> None:
+    """Small random masks (runs of one or two characters) and large ones of a few rectangles (runs of three to
+    five characters, negative differences)."""
     rng = np.random.default_rng(0)
+    masks = []
     for _ in range(200):
         h, w = (int(v) for v in rng.integers(1, 40, size=2))
-        mask = np.asfortranarray(rng.random((h, w)) < rng.random(), dtype=np.uint8)
+        masks.append(rng.random((h, w)) < rng.random())
+    for _ in range(20):
+        h, w = (int(v) for v in rng.integers(300, 2500, size=2))
+        mask = np.zeros((h, w), dtype=bool)
+        for _ in range(int(rng.integers(1, 6))):
+            y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+            mask[y : y + int(rng.integers(1, h)), x : x + int(rng.integers(1, w))] = True
+        masks.append(mask)
+    for mask in masks:
+        h, w = mask.shape
+        mask = np.asfortranarray(mask, dtype=np.uint8)
         text = mask_utils.encode(mask)["counts"].decode()
         assert compressed_rle_counts(text) == _runs(mask)
         assert segmentation_problem({"counts": text, "size": [h, w]}, h, w) is None

@@ -209,6 +209,8 @@ LVIS_ERRORS = {
     "annotation missing bbox": (lambda d: d["annotations"][2].pop("bbox"), ["annotation id 3", "'bbox'"]),
     "annotation missing area": (lambda d: d["annotations"][0].pop("area"), ["annotation id 1", "'area'"]),
     "malformed segmentation": (_set_ann("segmentation", "oops"), ["annotation id 2", "'segmentation'"]),
+    # refused by the JSON parser (yajl) before any field check, as before
+    "polygon with NaN": (_set_ann("segmentation", [[1, 1, 4, float("nan"), 4, 3]]), ["not valid JSON"]),
     # fields that used to pass prepare and fail a later stage with a library traceback (a user trial found them)
     "area a string": (_set_ann("area", "6.0"), ["annotation id 2", "'area'", "'6.0'"]),
     "area negative": (_set_ann("area", -1.0), ["annotation id 2", "'area'"]),
@@ -219,7 +221,7 @@ LVIS_ERRORS = {
     "polygon of two points": (_set_ann("segmentation", [[1, 1, 4, 1]]), ["annotation id 2", "fewer than three"]),
     "polygon of odd length": (_set_ann("segmentation", [[1, 1, 4, 1, 4, 3, 1]]), ["annotation id 2", "odd"]),
     "polygon of strings": (_set_ann("segmentation", [["1", "1", "4", "1", "4", "3"]]), ["annotation id 2", "'1'"]),
-    "polygon with NaN": (_set_ann("segmentation", [[1, 1, 4, float("nan"), 4, 3]]), ["not valid JSON"]),
+    "no polygon": (_set_ann("segmentation", []), ["annotation id 2", "no polygon"]),
     "polygon far outside": (_set_ann("segmentation", [[1, 1, 1e30, 1, 4, 3]]), ["annotation id 2", "8x6 image"]),
     "polygon not a list": (_set_ann("segmentation", [7]), ["annotation id 2", "polygon must be a list"]),
     "RLE without size": (_set_ann("segmentation", {"counts": "PP"}), ["annotation id 2", "'size'"]),
@@ -311,6 +313,9 @@ def test_coco_counts_short_polygons_that_lvis_refuses(tmp_path: Path) -> None:
     data["annotations"][1]["segmentation"] = [[1, 1, 4, 1, 4, 3], [2, 2]]
     del data["annotations"][1]["area"], data["annotations"][1]["iscrowd"]
     assert validate_coco(write_json(tmp_path / "c.json", data)).n_short_polygons == 2
+    data["annotations"][0]["iscrowd"] = 1  # training leaves crowds out anyway: not counted
+    data["annotations"][1]["segmentation"] = []  # no polygon: allowed in COCO (the loader drops the instance)
+    assert validate_coco(write_json(tmp_path / "c.json", data)).n_short_polygons == 0
     assert validate_coco(write_json(tmp_path / "ok.json", coco_base())).n_short_polygons == 0
 
 
