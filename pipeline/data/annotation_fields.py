@@ -21,7 +21,8 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """A JSON integer (Python's bool is an int, but `true` is not an id or a size)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -38,7 +39,7 @@ def image_problem(image: dict) -> str | None:
     """`width` and `height` must be positive integers (pixels)."""
     for key in ("width", "height"):
         value = image[key]
-        if not _is_int(value) or value <= 0:
+        if not is_int(value) or value <= 0:
             return f"{key!r} must be a positive integer, got {value!r}"
     return None
 
@@ -78,7 +79,7 @@ def _rle_problem(rle: dict, height: int, width: int) -> str | None:
         return f"RLE 'size' {size!r} is not the image's [height, width] [{height}, {width}]"
     counts = rle["counts"]
     if isinstance(counts, list):
-        if not all(_is_int(c) and c >= 0 for c in counts):
+        if not all(is_int(c) and c >= 0 for c in counts):
             return "RLE 'counts' must be non-negative integers"
         if sum(counts) != height * width:
             return f"RLE 'counts' add up to {sum(counts)}, not the image's {height * width} pixels"

@@ -20,6 +20,7 @@ from pipeline.data.annotation_fields import (
     annotation_problem,
     category_problem,
     image_problem,
+    is_int,
     short_polygon_count,
 )
 from pipeline.data.annotation_stream import stream_items, top_level_value
@@ -77,14 +78,10 @@ def _require_keys(records: Iterable[object], keys: Sequence[str], kind: str, pat
         _require_record(rec, i, keys, kind, path, what)
 
 
-def _is_id(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _require_int_id(rec: dict, i: int, keys: Sequence[str], kind: str, path: Path, what: str) -> None:
     for key in keys:
-        if not _is_id(rec[key]):
-            ident = f"id {rec['id']}" if key != "id" and _is_id(rec["id"]) else f"#{i}"
+        if not is_int(rec[key]):
+            ident = f"id {rec['id']}" if key != "id" and is_int(rec["id"]) else f"#{i}"
             raise PipelineError(f"{what}: {path}: {kind} {ident}: {key!r} must be an integer, got {rec[key]!r}")
 
 
@@ -151,9 +148,9 @@ def _validate(
         problem = category_problem(cat)
         if problem:
             raise PipelineError(f"{what}: {path}: category id {cat['id']}: {problem}")
-    image_ids = _unique_ids(images, "image", path, what)
+    _unique_ids(images, "image", path, what)
     cat_ids = _unique_ids(cats, "category", path, what)
-    sizes = {im["id"]: (im["height"], im["width"]) for im in images}
+    sizes = {im["id"]: (im["height"], im["width"]) for im in images}  # (height, width) by image id
     ann_ids, ann_images = array("q"), array("q")
     n_short = 0
     for i, ann in enumerate(stream_items(path, what, "annotations.item")):
@@ -163,7 +160,7 @@ def _validate(
             raise PipelineError(
                 f"{what}: {path}: annotation id {ann['id']} has unknown category_id {ann['category_id']}"
             )
-        if ann["image_id"] not in image_ids:
+        if ann["image_id"] not in sizes:
             raise PipelineError(f"{what}: {path}: annotation id {ann['id']} has unknown image_id {ann['image_id']}")
         problem = annotation_problem(ann, *sizes[ann["image_id"]])
         if problem:
@@ -217,7 +214,7 @@ def validate_lvis(path: Path, what: str = "LVIS annotations") -> AnnotationFile:
         for key in ("neg_category_ids", "not_exhaustive_category_ids"):
             if not isinstance(im[key], list):
                 raise PipelineError(f"{what}: {path}: image id {im['id']}: {key!r} must be a list")
-            unknown = [c for c in im[key] if not _is_id(c) or c not in cat_ids]
+            unknown = [c for c in im[key] if not is_int(c) or c not in cat_ids]
             if unknown:
                 raise PipelineError(f"{what}: {path}: image id {im['id']}: {key} has unknown category id {unknown[0]}")
     return data
