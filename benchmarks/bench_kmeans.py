@@ -72,7 +72,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
 from pipeline.geometry import hyperbolic as hyp  # noqa: E402
-from pipeline.geometry import kmeans_assign  # noqa: E402
+from pipeline.geometry import kmeans_assign, kmeans_torch  # noqa: E402
 from pipeline.geometry.kmeans import assign, euclidean_kmeans, search_name  # noqa: E402
 from pipeline.geometry.kmeans_terms import Poincare  # noqa: E402
 from pipeline.geometry.kmeans_update import _update  # noqa: E402
@@ -212,6 +212,7 @@ _PROFILED = [  # (owner, attribute): kmeans_assign's functions, the search's met
     *((kmeans_assign, name) for name in ("check_points", "read_block", "_augment", "_top2", "_certify")),
     *((kmeans_assign, name) for name in ("_near_ties", "_gemm", "_exact")),
     *((kmeans_assign._Assigner, name) for name in ("_rows", "_cpu", "_torch", "_faiss", "_finish")),
+    *((kmeans_torch, name) for name in ("queue", "collect")),
     (Poincare, "rows"),
     (Poincare, "distance"),
 ]
@@ -219,8 +220,9 @@ _PROFILED = [  # (owner, attribute): kmeans_assign's functions, the search's met
 
 def profile_assign(d: int, x: np.ndarray, cent: np.ndarray) -> None:
     """Where one hyperbolic assignment's time goes: the wall time of each of kmeans_assign's steps, summed over
-    the calls on every thread (inclusive: `_torch` contains `_augment` and `_certify`, `_gemm` contains `_top2`),
-    against the call's wall time; on a CUDA search also torch.profiler's operators by device time."""
+    the calls on every thread (inclusive: `_torch` contains `collect`, `_gemm` contains `_top2`; `queue` queues the
+    device's work and `collect` waits for it), against the call's wall time; on a CUDA search also torch.profiler's
+    operators by device time."""
     assign(x, cent)  # warm-up: the device's kernels and the worker pool
     spent: dict[str, list[float]] = {}
     lock = threading.Lock()
@@ -280,8 +282,8 @@ def profile_update(d: int, x: np.ndarray, cent: np.ndarray) -> None:
 
 
 def top2_on_device(k: int, rows: int = 22_951, repeat: int = 10) -> None:
-    """The torch search's top-2 of one float64 tile on the GPU (rows x k: kmeans_assign._TORCH_TILE elements):
-    `_smallest_two`'s two reductions against ``topk(2)``, the baseline, in the same run."""
+    """The torch search's top-2 of one float64 tile on the GPU (rows x k: kmeans_torch._TILE elements):
+    `smallest_two`'s two reductions against ``topk(2)``, the baseline, in the same run."""
     tile = torch.randn(rows, k, dtype=torch.float64, device="cuda")
 
     def timed(fn) -> float:
@@ -297,10 +299,10 @@ def top2_on_device(k: int, rows: int = 22_951, repeat: int = 10) -> None:
         return best_ms
 
     t_topk = timed(lambda t: t.topk(2, dim=1, largest=False))
-    t_two = timed(kmeans_assign._smallest_two)
+    t_two = timed(kmeans_torch.smallest_two)
     print(
         f"\ntop-2 of a {rows} x {k} float64 tile on the GPU (best of {repeat}): topk(2) {t_topk:.2f} ms, "
-        f"_smallest_two {t_two:.2f} ms ({t_topk / t_two:.1f}x)"
+        f"smallest_two {t_two:.2f} ms ({t_topk / t_two:.1f}x)"
     )
 
 

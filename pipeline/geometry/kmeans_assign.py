@@ -28,10 +28,11 @@ its threads and GPUs: pipeline.geometry.kmeans_engines):
 - GPU (faiss-gpu sees a GPU): a faiss ``IndexFlatIP`` of the ``-y''_j`` in float32, replicated on every visible
   GPU (each searches a share of the rows), top ``candidates`` (at least 2), the last one's value the lower bound
   of every centroid outside them; the rows it cannot certify go to the CPU's float64 GEMM.
-- GPU through torch (a CUDA GPU that faiss does not see): the float64 GEMM on the GPU in tiles of rows, per row
-  its smallest entry and the smallest of the others (`_smallest_two`) brought back once per block; the tiles'
-  ``x''`` and certificates on the CPU's worker pool; the rows it cannot certify (near-ties) go to the CPU's float64
-  path, which decides them over their near-ties.
+- GPU through torch (a CUDA GPU that faiss does not see): ``x''``, the float64 GEMM in tiles of rows, per row its
+  smallest entry and the smallest of the others, and the certificate, all on the GPU (pipeline.geometry.
+  kmeans_torch), queued before the block's per-row terms are computed on the CPU and brought back once per block;
+  the winners' reference values on the CPU's worker pool; the rows it cannot certify (near-ties) go to the CPU's
+  float64 path, which decides them over their near-ties.
 
 **The certificate.** The candidates are re-ranked by the reference value itself; the best one's direct-difference
 ``t`` (relative error ``<= (d + 7) u``), times a margin that covers the reference value's own rounding (its
@@ -61,9 +62,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
 from pipeline.errors import PipelineError
+from pipeline.geometry import kmeans_torch
 from pipeline.geometry.kmeans_blocks import _BLOCK, blocks, check_points, read_block, rows_per_block
 from pipeline.geometry.kmeans_engines import _Faiss, _one_blas_thread
 from pipeline.geometry.kmeans_terms import (
@@ -83,7 +84,6 @@ from pipeline.geometry.kmeans_terms import (
 log = logging.getLogger(__name__)
 
 _TILE = 1 << 20  # elements of one worker's float64 GEMM tile (8 MB)
-_TORCH_TILE = 1 << 25  # elements of one float64 GEMM tile on the torch device (256 MB)
 _PAIRS = 1 << 18  # elements of a near-tie difference temporary (2 MB)
 _ROWS = 4096  # rows of a worker's share of the per-row terms, at least
 _WIDE = 64  # near-ties a row may leave to `_near_ties` (more: float64 first, then every centroid)
@@ -145,15 +145,6 @@ def _top2(xa: np.ndarray, base: np.ndarray, buffer: np.ndarray | None) -> tuple[
     j1 = tile.argmin(axis=1)
     tile[np.arange(len(j1)), j1] = np.inf
     return j1, tile.min(axis=1).astype(np.float64), tile
-
-
-def _smallest_two(tile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of ``tile`` (overwritten), the index of its smallest entry and the smallest of the others, in two
-    reductions (CUDA's ``topk`` selects by radix, 2 bits a pass over the row: up to 32 passes in float64). An exact
-    tie of the two fails the certificate, whichever index wins it."""
-    j1 = tile.argmin(dim=1)
-    tile.scatter_(1, j1[:, None], torch.inf)
-    return j1, tile.amin(dim=1)
 
 
 def _near_tie_pairs(tile: np.ndarray, j1: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -343,13 +334,13 @@ class _Assigner:
     def _certified(self, pool, xb: np.ndarray, rows: tuple, side: Side, cand: np.ndarray, lower: np.ndarray) -> tuple:
         """A GPU search's answer (candidates ``cand``, lower bound ``lower`` of every other centroid) certified, and
         finished by `_finish`."""
-        return self._finish(pool, xb, rows, side, _certify(self.geom, xb, rows, side, cand, lower))
+        checked = _certify(self.geom, xb, rows, side, cand, lower)
+        return self._finish(pool, xb, rows, side, checked.assignment, checked.value, checked.certified)
 
-    def _finish(self, pool, xb: np.ndarray, rows: tuple, side: Side, checked: _Checked) -> tuple:
-        """The rows ``checked`` leaves uncertified decided by the CPU's float64 path. ``(assignment, value, rows
-        redone, rows decided over their near-ties)``."""
-        a, v = checked.assignment, checked.value
-        todo = np.flatnonzero(~checked.certified)
+    def _finish(self, pool, xb: np.ndarray, rows: tuple, side: Side, a: np.ndarray, v: np.ndarray, certified) -> tuple:
+        """The rows not ``certified`` decided by the CPU's float64 path, into the assignment ``a`` and reference
+        values ``v``. ``(assignment, value, rows redone, rows decided over their near-ties)``."""
+        todo = np.flatnonzero(~certified)
         fallback = 0
         if todo.size:
             a[todo], v[todo], _, fallback = self._cpu(pool, xb[todo], tuple(q[todo] for q in rows), side, False)
@@ -366,37 +357,20 @@ class _Assigner:
         cand = np.sort(np.maximum(cand, 0), axis=1)  # ties go to the lowest index, as in the brute force
         return self._certified(pool, xb, rows, side, cand, lower)
 
-    def _torch(self, base: Any, xb: np.ndarray, rows: tuple, side: Side, pool) -> tuple:
-        """The float64 GEMM ``x'' . y''_j`` on the torch device (``base``: the columns there), its two smallest
-        entries per row, in tiles of rows (at least one per worker); the CPU's share, the tiles' ``x''`` before and
-        their certificates after, on the worker pool. The rows it cannot certify are decided by the CPU's float64
-        path."""
-        n, k = len(xb), len(side.cent)
-        workers = self.engine.threads if pool is not None else 1
-        step = max(1, min(_TORCH_TILE // k, -(-n // workers)))
-        tiles = [slice(i, min(n, i + step)) for i in range(0, n, step)]
+    def _torch(self, search: kmeans_torch.Search, xb: np.ndarray, rows: tuple, side: Side, pool) -> tuple:
+        """A block's torch search (`kmeans_torch.queue`, certified on the device) brought back; the winners'
+        reference values computed on the worker pool as `_rerank` computes them (the same bits as `assign_exact`),
+        one share of the rows each. The rows it cannot certify are decided by the CPU's float64 path."""
+        j1, certified = kmeans_torch.collect(search, self.device_side, xb.shape[1])
+        step = max(_ROWS, -(-len(xb) // self.engine.threads))
+        shares = [slice(i, i + step) for i in range(0, len(xb), step)]
 
-        def terms(s: slice) -> tuple[np.ndarray, float, np.ndarray]:
-            xa = _augment(xb[s], side)
-            fits = _fits(xa, side, _U64)
-            return xa, _eta(_U64, xa.shape[1], _fitting(xa, fits), side.big), fits
+        def value(s: slice) -> np.ndarray:
+            cand = j1[s, None]
+            return self.geom.value(_sq_diff(xb[s], side.cent, cand), tuple(q[s] for q in rows), side, cand)[:, 0]
 
-        augmented = _map(pool, terms, tiles)
-        eta = max(e for _, e, _ in augmented)  # the block's: eta grows with the largest |x''|
-        fits = np.concatenate([f for _, _, f in augmented])
-        smallest = []
-        for xa, _, _ in augmented:  # queued on the device one after the other, brought back once
-            tile = torch.from_numpy(xa).to(base.device, non_blocking=True) @ base
-            smallest.append(_smallest_two(tile))
-        j1 = torch.cat([i for i, _ in smallest]).cpu().numpy()
-        second = torch.cat([v for _, v in smallest]).cpu().numpy()
-        second[~fits] = -np.inf  # rows whose GEMM could overflow: uncertified, decided by the CPU's float64 path
-        checked = _map(
-            pool,
-            lambda s: _certify(self.geom, xb[s], tuple(q[s] for q in rows), side, j1[s, None], second[s] - eta),
-            tiles,
-        )
-        return self._finish(pool, xb, rows, side, _Checked(*(np.concatenate(c) for c in zip(*checked, strict=True))))
+        v = np.concatenate(_map(pool, value, shares)) if shares else np.empty(0)
+        return self._finish(pool, xb, rows, side, j1, v, certified)
 
     def __call__(
         self, cent: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None
@@ -410,23 +384,24 @@ class _Assigner:
         side = geom.side(np.ascontiguousarray(cent, dtype=np.float64))
         kk = min(max(self.candidates, 2), k)  # one candidate would leave the certificate nothing to compare with
         index = engine.index(np.ascontiguousarray(-side.base32.T)) if engine.faiss and kk < k else None
-        base = None
+        self.device_side = None
         if engine.torch_device is not None and k > 1:
-            base = torch.from_numpy(side.base).to(engine.torch_device)
+            self.device_side = kmeans_torch.device_side(side, engine.torch_device)
         fallback = redone = 0
         workers = engine.threads
         pool_context = ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()
         with _one_blas_thread(), pool_context as pool:
             for s in blocks(n, self.rows):
                 xb = read_block(x, s)
-                rows = self._rows(pool, xb)
+                queued = None if self.device_side is None else kmeans_torch.queue(xb, self.device_side)
+                rows = self._rows(pool, xb)  # while the device searches
                 if k == 1:
                     a, v = _exact(geom, xb, rows, side)
                     r = f = 0
                 elif index is not None:
                     a, v, r, f = self._faiss(index, kk, xb, rows, side, pool)
-                elif base is not None:
-                    a, v, r, f = self._torch(base, xb, rows, side, pool)
+                elif queued is not None:
+                    a, v, r, f = self._torch(queued, xb, rows, side, pool)
                 else:
                     a, v, r, f = self._cpu(pool, xb, rows, side, True)
                 redone += r

@@ -374,23 +374,6 @@ def test_the_torch_search_certifies_like_the_others(geometry):
     assert stats["redone"] >= 5  # at least the rows whose own centroid is duplicated
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_smallest_two_is_the_top_two(device):
-    """The torch search's two reductions give topk(2)'s answer: the smallest entry's index (the first of exact
-    ties: the certificate fails them anyway) and the smallest of the others, equal to the smallest when tied."""
-    rng = np.random.default_rng(3)
-    tile = rng.normal(size=(500, 37))
-    tile[:50, 5] = tile[:50, 20] = -10.0  # an exact tie for the smallest
-    tile[50:60, 3] = -np.inf
-    tile[60:70] = 7.0  # every entry tied
-    t = torch.from_numpy(tile).to(device)
-    j1, second = ka._smallest_two(t.clone())
-    values, index = t.topk(2, dim=1, largest=False)
-    np.testing.assert_array_equal(j1.cpu().numpy(), tile.argmin(axis=1))
-    np.testing.assert_array_equal(second.cpu().numpy(), values[:, 1].cpu().numpy())
-    assert (second[:50] == -10.0).all() and (second[60:70] == 7.0).all()
-
-
 def test_the_cpu_search_needs_no_faiss(monkeypatch):
     """Installed without the cpu / gpu extra (no faiss module): the CPU's GEMM still assigns, and says so."""
     monkeypatch.setattr(ke, "faiss", None)

@@ -1,0 +1,76 @@
+"""The torch search on a device (pipeline.geometry.kmeans_torch): its two reductions, its ``x''`` and its
+certificate, on the CPU here and on CUDA where there is one (benchmarks/gpu_check.sh runs these there)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.geometry import kmeans_terms as kt
+from pipeline.geometry import kmeans_torch as ktorch
+from pipeline.geometry.kmeans import assign_exact
+from tests.geometry.test_kmeans import mixed_points
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_smallest_two_is_the_top_two(device):
+    """The two reductions give topk(2)'s answer: the smallest entry's index (the first of exact ties: the
+    certificate fails them anyway) and the smallest of the others, equal to the smallest when tied."""
+    rng = np.random.default_rng(3)
+    tile = rng.normal(size=(500, 37))
+    tile[:50, 5] = tile[:50, 20] = -10.0  # an exact tie for the smallest
+    tile[50:60, 3] = -np.inf
+    tile[60:70] = 7.0  # every entry tied
+    t = torch.from_numpy(tile).to(device)
+    j1, second = ktorch.smallest_two(t.clone())
+    values, index = t.topk(2, dim=1, largest=False)
+    np.testing.assert_array_equal(j1.cpu().numpy(), tile.argmin(axis=1))
+    np.testing.assert_array_equal(second.cpu().numpy(), values[:, 1].cpu().numpy())
+    assert (second[:50] == -10.0).all() and (second[60:70] == 7.0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_augment_and_fits_agree_with_numpy(device):
+    """``x''`` on the device equals numpy's up to the rounding of ``|x - p|^2`` (summation order), and the
+    overflow check rejects the same rows, non-finite ones included."""
+    rng = np.random.default_rng(5)
+    x = mixed_points(rng, 400, 12, 1.0)
+    x[7] = 1e160  # would overflow the float64 GEMM
+    side = kt.Poincare(1.0).side(x[50:80])
+    ds = ktorch.device_side(side, torch.device(device))
+    xa = ktorch.augment(torch.from_numpy(x).to(device), ds)
+    np.testing.assert_allclose(xa.cpu().numpy()[:, :-3], kt._augment(x, side)[:, :-3], rtol=0, atol=0)
+    np.testing.assert_allclose(xa.cpu().numpy(), kt._augment(x, side), rtol=1e-14)
+    np.testing.assert_array_equal(ktorch.fits(xa, ds).cpu().numpy(), kt._fits(kt._augment(x, side), side, kt._U64))
+    assert not ktorch.fits(xa, ds).cpu().numpy()[7]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("geometry", ["poincare", "euclidean"])
+def test_a_certified_row_has_the_reference_winner(device, geometry):
+    """Every row the device certifies has the reference rule's centroid; exact duplicate centroids and
+    coincident points are never certified; most rows are (points up to 1e-10 from the boundary)."""
+    rng = np.random.default_rng(11)
+    x = mixed_points(rng, 4000, 16, 1.0)
+    chosen = x[rng.choice(4000, 80, replace=False)]
+    cent = np.concatenate([chosen, chosen[:6]])  # six centroids twice: their own points are exact ties
+    geom = kt._geometry(geometry, 1.0)
+    side = geom.side(cent)
+    search = ktorch.queue(x, ktorch.device_side(side, torch.device(device)))
+    j1, certified = ktorch.collect(search, ktorch.device_side(side, torch.device(device)), x.shape[1])
+    reference, _ = assign_exact(x, cent, 1.0, geometry=geometry)
+    assert j1.dtype == np.int32 and certified.dtype == bool
+    np.testing.assert_array_equal(j1[certified], reference[certified])
+    duplicated = np.isin(reference, np.arange(6)) & (np.abs(x[:, None] - chosen[:6]).sum(axis=2) == 0).any(axis=1)
+    assert duplicated.sum() >= 6 and not certified[duplicated].any()
+    assert certified.mean() > 0.9
+
+
+def test_an_empty_block_queues_nothing():
+    side = kt.Poincare(1.0).side(np.eye(3) * 0.5)
+    ds = ktorch.device_side(side, torch.device("cpu"))
+    j1, certified = ktorch.collect(ktorch.queue(np.empty((0, 3)), ds), ds, 3)
+    assert j1.shape == certified.shape == (0,)
