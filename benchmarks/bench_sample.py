@@ -14,12 +14,14 @@
    crop one proposal at a time, N DataLoader workers decoding ahead (pinned only on CUDA), the backbone
    under bf16 / fp16 autocast (fp16 on a CPU only where this torch build has it), workers + bf16; images/s
    and proposals/s with the ratio to the baseline, and for amp the largest feature difference to float32's.
+5. Where the baseline `sample_split`'s time goes (section 4's, once): cProfile's functions by own time,
+   and on CUDA torch.profiler's operators by device time and the share of the wall time the device was busy.
 
 Sections 3 and 4 run every mode once per round, `--repeat` rounds interleaved, and report each mode's best
 round: a busy neighbour on a shared machine slows every mode alike.
 
     python benchmarks/bench_sample.py [--threads 2] [--device cpu] [--reps 3] [--repeat 3] [--workers 2]
-                                      [--sections 1234] [--images N] [--crop 64] [--backbone resnet18]
+                                      [--sections 12345] [--images N] [--crop 64] [--backbone resnet18]
 
 Sections 3 and 4 crop ``--crop`` pixels (the embedded world's 64; LVIS' 224) and pool with the backbone of
 models/proposer.pt (resnet18 at random without one), as the stage does.
@@ -224,18 +226,24 @@ def bench_paste_crop(repeat: int, device: str, n_images: int | None, crop: int) 
     print(f"\nmasks and views bit-identical between the two: {same}")
 
 
+def _split_call(device: str, n_images: int | None, crop: int) -> tuple:
+    """The val split's `sample_split` arguments, as the stage passes them: ``(args, keywords, images, proposals)``."""
+    arrays, load, backbone = _val_split(n_images)
+    offsets = arrays["image_offsets"]
+    args = (load, arrays["image_hw"], offsets, arrays["boxes"], arrays["masks"], backbone)
+    kw = {"crop_size": crop, "object_iou": 0.4, "hier_containment": 1.0, "relation_max_side": None, "batch_size": 128}
+    kw |= {"hier_exclude_objects": True, "device": device, "progress": False}
+    return args, kw, int(np.count_nonzero(np.diff(offsets))), int(offsets[-1])
+
+
 def bench_split(repeat: int, device: str, workers: int, n_images: int | None, crop: int) -> None:
     from pipeline.errors import PipelineError
     from pipeline.stores.sampling import sample_split
 
-    arrays, load, backbone = _val_split(n_images)
-    offsets = arrays["image_offsets"]
-    n_images, n_props = int(np.count_nonzero(np.diff(offsets))), int(offsets[-1])
-    kw = {"crop_size": crop, "object_iou": 0.4, "hier_containment": 1.0, "relation_max_side": None, "batch_size": 128}
-    kw |= {"hier_exclude_objects": True, "device": device, "progress": False}
+    args, kw, n_images, n_props = _split_call(device, n_images, crop)
+    offsets = args[2]
 
     def run(mode: dict) -> dict:
-        args = (load, arrays["image_hw"], offsets, arrays["boxes"], arrays["masks"], backbone)
         try:
             sample_split(*args[:2], offsets[:2], *args[3:], **kw, amp=mode["amp"])  # warm-up (and amp support)
         except PipelineError as err:
@@ -282,6 +290,50 @@ def bench_split(repeat: int, device: str, workers: int, n_images: int | None, cr
     print("\n(max feature diff: the largest absolute difference over the three views, relative to the largest feature)")
 
 
+def profile_split(device: str, n_images: int | None, crop: int, rows: int = 18) -> None:
+    """Section 5: one baseline `sample_split` under cProfile (functions by own time), then on CUDA under
+    torch.profiler (operators by device time; the device's busy share of the wall time)."""
+    import cProfile
+    import io
+    import pstats
+
+    from pipeline.stores.sampling import sample_split
+
+    args, kw, n_images, n_props = _split_call(device, n_images, crop)
+    sample_split(*args[:2], args[2][:2], *args[3:], **kw)  # warm-up
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.runcall(sample_split, *args, **kw)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    body = text.getvalue()
+    body = body[body.find("ncalls") :] if "ncalls" in body else body
+    print(f"\n## Where sample_split's time goes: {n_props} proposals on {n_images} images, {device}, {wall:.2f} s\n")
+    print(f"cProfile, the {rows} functions of largest own time (tottime; the profiler's overhead included):\n")
+    print(f"```\n{body.rstrip()}\n```")
+    if not device.startswith("cuda"):
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            sample_split(*args, **kw)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        averages = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in averages) / 1e6
+        table = averages.table(sort_by="self_device_time_total", row_limit=12)
+    except Exception as error:  # noqa: BLE001 (the tables above stand without it)
+        print(f"\ntorch.profiler failed: {error!r}")
+        return
+    print(f"\ntorch.profiler: device busy {busy:.2f} s of {wall:.2f} s wall ({100 * busy / wall:.0f} %)\n")
+    print(f"```\n{table.rstrip()}\n```")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -289,7 +341,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds of sections 3 and 4")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--sections", default="1234")
+    parser.add_argument("--sections", default="1234", help="which sections to run (5: the profile)")
     parser.add_argument("--images", type=int, help="the first N val images in sections 3 and 4 (default: all)")
     parser.add_argument("--backbone", default="resnet18", help="section 2's network (LVIS: resnet50)")
     parser.add_argument("--crop", type=int, default=64, help="crop size of sections 3 and 4 (LVIS: 224)")
@@ -304,6 +356,8 @@ def main() -> None:
         bench_paste_crop(args.repeat, args.device, args.images, args.crop)
     if "4" in args.sections:
         bench_split(args.repeat, args.device, args.workers, args.images, args.crop)
+    if "5" in args.sections:
+        profile_split(args.device, args.images, args.crop)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@
 # the embedded world with SIZE px images (`prepare`, N_TRAIN train images: the proposer is not trained here), a
 # randomly initialised R50-FPN proposer at SIZE px with torchvision's FPN width and score threshold 0 (so every
 # image yields its 20 proposals, the LVIS workload), the `propose` stage over val on DEVICE, then
-# benchmarks/bench_propose.py, benchmarks/bench_sample.py (sections 2-4, crop 224 with the proposer's resnet50)
+# benchmarks/bench_propose.py, benchmarks/bench_sample.py (sections 2-5: the last profiles sample_split; crop 224 with the proposer's resnet50)
 # and benchmarks/bench_train_proposer.py (--variants lvis: decoding workers, bf16, fp16) on DEVICE, and
 # benchmarks/bench_kmeans.py --profile (the torch float64 search on the GPU against faiss-cpu k = 1; its steps, top-2),
-# then the tests with a CUDA case (tests/geometry/test_masks.py, test_kmeans_assign.py). Tables and logs go to $OUT
+# then the tests with a CUDA case (tests/geometry/test_masks.py, test_kmeans_assign.py, test_kmeans_torch.py). Tables and logs go to $OUT
 # (the device tool brings them back), else /tmp/gpu_check.
 set -euo pipefail
 
@@ -89,7 +89,7 @@ bench() {  # bench NAME ARGS...: benchmarks/NAME.py ARGS, its output in $OUT/NAM
 }
 bench bench_propose --device "$DEVICE" --images "$IMAGES" --repeat "$REPEAT" --threads "$THREADS" \
     --workers "$WORKERS" --score-thresh 0
-bench bench_sample --device "$DEVICE" --sections 234 --crop "$CROP" --backbone "$BACKBONE" \
+bench bench_sample --device "$DEVICE" --sections 2345 --crop "$CROP" --backbone "$BACKBONE" \
     --repeat "$REPEAT" --threads "$THREADS" --workers "$WORKERS"
 bench bench_train_proposer --variants lvis --device "$DEVICE" --backbone "$BACKBONE" \
     --image-size "$SIZE" --steps "$TRAIN_STEPS" --warmup 5 --repeat "$REPEAT" --threads "$THREADS"
@@ -97,5 +97,5 @@ bench bench_kmeans --skip-eval --profile --threads "$THREADS" --scale "$KMEANS_S
 # the tests that run on CUDA where it is: the paste's bit-identity, the torch float64 search on the device
 echo "== CUDA tests ($(date -u +%T))"
 timeout "$STEP_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider tests/geometry/test_masks.py \
-    tests/geometry/test_kmeans_assign.py 2>&1 | tee "$OUT/pytest_cuda.txt" || echo "CUDA tests FAILED or timed out"
+    tests/geometry/test_kmeans_assign.py tests/geometry/test_kmeans_torch.py 2>&1 | tee "$OUT/pytest_cuda.txt" || echo "CUDA tests FAILED or timed out"
 echo "gpu_check done ($(date -u +%T)): tables in $OUT"
