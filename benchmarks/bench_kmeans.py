@@ -210,10 +210,11 @@ def bench_assign(n: int, k: int, dims: list[int]) -> None:
 
 _PROFILED = [  # (owner, attribute): kmeans_assign's functions, the search's methods, the geometry's row terms
     *((kmeans_assign, name) for name in ("check_points", "read_block", "_augment", "_top2", "_certify")),
-    *((kmeans_assign, name) for name in ("_near_ties", "_gemm", "_exact")),
+    *((kmeans_assign, name) for name in ("_near_ties", "_gemm", "_exact", "_sq_diff")),
     *((kmeans_assign._Assigner, name) for name in ("_rows", "_cpu", "_torch", "_faiss", "_finish")),
     *((kmeans_torch, name) for name in ("queue", "collect")),
     (Poincare, "rows"),
+    (Poincare, "value"),
     (Poincare, "distance"),
 ]
 
@@ -282,7 +283,7 @@ def profile_update(d: int, x: np.ndarray, cent: np.ndarray) -> None:
 
 
 def top2_on_device(k: int, rows: int = 22_951, repeat: int = 10) -> None:
-    """The torch search's top-2 of one float64 tile on the GPU (rows x k: kmeans_torch._TILE elements):
+    """The torch search's top-2 of one float64 tile on the GPU (rows x k: kmeans_torch._DEVICE_TILE elements):
     `smallest_two`'s two reductions against ``topk(2)``, the baseline, in the same run."""
     tile = torch.randn(rows, k, dtype=torch.float64, device="cuda")
 

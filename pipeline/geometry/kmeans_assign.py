@@ -75,6 +75,7 @@ from pipeline.geometry.kmeans_terms import (
     Poincare,
     Side,
     _augment,
+    _ceiling_margin,
     _eta,
     _fits,
     _geometry,
@@ -131,10 +132,8 @@ def _rerank(
 def _certify(geom: Geometry, xb: np.ndarray, rows: tuple, side: Side, cand: np.ndarray, lower: np.ndarray) -> _Checked:
     """Re-rank the candidates ``cand`` (b, m), sorted ascending per row, by the reference value and certify the
     best against every other centroid, whose exact ``t`` is at least ``lower`` (b,)."""
-    d = xb.shape[1]
     a, value, diff2 = _rerank(geom, xb, rows, side, cand)
-    eps = 4 * (d + 16) * _U64  # t's error (direct differences) and the reference value's rounding, both sides
-    ceiling = diff2 * side.weight[a] * ((1 + eps) / (1 - eps))
+    ceiling = diff2 * side.weight[a] * _ceiling_margin(xb.shape[1])
     return _Checked(a, value, ceiling < lower, ceiling)
 
 
@@ -288,6 +287,7 @@ class _Assigner:
         self.x, self.engine, self.candidates = x, engine, candidates
         self.rows = rows_per_block(x, block_rows)
         self.fallback = self.redone = 0
+        self.device_side: kmeans_torch.DeviceSide | None = None  # the centroids on the torch device, during a call
 
     def _cpu(self, pool: ThreadPoolExecutor | None, xb: np.ndarray, rows: tuple, side: Side, float32: bool) -> tuple:
         """`_gemm` over the rows of ``xb`` in tiles (on the pool's workers when given), from float32 or float64,
@@ -361,7 +361,7 @@ class _Assigner:
         """A block's torch search (`kmeans_torch.queue`, certified on the device) brought back; the winners'
         reference values computed on the worker pool as `_rerank` computes them (the same bits as `assign_exact`),
         one share of the rows each. The rows it cannot certify are decided by the CPU's float64 path."""
-        j1, certified = kmeans_torch.collect(search, self.device_side, xb.shape[1])
+        j1, certified = kmeans_torch.collect(search, self.device_side)
         step = max(_ROWS, -(-len(xb) // self.engine.threads))
         shares = [slice(i, i + step) for i in range(0, len(xb), step)]
 
@@ -384,8 +384,7 @@ class _Assigner:
         side = geom.side(np.ascontiguousarray(cent, dtype=np.float64))
         kk = min(max(self.candidates, 2), k)  # one candidate would leave the certificate nothing to compare with
         index = engine.index(np.ascontiguousarray(-side.base32.T)) if engine.faiss and kk < k else None
-        self.device_side = None
-        if engine.torch_device is not None and k > 1:
+        if engine.torch_device is not None and k > 1 and index is None:
             self.device_side = kmeans_torch.device_side(side, engine.torch_device)
         fallback = redone = 0
         workers = engine.threads
@@ -408,7 +407,7 @@ class _Assigner:
                 fallback += f
                 assignment[s] = a
                 distance[s] = geom.distance(v)
-        self.fallback, self.redone = fallback, redone
+        self.fallback, self.redone, self.device_side = fallback, redone, None
         if fallback or redone:
             log.debug("%d of %d points redone in float64, %d decided over their near-ties", redone, n, fallback)
         return assignment, distance

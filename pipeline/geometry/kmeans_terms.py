@@ -146,15 +146,27 @@ def _eta(unit: float, n: int, xa: np.ndarray, big: float) -> float:
     return (n + 2) * tiny * (1 + float(np.abs(xa).max(initial=0.0))) * (1 + big)
 
 
+def _ceiling_margin(d: int) -> float:
+    """The factor that rounds a direct-difference ``t = a |x - m|^2`` up past every error of its computation
+    (relative error ``<= (d + 7) u``) and of the reference value's own rounding, both sides: a centroid whose
+    lower bound is above ``t`` times this has a strictly larger reference value."""
+    eps = 4 * (d + 16) * _U64
+    return (1 + eps) / (1 - eps)
+
+
+def _overflow_limit(unit: float) -> float:
+    """The largest ``a_max (r + s_max)^2`` a GEMM of the precision of ``unit`` may see (`_fits`)."""
+    return 2.0**100 if unit > _U64 else 2.0**1000
+
+
 def _fits(xa: np.ndarray, side: Side, unit: float) -> np.ndarray:
     """Rows whose GEMM cannot overflow in the precision of ``unit``: every partial sum of ``x'' . y''_j`` is at most
     ``sum_k |x''_k y''_k| <= a_j (r + s_j)^2 <= a_max (r + s_max)^2`` in magnitude (the module doc's bound), which
     must stay far below the largest float (2^100 against float32's 2^128, 2^1000 against float64's 2^1024). Only
     coordinates beyond ~1e15 (float32) or ~1e150 (float64) fail it; such rows go to the next precision, the last
     to the direct differences of the reference value."""
-    limit = 2.0**100 if unit > _U64 else 2.0**1000
     with np.errstate(over="ignore", invalid="ignore"):
-        return side.weight_max * (xa[:, -1] + side.spread) ** 2 < limit
+        return side.weight_max * (xa[:, -1] + side.spread) ** 2 < _overflow_limit(unit)
 
 
 def _augment(xb: np.ndarray, side: Side) -> np.ndarray:

@@ -16,9 +16,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from pipeline.geometry.kmeans_terms import _U64, Side
+from pipeline.geometry.kmeans_terms import _U64, Side, _ceiling_margin, _eta, _overflow_limit
 
-_TILE = 1 << 25  # elements of one float64 GEMM tile on the device (256 MB)
+_DEVICE_TILE = 1 << 25  # elements of one float64 GEMM tile on the device (256 MB)
 
 
 class DeviceSide(NamedTuple):
@@ -33,11 +33,17 @@ class DeviceSide(NamedTuple):
     spread: float
 
 
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A float64 array on ``device`` (copied first when read-only, e.g. memory-mapped: torch would warn)."""
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    return torch.from_numpy(a if a.flags.writeable else a.copy()).to(device)
+
+
 def device_side(side: Side, device: torch.device) -> DeviceSide:
     """``side``'s arrays copied to ``device``."""
 
     def put(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        return _to_device(a, device)
 
     return DeviceSide(
         put(side.cent), put(side.weight), put(side.centre), put(side.base), side.big, side.weight_max, side.spread
@@ -63,7 +69,7 @@ def augment(xt: torch.Tensor, side: DeviceSide) -> torch.Tensor:
 
 def fits(xa: torch.Tensor, side: DeviceSide) -> torch.Tensor:
     """Rows whose float64 GEMM cannot overflow, as kmeans_terms._fits (NaN and inf compare False: not fitting)."""
-    return side.weight_max * (xa[:, -1] + side.spread) ** 2 < 2.0**1000
+    return side.weight_max * (xa[:, -1] + side.spread) ** 2 < _overflow_limit(_U64)
 
 
 class Search(NamedTuple):
@@ -77,14 +83,13 @@ class Search(NamedTuple):
 
 
 def queue(xb: np.ndarray, side: DeviceSide) -> Search:
-    """The search of the rows ``xb`` (b, d) float64, queued on ``side``'s device in tiles of ``_TILE`` elements
-    (nothing waits for the device here but the copy of ``xb``)."""
+    """The search of the rows ``xb`` (b, d) float64, queued on ``side``'s device in tiles of ``_DEVICE_TILE``
+    elements (nothing waits for the device here but the copy of ``xb``)."""
     k, d = side.cent.shape
-    xt = torch.from_numpy(np.ascontiguousarray(xb)).to(side.base.device)
-    eps = 4 * (d + 16) * _U64  # as kmeans_assign._certify: t's error (direct differences), the value's rounding
-    margin = (1 + eps) / (1 - eps)
+    xt = _to_device(xb, side.base.device)
+    margin = _ceiling_margin(d)  # as kmeans_assign._certify
     parts = []
-    step = max(1, _TILE // k)
+    step = max(1, _DEVICE_TILE // k)
     for i in range(0, len(xt), step):
         x = xt[i : i + step]
         xa = augment(x, side)
@@ -92,7 +97,7 @@ def queue(xb: np.ndarray, side: DeviceSide) -> Search:
         j1, second = smallest_two(xa @ side.base)
         diff = x - side.cent[j1]
         ceiling = (diff * diff).sum(dim=1) * side.weight[j1] * margin
-        largest = torch.where(fit[:, None], xa.abs(), 0.0).amax() if len(x) else xt.new_zeros(())
+        largest = torch.where(fit[:, None], xa.abs(), 0.0).amax()
         parts.append((j1, second, ceiling, fit, largest))
     if not parts:
         empty = xt.new_zeros(0)
@@ -101,11 +106,11 @@ def queue(xb: np.ndarray, side: DeviceSide) -> Search:
     return Search(torch.cat(j1), torch.cat(second), torch.cat(ceiling), torch.cat(fit), torch.stack(largest).amax())
 
 
-def collect(search: Search, side: DeviceSide, d: int) -> tuple[np.ndarray, np.ndarray]:
+def collect(search: Search, side: DeviceSide) -> tuple[np.ndarray, np.ndarray]:
     """``(j1 int32, certified bool)`` of a queued search: certified where j1's ceiling is under the lower bound of
-    every other centroid less the underflow term (kmeans_terms._eta of the block) and the row's GEMM could not
-    overflow."""
-    tiny = float(np.finfo(np.float64).tiny)
-    eta = (d + 5) * tiny * (1 + search.largest) * (1 + side.big)  # _eta(_U64, d + 3, ...)
+    every other centroid less the underflow term (kmeans_terms._eta of the block's fitting rows) and the row's
+    GEMM could not overflow."""
+    d = side.cent.shape[1]
+    eta = _eta(_U64, d + 3, np.array([search.largest.item()]), side.big)  # max |x''| is all _eta reads of them
     certified = search.fits & (search.ceiling < search.second - eta)
     return search.j1.to(torch.int32).cpu().numpy(), certified.cpu().numpy()

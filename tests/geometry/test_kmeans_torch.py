@@ -26,7 +26,7 @@ def test_smallest_two_is_the_top_two(device):
     tile[60:70] = 7.0  # every entry tied
     t = torch.from_numpy(tile).to(device)
     j1, second = ktorch.smallest_two(t.clone())
-    values, index = t.topk(2, dim=1, largest=False)
+    values, _ = t.topk(2, dim=1, largest=False)
     np.testing.assert_array_equal(j1.cpu().numpy(), tile.argmin(axis=1))
     np.testing.assert_array_equal(second.cpu().numpy(), values[:, 1].cpu().numpy())
     assert (second[:50] == -10.0).all() and (second[60:70] == 7.0).all()
@@ -39,13 +39,14 @@ def test_augment_and_fits_agree_with_numpy(device):
     rng = np.random.default_rng(5)
     x = mixed_points(rng, 400, 12, 1.0)
     x[7] = 1e160  # would overflow the float64 GEMM
+    x[8, 3] = np.nan
     side = kt.Poincare(1.0).side(x[50:80])
     ds = ktorch.device_side(side, torch.device(device))
     xa = ktorch.augment(torch.from_numpy(x).to(device), ds)
     np.testing.assert_allclose(xa.cpu().numpy()[:, :-3], kt._augment(x, side)[:, :-3], rtol=0, atol=0)
     np.testing.assert_allclose(xa.cpu().numpy(), kt._augment(x, side), rtol=1e-14)
     np.testing.assert_array_equal(ktorch.fits(xa, ds).cpu().numpy(), kt._fits(kt._augment(x, side), side, kt._U64))
-    assert not ktorch.fits(xa, ds).cpu().numpy()[7]
+    assert not ktorch.fits(xa, ds).cpu().numpy()[7:9].any()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -59,8 +60,9 @@ def test_a_certified_row_has_the_reference_winner(device, geometry):
     cent = np.concatenate([chosen, chosen[:6]])  # six centroids twice: their own points are exact ties
     geom = kt._geometry(geometry, 1.0)
     side = geom.side(cent)
-    search = ktorch.queue(x, ktorch.device_side(side, torch.device(device)))
-    j1, certified = ktorch.collect(search, ktorch.device_side(side, torch.device(device)), x.shape[1])
+    ds = ktorch.device_side(side, torch.device(device))
+    search = ktorch.queue(x, ds)
+    j1, certified = ktorch.collect(search, ds)
     reference, _ = assign_exact(x, cent, 1.0, geometry=geometry)
     assert j1.dtype == np.int32 and certified.dtype == bool
     np.testing.assert_array_equal(j1[certified], reference[certified])
@@ -72,5 +74,59 @@ def test_a_certified_row_has_the_reference_winner(device, geometry):
 def test_an_empty_block_queues_nothing():
     side = kt.Poincare(1.0).side(np.eye(3) * 0.5)
     ds = ktorch.device_side(side, torch.device("cpu"))
-    j1, certified = ktorch.collect(ktorch.queue(np.empty((0, 3)), ds), ds, 3)
+    j1, certified = ktorch.collect(ktorch.queue(np.empty((0, 3)), ds), ds)
     assert j1.shape == certified.shape == (0,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("geometry", ["poincare", "euclidean"])
+def test_the_ceiling_is_the_cpu_certificates(device, geometry):
+    """j1's ceiling on the device is kmeans_assign._certify's (the same margin), up to the rounding of |x - m|^2's
+    sum; a certificate without the margin would not pass."""
+    from pipeline.geometry import kmeans_assign as ka
+
+    rng = np.random.default_rng(4)
+    x = mixed_points(rng, 2000, 16, 1.0)
+    geom = kt._geometry(geometry, 1.0)
+    side = geom.side(x[rng.choice(2000, 50, replace=False)])
+    search = ktorch.queue(x, ktorch.device_side(side, torch.device(device)))
+    j1 = search.j1.cpu().numpy()
+    checked = ka._certify(geom, x, geom.rows(x), side, j1[:, None], np.full(len(x), np.inf))
+    ceiling = search.ceiling.cpu().numpy()
+    np.testing.assert_allclose(ceiling, checked.ceiling, rtol=32 * kt._U64, atol=0)
+    bare = ((x - side.cent[j1]) ** 2).sum(axis=1) * side.weight[j1]
+    moved = bare > 0  # (the centroids' own points have t = 0 and a ceiling of 0)
+    assert moved.sum() > 1900 and (ceiling[moved] > bare[moved] * (1 + 128 * kt._U64)).all()
+
+
+def test_rows_that_could_overflow_are_never_certified():
+    """Rows whose GEMM entries stay finite but whose bound passes the overflow limit (centroids ~3e150 apart: the
+    bound's 2^1000 is exceeded) are left to the CPU, however clear their winner; the same rows at 1e-150 of the
+    scale are certified."""
+    cent = np.array([[3.0, 0, 0, 0], [-3.0, 0, 0, 0], [0, 3.0, 0, 0]])
+    x = cent + 0.01
+    for scale, fit in [(1.0, True), (1e150, False)]:
+        side = kt.Euclidean().side(cent * scale)
+        ds = ktorch.device_side(side, torch.device("cpu"))
+        search = ktorch.queue(x * scale, ds)
+        j1, certified = ktorch.collect(search, ds)
+        assert np.isfinite(search.second.numpy()).all() and (j1 == [0, 1, 2]).all()
+        assert search.fits.numpy().all() == fit and certified.all() == fit and certified.any() == fit
+
+
+def test_the_underflow_term_is_the_cpus():
+    """`collect` subtracts kmeans_terms._eta of the block's fitting rows: at coordinates ~1e-160, where eta is
+    comparable to the gaps, a row certified by the device is certified by the CPU's bound too."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(300, 3)) * 1e-160
+    cent = x[:20] + rng.normal(size=(20, 3)) * 1e-162
+    side = kt.Euclidean().side(cent)
+    ds = ktorch.device_side(side, torch.device("cpu"))
+    search = ktorch.queue(x, ds)
+    _, certified = ktorch.collect(search, ds)
+    xa = kt._augment(x, side)
+    eta = kt._eta(kt._U64, 6, xa[kt._fits(xa, side, kt._U64)], side.big)
+    expected = (search.ceiling.numpy() < search.second.numpy() - eta) & search.fits.numpy()
+    np.testing.assert_array_equal(certified, expected)
+    reference, _ = assign_exact(x, cent, geometry="euclidean")
+    np.testing.assert_array_equal(search.j1.numpy()[certified], reference[certified])
