@@ -12,7 +12,8 @@
 # image yields its 20 proposals, the LVIS workload), the `propose` stage over val on DEVICE, then
 # benchmarks/bench_propose.py, benchmarks/bench_sample.py (sections 2-5: the last profiles sample_split; crop 224 with the proposer's resnet50)
 # and benchmarks/bench_train_proposer.py (--variants lvis: decoding workers, bf16, fp16) on DEVICE, and
-# benchmarks/bench_kmeans.py --profile (the torch float64 search on the GPU against faiss-cpu k = 1; its steps, top-2),
+# benchmarks/bench_kmeans.py --profile (the torch float64 search on the GPU against faiss-cpu k = 1; its steps, top-2;
+# again with 2 threads),
 # then the tests with a CUDA case (tests/geometry/test_masks.py, test_kmeans_assign.py, test_kmeans_torch.py). Tables and logs go to $OUT
 # (the device tool brings them back), else /tmp/gpu_check.
 set -euo pipefail
@@ -98,4 +99,11 @@ bench bench_kmeans --skip-eval --profile --threads "$THREADS" --scale "$KMEANS_S
 echo "== CUDA tests ($(date -u +%T))"
 timeout "$STEP_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider tests/geometry/test_masks.py \
     tests/geometry/test_kmeans_assign.py tests/geometry/test_kmeans_torch.py 2>&1 | tee "$OUT/pytest_cuda.txt" || echo "CUDA tests FAILED or timed out"
+# the torch search's CPU share with 2 threads, against faiss-cpu with as many (on the GPU path more CPU threads
+# cost time before: 0.050 s with 2, 0.093 s with 16 at d = 16, on two lent H100s); its own file, the
+# 8th of $OUT; last, and cut at 120 s (what it printed by then still comes back)
+echo "== bench_kmeans, 2 threads ($(date -u +%T))"
+timeout 120 "$PYTHON" benchmarks/bench_kmeans.py --skip-eval --dims 16,256 --threads 2 \
+    --scale "$KMEANS_SCALE" --check-rows 2000 2>&1 | tee "$OUT/bench_kmeans_2threads.md" ||
+    echo "FAILED or timed out after 120 s: bench_kmeans, 2 threads" | tee -a "$OUT/bench_kmeans_2threads.md"
 echo "gpu_check done ($(date -u +%T)): tables in $OUT"
