@@ -82,11 +82,11 @@ EOF
 } 2>&1 | tee "$OUT/stages.log" || echo "stages FAILED (the benchmarks below still run)"
 
 # Each benchmark has its own time limit and a failure does not stop the next: one call must bring back all it can.
-bench() {  # bench NAME ARGS...: benchmarks/NAME.py ARGS, its output in $OUT/NAME.md
-    local name=$1; shift
-    echo "== $name ($(date -u +%T))"
-    timeout "$STEP_TIMEOUT" "$PYTHON" "benchmarks/$name.py" "$@" 2>&1 | tee "$OUT/$name.md" ||
-        echo "FAILED or timed out after ${STEP_TIMEOUT}s: $name" | tee -a "$OUT/$name.md"
+bench() {  # bench NAME ARGS...: benchmarks/NAME.py ARGS, its output in $OUT/${REPORT:-NAME}.md
+    local name=$1 report=${REPORT:-$1}; shift
+    echo "== $report ($(date -u +%T))"
+    timeout "$STEP_TIMEOUT" "$PYTHON" "benchmarks/$name.py" "$@" 2>&1 | tee "$OUT/$report.md" ||
+        echo "FAILED or timed out after ${STEP_TIMEOUT}s: $report" | tee -a "$OUT/$report.md"
 }
 bench bench_propose --device "$DEVICE" --images "$IMAGES" --repeat "$REPEAT" --threads "$THREADS" \
     --workers "$WORKERS" --score-thresh 0
@@ -102,8 +102,6 @@ timeout "$STEP_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider tests/geometr
 # the torch search's CPU share with 2 threads, against faiss-cpu with as many (on the GPU path more CPU threads
 # cost time before: 0.050 s with 2, 0.093 s with 16 at d = 16, on two lent H100s); its own file, the
 # 8th of $OUT; last, and cut at 120 s (what it printed by then still comes back)
-echo "== bench_kmeans, 2 threads ($(date -u +%T))"
-timeout 120 "$PYTHON" benchmarks/bench_kmeans.py --skip-eval --dims 16,256 --threads 2 \
-    --scale "$KMEANS_SCALE" --check-rows 2000 2>&1 | tee "$OUT/bench_kmeans_2threads.md" ||
-    echo "FAILED or timed out after 120 s: bench_kmeans, 2 threads" | tee -a "$OUT/bench_kmeans_2threads.md"
+REPORT=bench_kmeans_2threads STEP_TIMEOUT=120 bench bench_kmeans --skip-eval --dims 16,256 --threads 2 \
+    --scale "$KMEANS_SCALE" --check-rows 2000
 echo "gpu_check done ($(date -u +%T)): tables in $OUT"

@@ -287,7 +287,6 @@ class _Assigner:
         self.x, self.engine, self.candidates = x, engine, candidates
         self.rows = rows_per_block(x, block_rows)
         self.fallback = self.redone = 0
-        self.device_side: kmeans_torch.DeviceSide | None = None  # the centroids on the torch device, during a call
 
     def _cpu(self, pool: ThreadPoolExecutor | None, xb: np.ndarray, rows: tuple, side: Side, float32: bool) -> tuple:
         """`_gemm` over the rows of ``xb`` in tiles (on the pool's workers when given), from float32 or float64,
@@ -322,13 +321,17 @@ class _Assigner:
             a[open_], v[open_] = best, value
         return a, v, redone, exact + sum(len(t[0]) for t in decided)
 
+    def _shares(self, n: int) -> list[slice]:
+        """``n`` rows cut into one share per worker, of ``_ROWS`` rows at least."""
+        return list(blocks(n, max(_ROWS, -(-n // self.engine.threads))))
+
     def _rows(self, pool: ThreadPoolExecutor | None, xb: np.ndarray) -> tuple:
         """The geometry's per-row terms of ``xb`` (Poincaré: D(x)), one share of the rows per worker (computed row
         by row: the same values as in one call)."""
-        step = max(_ROWS, -(-len(xb) // self.engine.threads))
-        if pool is None or len(xb) <= step:
+        shares = self._shares(len(xb))
+        if pool is None or len(shares) <= 1:
             return self.geom.rows(xb)
-        parts = _map(pool, lambda i: self.geom.rows(xb[i : i + step]), list(range(0, len(xb), step)))
+        parts = _map(pool, lambda s: self.geom.rows(xb[s]), shares)
         return tuple(np.concatenate(terms) for terms in zip(*parts, strict=True))
 
     def _certified(self, pool, xb: np.ndarray, rows: tuple, side: Side, cand: np.ndarray, lower: np.ndarray) -> tuple:
@@ -337,7 +340,9 @@ class _Assigner:
         checked = _certify(self.geom, xb, rows, side, cand, lower)
         return self._finish(pool, xb, rows, side, checked.assignment, checked.value, checked.certified)
 
-    def _finish(self, pool, xb: np.ndarray, rows: tuple, side: Side, a: np.ndarray, v: np.ndarray, certified) -> tuple:
+    def _finish(
+        self, pool, xb: np.ndarray, rows: tuple, side: Side, a: np.ndarray, v: np.ndarray, certified: np.ndarray
+    ) -> tuple:
         """The rows not ``certified`` decided by the CPU's float64 path, into the assignment ``a`` and reference
         values ``v``. ``(assignment, value, rows redone, rows decided over their near-ties)``."""
         todo = np.flatnonzero(~certified)
@@ -357,19 +362,26 @@ class _Assigner:
         cand = np.sort(np.maximum(cand, 0), axis=1)  # ties go to the lowest index, as in the brute force
         return self._certified(pool, xb, rows, side, cand, lower)
 
-    def _torch(self, search: kmeans_torch.Search, xb: np.ndarray, rows: tuple, side: Side, pool) -> tuple:
-        """A block's torch search (`kmeans_torch.queue`, certified on the device) brought back; the winners'
-        reference values computed on the worker pool as `_rerank` computes them (the same bits as `assign_exact`),
-        one share of the rows each. The rows it cannot certify are decided by the CPU's float64 path."""
-        j1, certified = kmeans_torch.collect(search, self.device_side)
-        step = max(_ROWS, -(-len(xb) // self.engine.threads))
-        shares = [slice(i, i + step) for i in range(0, len(xb), step)]
+    def _torch(
+        self,
+        search: kmeans_torch.Search,
+        device_side: kmeans_torch.DeviceSide,
+        xb: np.ndarray,
+        rows: tuple,
+        side: Side,
+        pool,
+    ) -> tuple:
+        """A block's torch search (`kmeans_torch.queue` on ``device_side``, certified on the device) brought back;
+        the winners' reference values computed on the worker pool as `_rerank` computes them (the same bits as
+        `assign_exact`), one share of the rows each. The rows it cannot certify are decided by the CPU's float64
+        path."""
+        j1, certified = kmeans_torch.collect(search, device_side)
 
         def value(s: slice) -> np.ndarray:
             cand = j1[s, None]
             return self.geom.value(_sq_diff(xb[s], side.cent, cand), tuple(q[s] for q in rows), side, cand)[:, 0]
 
-        v = np.concatenate(_map(pool, value, shares)) if shares else np.empty(0)
+        v = np.concatenate(_map(pool, value, self._shares(len(xb))))
         return self._finish(pool, xb, rows, side, j1, v, certified)
 
     def __call__(
@@ -384,15 +396,16 @@ class _Assigner:
         side = geom.side(np.ascontiguousarray(cent, dtype=np.float64))
         kk = min(max(self.candidates, 2), k)  # one candidate would leave the certificate nothing to compare with
         index = engine.index(np.ascontiguousarray(-side.base32.T)) if engine.faiss and kk < k else None
+        device_side = None
         if engine.torch_device is not None and k > 1 and index is None:
-            self.device_side = kmeans_torch.device_side(side, engine.torch_device)
+            device_side = kmeans_torch.device_side(side, engine.torch_device)
         fallback = redone = 0
         workers = engine.threads
         pool_context = ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()
         with _one_blas_thread(), pool_context as pool:
             for s in blocks(n, self.rows):
                 xb = read_block(x, s)
-                queued = None if self.device_side is None else kmeans_torch.queue(xb, self.device_side)
+                queued = None if device_side is None else kmeans_torch.queue(xb, device_side)
                 rows = self._rows(pool, xb)  # while the device searches
                 if k == 1:
                     a, v = _exact(geom, xb, rows, side)
@@ -400,14 +413,14 @@ class _Assigner:
                 elif index is not None:
                     a, v, r, f = self._faiss(index, kk, xb, rows, side, pool)
                 elif queued is not None:
-                    a, v, r, f = self._torch(queued, xb, rows, side, pool)
+                    a, v, r, f = self._torch(queued, device_side, xb, rows, side, pool)
                 else:
                     a, v, r, f = self._cpu(pool, xb, rows, side, True)
                 redone += r
                 fallback += f
                 assignment[s] = a
                 distance[s] = geom.distance(v)
-        self.fallback, self.redone, self.device_side = fallback, redone, None
+        self.fallback, self.redone = fallback, redone
         if fallback or redone:
             log.debug("%d of %d points redone in float64, %d decided over their near-ties", redone, n, fallback)
         return assignment, distance

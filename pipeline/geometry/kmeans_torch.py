@@ -41,13 +41,8 @@ def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def device_side(side: Side, device: torch.device) -> DeviceSide:
     """``side``'s arrays copied to ``device``."""
-
-    def put(a: np.ndarray) -> torch.Tensor:
-        return _to_device(a, device)
-
-    return DeviceSide(
-        put(side.cent), put(side.weight), put(side.centre), put(side.base), side.big, side.weight_max, side.spread
-    )
+    cent, weight, centre, base = (_to_device(a, device) for a in (side.cent, side.weight, side.centre, side.base))
+    return DeviceSide(cent, weight, centre, base, side.big, side.weight_max, side.spread)
 
 
 def smallest_two(tile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
