@@ -5,10 +5,13 @@
    `max_side` downscale option.
 2. Feature extraction throughput (proposals/s; three crops per proposal, one forward) with ``--backbone``
    (resnet18) at crop sizes 64 and 224, split into crop time and backbone time.
-3. Paste and crop on the val split's own proposals (data/val/proposals.zarr, `make repro` first): all of an
-   image's masks at once (`paste_masks_tensor`, `crop_views`) against one proposal at a time (torchvision's
-   paste loop, one roi_align per foreground window), ms per image and proposals/s; the outputs are checked
-   bit-identical.
+3. Paste and crop on the val split's own proposals (data/val/proposals.zarr, `make repro` first), against
+   torchvision's paste loop (an image-sized paste per mask) with one roi_align per foreground window: the
+   stage's default on the device (the CPU: each mask resized inside its box, one roi_align per window), the
+   batched products with all crops at once (`paste_masks_tensor(batched=True)`, `crop_views(batched=True)`: a
+   GPU's default), and the same with the tied masks (a pixel within 2e-6 of the threshold) pasted whole by
+   torchvision as before 2026-11-27 instead of inside their boxes; ms per image, proposals/s and how many
+   masks were tied; the outputs are checked bit-identical.
 4. The whole `sample_split` over the val split, images read from disk as the stage does, for each way of
    running it: baseline (all at once on the device, images decoded in this process, float32), paste and
    crop one proposal at a time, N DataLoader workers decoding ahead (pinned only on CUDA), the backbone
@@ -170,7 +173,18 @@ def _rounds(modes: dict, run, repeat: int) -> dict:
 
 
 def bench_paste_crop(repeat: int, device: str, n_images: int | None, crop: int) -> None:
-    from pipeline.geometry.masks import paste_masks_reference, paste_masks_tensor
+    from pipeline.geometry import paste
+    from pipeline.geometry.paste import paste_masks_reference, paste_masks_tensor
+
+    in_boxes, tied = paste._paste_in_boxes, []
+
+    def counted(maps, *args):  # the masks with a pixel within TIE_TOLERANCE of the threshold
+        tied.append(len(maps))
+        return in_boxes(maps, *args)
+
+    def whole(maps, box_t, hw_i, threshold):  # ties as before 2026-11-27: torchvision's paste of the whole image
+        full = paste_masks_reference(maps, box_t, hw_i, threshold)
+        return [((slice(None), slice(None)), mask) for mask in full]
 
     arrays, load, _ = _val_split(n_images)
     offsets, hw, boxes, masks = arrays["image_offsets"], arrays["image_hw"], arrays["boxes"], arrays["masks"]
@@ -183,7 +197,9 @@ def bench_paste_crop(repeat: int, device: str, n_images: int | None, crop: int) 
             torch.cuda.synchronize()
 
     def run(mode: dict) -> dict:
-        vectorised, outputs = mode["vectorised"], []
+        outputs = []
+        paste._paste_in_boxes = whole if mode.get("whole") else counted
+        tied.clear()
         paste_s = crop_s = 0.0
         for i in todo:
             s, e = int(offsets[i]), int(offsets[i + 1])
@@ -191,24 +207,32 @@ def bench_paste_crop(repeat: int, device: str, n_images: int | None, crop: int) 
             map_t = torch.from_numpy(masks[s:e]).to(device)
             sync()
             t0 = time.perf_counter()
-            if vectorised:
-                full = paste_masks_tensor(map_t, box_t, tuple(hw[i]), device=device)
-            else:
+            if mode["paste"] == "reference":
                 full = paste_masks_reference(map_t, box_t, tuple(hw[i])).to(device)
+            else:
+                full = paste_masks_tensor(map_t, box_t, tuple(hw[i]), device=device, batched=mode["batched"])
             sync()
             t1 = time.perf_counter()
-            views = crop_views(images[i], box_t, full, crop, device=device, batched=vectorised)
+            views = crop_views(images[i], box_t, full, crop, device=device, batched=mode["batched"])
             sync()
             crop_s += time.perf_counter() - t1
             paste_s += t1 - t0
             outputs.append((full.cpu(), [v.cpu() for v in views]))
-        return {"seconds": paste_s + crop_s, "paste": paste_s, "crop": crop_s, "outputs": outputs}
+        paste._paste_in_boxes = in_boxes
+        return {"seconds": paste_s + crop_s, "paste": paste_s, "crop": crop_s, "outputs": outputs, "tied": sum(tied)}
 
-    modes = {"all at once (device)": {"vectorised": True}, "one proposal at a time (loop)": {"vectorised": False}}
+    loop_name = "torchvision's whole-image paste, one crop at a time (loop)"
+    modes = {
+        "the stage's default on this device": {"paste": "default", "batched": None},
+        "batched products, all crops at once (a GPU's default)": {"paste": "default", "batched": True},
+        "batched, tied masks pasted whole (before 2026-11-27)": {"paste": "default", "batched": True, "whole": True},
+        loop_name: {"paste": "reference", "batched": False},
+    }
     best = _rounds(modes, run, repeat)
-    a, b = (best[name]["outputs"] for name in modes)
+    a, *others = (best[name]["outputs"] for name in modes)
     same = all(
         torch.equal(x[0], y[0]) and all(torch.equal(u, v) for u, v in zip(x[1], y[1], strict=True))
+        for b in others
         for x, y in zip(a, b, strict=True)
     )
     print(
@@ -217,13 +241,15 @@ def bench_paste_crop(repeat: int, device: str, n_images: int | None, crop: int) 
     )
     print("| mode | paste ms/image | crop ms/image | proposals/s | vs loop |")
     print("|---|---:|---:|---:|---:|")
-    loop = best["one proposal at a time (loop)"]["seconds"]
+    loop = best[loop_name]["seconds"]
     for name, row in best.items():
         print(
             f"| {name} | {1e3 * row['paste'] / len(todo):.2f} | {1e3 * row['crop'] / len(todo):.2f} | "
             f"{n_props / row['seconds']:.0f} | {loop / row['seconds']:.2f}x |"
         )
-    print(f"\nmasks and views bit-identical between the two: {same}")
+    print(f"\nmasks and views bit-identical between the {len(modes)}: {same}")
+    tied = best["batched products, all crops at once (a GPU's default)"]["tied"]
+    print(f"masks with a pixel within 2e-6 of the threshold (resized again by torchvision): {tied} of {n_props}")
 
 
 def _split_call(device: str, n_images: int | None, crop: int) -> tuple:

@@ -14,7 +14,7 @@
 # and benchmarks/bench_train_proposer.py (--variants lvis: decoding workers, bf16, fp16) on DEVICE, and
 # benchmarks/bench_kmeans.py --profile (the torch float64 search on the GPU against faiss-cpu k = 1; its steps, top-2;
 # again with 2 threads),
-# then the tests with a CUDA case (tests/geometry/test_masks.py, test_kmeans_assign.py, test_kmeans_torch.py). Tables and logs go to $OUT
+# then the tests with a CUDA case (tests/geometry/test_paste.py, test_kmeans_assign.py, test_kmeans_torch.py). Tables and logs go to $OUT
 # (the device tool brings them back), else /tmp/gpu_check.
 set -euo pipefail
 
@@ -97,7 +97,7 @@ bench bench_train_proposer --variants lvis --device "$DEVICE" --backbone "$BACKB
 bench bench_kmeans --skip-eval --profile --threads "$THREADS" --scale "$KMEANS_SCALE"
 # the tests that run on CUDA where it is: the paste's bit-identity, the torch float64 search on the device
 echo "== CUDA tests ($(date -u +%T))"
-timeout "$STEP_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider tests/geometry/test_masks.py \
+timeout "$STEP_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider tests/geometry/test_paste.py \
     tests/geometry/test_kmeans_assign.py tests/geometry/test_kmeans_torch.py 2>&1 | tee "$OUT/pytest_cuda.txt" || echo "CUDA tests FAILED or timed out"
 # the torch search's CPU share with 2 threads, against faiss-cpu with as many (on the GPU path more CPU threads
 # cost time before: 0.050 s with 2, 0.093 s with 16 at d = 16, on two lent H100s); its own file, the

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation.cluster_maps import labels_from_map
-from pipeline.geometry.masks import paste_masks
+from pipeline.geometry.paste import paste_masks
 
 READ_BLOCK = 4096  # proposals read at once from a (possibly on-disk, chunked) masks array
 

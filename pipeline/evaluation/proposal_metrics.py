@@ -15,7 +15,8 @@ import pycocotools.mask as mask_utils
 from pipeline.data.annotation_stream import AnnotationIndex, load_image_records
 from pipeline.data.lvis_format import IMAGE_FIELDS
 from pipeline.errors import PipelineError
-from pipeline.geometry.masks import annotation_rle, paste_masks
+from pipeline.geometry.masks import annotation_rle
+from pipeline.geometry.paste import paste_masks
 
 
 def _ap_101(tp: np.ndarray, n_pos: int) -> float:
@@ -48,7 +49,7 @@ def evaluate_proposals(
 
     `proposals[i]` (boxes, scores, masks as from `propose`) belongs to `image_ids[i]`; only the top `k`
     proposals (by score) of an image count. Masks are pasted at full resolution
-    (`pipeline.geometry.masks.paste_masks`) and compared with pycocotools' mask IoU.
+    (`pipeline.geometry.paste.paste_masks`) and compared with pycocotools' mask IoU.
     - recall@k/S: fraction of GT instances of subset S covered by some proposal with IoU >= iou;
     - apXX/S: proposals sorted by score over all images, each greedily matched (COCO-style) to the
       unmatched GT instance of highest IoU >= iou among all categories; for subset S a match to S is a

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.geometry.masks import paste_masks
+from pipeline.geometry.paste import paste_masks
 
 _EXACT_FLOAT32 = 2**24  # float32 represents every integer up to 2**24 exactly
 
@@ -209,7 +209,7 @@ def image_relations(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of one image's proposals, in image-local indices, from the mask head's M x M maps.
 
-    Pastes the masks into the image (:func:`pipeline.geometry.masks.paste_masks`, threshold 0.5) and applies
+    Pastes the masks into the image (:func:`pipeline.geometry.paste.paste_masks`, threshold 0.5) and applies
     :func:`relations`. Callers that also need the full masks (feature crops) should paste once and call
     :func:`relations` directly.
     """

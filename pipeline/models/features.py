@@ -13,9 +13,9 @@ Masking happens in pixel space at full resolution *before* resampling, as in the
     box = resample(image)        fg = resample(image * mask)        bg = resample(image * (1 - mask))
 
 so masked-out pixels are black (0) and, by linearity of the resampling, ``fg + bg == box`` (``bg`` is
-computed as ``box - fg``). Every proposal of an image is cut at once on the run device: one roi_align over
-the image for the box views, one over a batch of the masked windows around each square for the foreground
-views (the same bits as one roi_align per window, which ``crop_views(..., batched=False)`` keeps). The
+computed as ``box - fg``). The box views of an image are one roi_align over the image; on a GPU the foreground
+views are one roi_align over a batch of the masked windows around each square, on the CPU one roi_align per
+window, which is faster there (the batch pads every window to the largest; the same bits either way). The
 views are float32 RGB in [0, 1]; they are *not* normalised. The ImageNet mean/std normalisation is the first
 operation of the backbone returned by :func:`build_backbone`, i.e.
 it is applied after masking (a masked-out pixel enters the network as ``-mean / std``, the value of a
@@ -40,7 +40,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from pipeline.errors import PipelineError
-from pipeline.geometry.masks import paste_masks
+from pipeline.geometry.paste import paste_masks
 from pipeline.models.inference import autocast
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,16 +88,18 @@ def crop_views(
     crop_size: int,
     *,
     device: str | torch.device = "cpu",
-    batched: bool = True,
+    batched: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Box, foreground and background views, each float32 (n, 3, S, S) in [0, 1] on `device`.
 
     `image` is uint8 (H, W, 3); `boxes` (n, 4) xyxy in image pixels; `full_masks` (n, H, W) bool. See the
-    module docstring for the sampling and masking conventions. Every view of every proposal is cut at once
-    on `device`; ``batched=False`` cuts the foreground views one roi_align per proposal instead (the same
-    numbers, bit for bit: kept as the reference for the tests and the benchmark).
+    module docstring for the sampling and masking conventions. The box views are cut at once on `device`;
+    ``batched`` (default: on every device but the CPU) cuts the foreground views at once too, else one
+    roi_align per proposal (the same numbers, bit for bit; 1.5x faster on 2 CPU threads at 800 px, as fast
+    at 128 px).
     """
     device = torch.device(device)
+    batched = device.type != "cpu" if batched is None else batched
     img = _image_tensor(image, device)
     height, width = img.shape[1:]
     masks = torch.as_tensor(np.asarray(full_masks) if not isinstance(full_masks, torch.Tensor) else full_masks)

@@ -22,7 +22,7 @@ Choices worth knowing:
 - training (`pipeline.models.proposer_train`): SGD with warm-up and cosine decay, flips and colour-channel
   permutations, resumable from checkpoints, one process or DistributedDataParallel ranks;
 - `propose` returns the mask head's own 28 x 28 box-relative probabilities (uint8, round(255 p)),
-  not pasted masks; `pipeline.geometry.masks.paste_masks` turns them into full-resolution masks.
+  not pasted masks; `pipeline.geometry.paste.paste_masks` turns them into full-resolution masks.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.geometry.masks import paste_masks_reference, paste_masks_tensor
+from pipeline.geometry.paste import paste_masks_reference, paste_masks_tensor
 from pipeline.geometry.relations import relations
 from pipeline.models.features import crop_views, pool_features
 from pipeline.models.inference import autocast, prefetch
@@ -101,11 +101,12 @@ def sample_split(
     views interleaved per image and separated again at the end). With `hier_exclude_objects`, an object
     pair (IoU above `object_iou`: two proposals of one instance) is never a (parent, child) pair.
 
-    On `device`, per image: the masks are pasted all at once (`pipeline.geometry.masks.paste_masks_tensor`, the
-    same bits as torchvision's paste on the CPU), their relations counted by one product, the three crops
-    of every proposal cut at once (`pipeline.models.features.crop_views`). `num_workers` > 0 decodes the images
-    in DataLoader workers ahead of use (pinned on CUDA); `amp` (off | bf16 | fp16) runs the backbone under
-    autocast. ``vectorised=False`` pastes and cuts proposal by proposal instead (the benchmark's baseline).
+    On `device`, per image: the masks are pasted (`pipeline.geometry.paste.paste_masks_tensor`, the same bits
+    as torchvision's paste on the CPU: all at once on a GPU, each inside its box on the CPU), their relations
+    counted by one product, the three crops of every proposal cut (`pipeline.models.features.crop_views`: all
+    at once on a GPU). `num_workers` > 0 decodes the images in DataLoader workers ahead of use (pinned on
+    CUDA); `amp` (off | bf16 | fp16) runs the backbone under autocast. ``vectorised=False`` pastes by
+    torchvision's whole-image loop and cuts proposal by proposal on every device (the benchmark's baseline).
     """
     dim = int(getattr(backbone, "dim", 0))
     pools = {view: _BatchedPool(backbone, batch_size, device, dim, amp) for view in VIEWS}
@@ -125,7 +126,7 @@ def sample_split(
             hw = (int(image_hw[i][0]), int(image_hw[i][1]))
             image_boxes = torch.from_numpy(np.ascontiguousarray(boxes[start:stop])).to(device, non_blocking=True)
             image_masks = torch.from_numpy(np.ascontiguousarray(masks[start:stop])).to(device, non_blocking=True)
-            if vectorised:
+            if vectorised:  # batched on a GPU, box by box on the CPU (each the faster there)
                 full = paste_masks_tensor(image_masks, image_boxes, hw, device=device)
             else:
                 full = paste_masks_reference(image_masks, image_boxes, hw).to(device)
@@ -138,7 +139,9 @@ def sample_split(
             )
             obj_parts.append(obj + start)
             hier_parts.append(hier + start)
-            views = crop_views(pixels, image_boxes, full, crop_size, device=device, batched=vectorised)
+            views = crop_views(
+                pixels, image_boxes, full, crop_size, device=device, batched=None if vectorised else False
+            )
             for view, tensor in zip(VIEWS, views, strict=True):
                 pools[view].add(tensor)
             bar.update(stop - start)

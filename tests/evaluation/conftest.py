@@ -15,7 +15,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 
-from pipeline.geometry.masks import encode_rle, paste_masks
+from pipeline.geometry.masks import encode_rle
+from pipeline.geometry.paste import paste_masks
 
 M = 28
 HW = (128, 160)

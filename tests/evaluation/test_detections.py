@@ -3,7 +3,7 @@ import pycocotools.mask as mask_utils
 
 from pipeline.evaluation import detections as detections_module
 from pipeline.evaluation.detections import build_detections, cluster_detections, oracle_detections, proposal_rles
-from pipeline.geometry.masks import paste_masks
+from pipeline.geometry.paste import paste_masks
 
 
 def test_proposal_rles_match_paste_and_read_in_blocks(tiny_world, monkeypatch):

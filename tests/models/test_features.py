@@ -236,7 +236,7 @@ def test_extract_image(r18):
     out = extract_image(image, boxes, masks_mxm, r18, 32, "cpu")
     assert set(out) == {"box", "fg", "bg"}
     assert all(v.shape == (2, 512) and v.dtype == np.float32 for v in out.values())
-    from pipeline.geometry.masks import paste_masks
+    from pipeline.geometry.paste import paste_masks
 
     full = paste_masks(masks_mxm, boxes, (48, 64))
     views = crop_views(image, boxes, full, 32)
@@ -273,10 +273,10 @@ def _random_scene(seed: int, height: int, width: int, n: int) -> tuple[np.ndarra
 @pytest.mark.parametrize(("hw", "size"), [((64, 64), 32), ((45, 97), 64), ((130, 70), 48)])
 def test_batched_crops_are_the_per_proposal_loop_bit_for_bit(seed, hw, size):
     image, boxes, masks = _random_scene(seed, *hw, n=24)
-    batched = crop_views(image, boxes, masks, size)
+    batched = crop_views(image, boxes, masks, size, batched=True)
     loop = crop_views(image, boxes, masks, size, batched=False)
-    for got, want in zip(batched, loop, strict=True):
-        assert torch.equal(got, want)
+    for got, want, default in zip(batched, loop, crop_views(image, boxes, masks, size), strict=True):
+        assert torch.equal(got, want) and torch.equal(default, want)  # the CPU's default: the loop
 
 
 def test_batched_crops_in_chunks_and_squares_off_the_image(monkeypatch):
@@ -285,10 +285,10 @@ def test_batched_crops_in_chunks_and_squares_off_the_image(monkeypatch):
     image, boxes, masks = _random_scene(9, 40, 50, n=12)
     boxes[4] = [-30, -30, -10, -10]  # the square misses the image: zero views
     boxes[5] = [55, 10, 70, 20]
-    whole = crop_views(image, boxes, masks, 32)
+    whole = crop_views(image, boxes, masks, 32, batched=True)
     assert torch.all(whole[1][4] == 0) and torch.all(whole[1][5] == 0)
     monkeypatch.setattr(features, "_WINDOW_PIXELS", 2 * 52 * 52)  # two windows per chunk at most
-    for got, want in zip(crop_views(image, boxes, masks, 32), whole, strict=True):
+    for got, want in zip(crop_views(image, boxes, masks, 32, batched=True), whole, strict=True):
         assert torch.equal(got, want)
     for got, want in zip(crop_views(image, boxes, masks, 32, batched=False), whole, strict=True):
         assert torch.equal(got, want)

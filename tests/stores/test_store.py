@@ -5,7 +5,8 @@ import pytest
 import zarr
 
 from pipeline.errors import PipelineError
-from pipeline.geometry.masks import encode_rle, mask_iou, paste_masks
+from pipeline.geometry.masks import encode_rle, mask_iou
+from pipeline.geometry.paste import paste_masks
 from pipeline.stores.store import (
     atomic_path,
     check_source,

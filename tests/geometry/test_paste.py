@@ -1,4 +1,5 @@
-"""The vectorised paste (masks.paste_masks_tensor) against torchvision's per-mask loop, bit for bit."""
+"""The paste (paste.paste_masks_tensor), batched products and box by box, against torchvision's per-mask loop,
+bit for bit."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.geometry.masks as masks_module
-from pipeline.geometry.masks import paste_masks, paste_masks_reference, paste_masks_tensor
+import pipeline.geometry.paste as paste_module
+from pipeline.geometry.paste import paste_masks, paste_masks_reference, paste_masks_tensor
 
 M = 28
+
+
+def _batched(maps, boxes, hw, threshold=0.5) -> np.ndarray:
+    """The batched products' paste (a GPU's default) on the CPU, as numpy."""
+    return paste_masks_tensor(maps, boxes, hw, threshold, batched=True).numpy()
 
 
 def _boxes(rng: np.random.Generator, n: int, height: int, width: int) -> np.ndarray:
@@ -41,13 +47,14 @@ def _maps(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.select([kind[:, None, None] == 0, kind[:, None, None] == 1], [noise, blob], halves).astype(np.uint8)
 
 
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("hw", [(128, 128), (37, 90), (240, 61)])
-def test_paste_is_the_loop_bit_for_bit(seed, hw):
+def test_paste_is_the_loop_bit_for_bit(seed, hw, batched):
     rng = np.random.default_rng(seed)
     n = 40
     maps, boxes = _maps(rng, n), _boxes(rng, n, *hw)
-    got = paste_masks(maps, boxes, hw)
+    got = paste_masks_tensor(maps, boxes, hw, batched=batched).numpy()
     want = paste_masks_reference(maps, boxes, hw).numpy()
     assert got.dtype == bool and got.shape == (n, *hw)
     assert np.array_equal(got, want)
@@ -57,17 +64,16 @@ def test_float_maps_and_other_thresholds():
     rng = np.random.default_rng(7)
     maps, boxes = _maps(rng, 30).astype(np.float32) / 255.0, _boxes(rng, 30, 64, 80)
     for threshold in (0.5, 0.3, 0.9):
-        got = paste_masks(maps, boxes, (64, 80), threshold)
+        got = _batched(maps, boxes, (64, 80), threshold)
         assert np.array_equal(got, paste_masks_reference(maps, boxes, (64, 80), threshold).numpy())
 
 
 def test_ties_are_left_to_torchvision(monkeypatch):
-    """Flat 127 | 128 maps put pixels exactly on 0.5 in real arithmetic: those masks take the loop, the rest not."""
+    """Flat 127 | 128 maps put pixels exactly on 0.5 in real arithmetic: those masks take torchvision's resize
+    (inside their boxes), the rest not."""
     calls = []
-    real = masks_module.paste_masks_reference
-    monkeypatch.setattr(
-        masks_module, "paste_masks_reference", lambda m, *a, **k: calls.append(len(m)) or real(m, *a, **k)
-    )
+    real = paste_module._paste_in_boxes
+    monkeypatch.setattr(paste_module, "_paste_in_boxes", lambda m, *a, **k: calls.append(len(m)) or real(m, *a, **k))
     maps = np.zeros((3, M, M), dtype=np.uint8)
     maps[0, :, : M // 2] = 127
     maps[0, :, M // 2 :] = 128  # a 127 | 128 edge resized x2: mid-points (127 + 128) / 2 / 255 = 0.5
@@ -75,34 +81,74 @@ def test_ties_are_left_to_torchvision(monkeypatch):
     maps[2, :, : M // 2] = 230  # an edge between 230 and 200: no value near 0.5 but on that slope
     maps[2, :, M // 2 :] = 200
     boxes = np.array([[10, 10, 66, 66], [0, 0, 20, 20], [5, 5, 40, 50]], dtype=np.float32)
-    got = paste_masks(maps, boxes, (80, 80))
+    got = _batched(maps, boxes, (80, 80))
     assert calls == [1]  # only the tied mask, alone
     assert np.array_equal(got, paste_masks_reference(maps, boxes, (80, 80)).numpy())
+
+
+@pytest.mark.parametrize("hw", [(800, 800), (333, 517)])
+def test_tied_masks_at_lvis_size_are_the_loop_bit_for_bit(hw):
+    """Maps near 0.5 everywhere (a randomly initialised mask head): nearly every mask has a tie and is resized
+    again inside its box, including boxes across the image's border and under a pixel."""
+    rng = np.random.default_rng(17)
+    n = 24
+    maps = np.clip(np.round(255 / (1 + np.exp(-rng.normal(0, 0.05, (n, M, M))))), 0, 255).astype(np.uint8)
+    boxes = _boxes(rng, n, *hw)
+    calls = []
+    real = paste_module._paste_in_boxes
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(paste_module, "_paste_in_boxes", lambda m, *a, **k: calls.append(len(m)) or real(m, *a, **k))
+        got = _batched(maps, boxes, hw)
+    assert calls and calls[0] > n // 2
+    assert np.array_equal(got, paste_masks_reference(maps, boxes, hw).numpy())
+
+
+def test_a_threshold_at_zero_keeps_torchvisions_whole_paste():
+    """At a threshold of 0 torchvision's 0 outside the box passes: those masks take its whole paste."""
+    rng = np.random.default_rng(19)
+    maps, boxes = _maps(rng, 10), _boxes(rng, 10, 40, 50)
+    for threshold in (0.0, 1e-7):
+        want = paste_masks_reference(maps, boxes, (40, 50), threshold).numpy()
+        assert np.array_equal(_batched(maps, boxes, (40, 50), threshold), want)
+        assert np.array_equal(paste_masks(maps, boxes, (40, 50), threshold), want)
+
+
+def test_the_cpu_pastes_box_by_box(monkeypatch):
+    """On the CPU the default is torchvision's resize inside each box (no image-sized products), the same bits,
+    for uint8 and float maps and any threshold."""
+    monkeypatch.setattr(paste_module, "_paste_chunk", lambda *a: pytest.fail("the batched products ran"))
+    rng = np.random.default_rng(23)
+    maps, boxes = _maps(rng, 30), _boxes(rng, 30, 96, 70)
+    for values in (maps, maps.astype(np.float32) / 255.0):
+        for threshold in (0.5, 0.3, 0.9):
+            got = paste_masks_tensor(torch.from_numpy(values), torch.from_numpy(boxes), (96, 70), threshold)
+            assert got.dtype == torch.bool and got.device.type == "cpu"
+            assert torch.equal(got, paste_masks_reference(values, boxes, (96, 70), threshold))
 
 
 def test_chunks_and_empty(monkeypatch):
     rng = np.random.default_rng(3)
     maps, boxes = _maps(rng, 25), _boxes(rng, 25, 50, 70)
-    whole = paste_masks(maps, boxes, (50, 70))
-    monkeypatch.setattr(masks_module, "_CHUNK_PIXELS", 3 * 50 * 70)  # 3 masks per chunk
-    assert np.array_equal(paste_masks(maps, boxes, (50, 70)), whole)
-    empty = paste_masks(np.zeros((0, M, M), np.uint8), np.zeros((0, 4), np.float32), (50, 70))
+    whole = _batched(maps, boxes, (50, 70))
+    monkeypatch.setattr(paste_module, "_CHUNK_PIXELS", 3 * 50 * 70)  # 3 masks per chunk
+    assert np.array_equal(_batched(maps, boxes, (50, 70)), whole)
+    empty = _batched(np.zeros((0, M, M), np.uint8), np.zeros((0, 4), np.float32), (50, 70))
     assert empty.shape == (0, 50, 70) and empty.dtype == bool
 
 
 def test_weights_are_torchs_up_to_1024():
-    assert masks_module._taps_match_torch(M + 2, range(1, 1025))
-    assert masks_module._taps_match_torch(16, range(1, 300))
+    assert paste_module._taps_match_torch(M + 2, range(1, 1025))
+    assert paste_module._taps_match_torch(16, range(1, 300))
 
 
 def test_a_torch_build_with_other_weights_gets_the_loop(monkeypatch):
-    monkeypatch.setattr(masks_module, "_VERIFIED", {})
-    monkeypatch.setattr(masks_module, "_UNVERIFIED", set())
-    monkeypatch.setattr(masks_module, "_taps_match_torch", lambda *a: False)
-    monkeypatch.setattr(masks_module, "_paste_chunk", lambda *a: pytest.fail("the vectorised paste ran"))
+    monkeypatch.setattr(paste_module, "_VERIFIED", {})
+    monkeypatch.setattr(paste_module, "_UNVERIFIED", set())
+    monkeypatch.setattr(paste_module, "_taps_match_torch", lambda *a: False)
+    monkeypatch.setattr(paste_module, "_paste_chunk", lambda *a: pytest.fail("the vectorised paste ran"))
     rng = np.random.default_rng(5)
     maps, boxes = _maps(rng, 10), _boxes(rng, 10, 40, 40)
-    assert np.array_equal(paste_masks(maps, boxes, (40, 40)), paste_masks_reference(maps, boxes, (40, 40)).numpy())
+    assert np.array_equal(_batched(maps, boxes, (40, 40)), paste_masks_reference(maps, boxes, (40, 40)).numpy())
 
 
 def test_tensor_inputs_and_device():
