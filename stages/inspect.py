@@ -17,7 +17,7 @@ from pipeline.data.dataset import read_manifest
 from pipeline.data.lvis_format import IMAGE_FIELDS, image_path, load_image
 from pipeline.errors import PipelineError
 from pipeline.experiments.plots import proposal_overlay
-from pipeline.geometry.masks import paste_masks
+from pipeline.geometry.paste import paste_masks
 from pipeline.stores.inspect import describe
 from stages.common import MANIFEST, clean_errors
 
