@@ -165,8 +165,8 @@ def paste_masks_tensor(
     TIE_TOLERANCE of the threshold, where float32 rounding decides, is resized again by torchvision on the CPU,
     inside its box only (`_paste_in_boxes`; about 3 % of the embedded world's masks, mostly exact ties).
     Not batched (the CPU's default): torchvision's own resize of each mask inside its box (`_paste_in_boxes`),
-    which skips the image-sized products of the rest of the image: 2.3x faster than the batched products at
-    128 px and 9.8x at 800 px on 2 CPU threads (README, "propose and sample"), where a GPU does the products
+    which skips the image-sized products of the rest of the image: 1.8x faster than the batched products at
+    128 px and 6.9x at 800 px on 2 CPU threads (README, "propose and sample"), where a GPU does the products
     in microseconds.
     """
     device = torch.device(device)
