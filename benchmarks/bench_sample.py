@@ -197,8 +197,14 @@ def bench_paste_crop(repeat: int, device: str, n_images: int | None, crop: int) 
             torch.cuda.synchronize()
 
     def run(mode: dict) -> dict:
-        outputs = []
         paste._paste_in_boxes = whole if mode.get("whole") else counted
+        try:
+            return timed(mode)
+        finally:
+            paste._paste_in_boxes = in_boxes
+
+    def timed(mode: dict) -> dict:
+        outputs = []
         tied.clear()
         paste_s = crop_s = 0.0
         for i in todo:
@@ -218,7 +224,6 @@ def bench_paste_crop(repeat: int, device: str, n_images: int | None, crop: int) 
             crop_s += time.perf_counter() - t1
             paste_s += t1 - t0
             outputs.append((full.cpu(), [v.cpu() for v in views]))
-        paste._paste_in_boxes = in_boxes
         return {"seconds": paste_s + crop_s, "paste": paste_s, "crop": crop_s, "outputs": outputs, "tied": sum(tied)}
 
     loop_name = "torchvision's whole-image paste, one crop at a time (loop)"

@@ -141,9 +141,8 @@ def _paste_chunk(
     dtype = torch.float32 if device.type == "cpu" else torch.float64
     pasted = torch.bmm(torch.bmm(by_rows.to(dtype), maps.to(dtype)), by_cols.to(dtype).transpose(1, 2))
     out = pasted >= threshold
-    if threshold <= TIE_TOLERANCE:  # outside its box a mask's sum is 0, which such a threshold would keep
-        out &= row_in[:, :, None] & col_in[:, None, :]
-    ties = (pasted - threshold).abs_().flatten(1).amin(1) <= TIE_TOLERANCE
+    # NaN (a non-finite map: 0 x inf in the products) counts as a tie, so torchvision decides those masks too
+    ties = ~((pasted - threshold).abs_().flatten(1).amin(1) > TIE_TOLERANCE)
     return out, ties
 
 
@@ -156,14 +155,17 @@ def paste_masks_tensor(
     device: str | torch.device = "cpu",
     batched: bool | None = None,
 ) -> torch.Tensor:
-    """Paste (n, M, M) box-relative maps (float or uint8 in 0..255) into (n, H, W) bool masks on `device`,
-    bit-identical to :func:`paste_masks_reference` (torchvision's loop on the CPU) on every device.
+    """Paste (n, M, M) box-relative maps (float probabilities in [0, 1], or uint8 in 0..255) into (n, H, W) bool
+    masks on `device`, bit-identical to :func:`paste_masks_reference` (torchvision's loop on the CPU) on every
+    device. A threshold of TIE_TOLERANCE or less (torchvision's 0 outside a box may pass it) takes torchvision's
+    loop itself.
 
     ``batched`` (default: on every device but the CPU): all masks at once on `device`, with no loop over the
     masks: torchvision's `paste_masks_in_image` — the same expanded integer boxes, bilinear source indices and
     float32 weights — as two batched matrix products, then ``>= threshold``. A mask with a pixel within
     TIE_TOLERANCE of the threshold, where float32 rounding decides, is resized again by torchvision on the CPU,
-    inside its box only (`_paste_in_boxes`; about 3 % of the embedded world's masks, mostly exact ties).
+    inside its box only (`_paste_in_boxes`; about 3 % of the embedded world's masks, mostly exact ties), and so
+    is a mask whose products are not finite (a NaN or inf in its map).
     Not batched (the CPU's default): torchvision's own resize of each mask inside its box (`_paste_in_boxes`),
     which skips the image-sized products of the rest of the image: 1.8x faster than the batched products at
     128 px and 6.9x at 800 px on 2 CPU threads (README, "propose and sample"), where a GPU does the products
@@ -172,9 +174,11 @@ def paste_masks_tensor(
     device = torch.device(device)
     height, width = int(image_hw[0]), int(image_hw[1])
     n = len(masks)
-    if n == 0:
-        return torch.zeros((0, height, width), dtype=torch.bool, device=device)
-    if not (device.type != "cpu" if batched is None else batched) and threshold > TIE_TOLERANCE:
+    if n == 0 or height == 0 or width == 0:
+        return torch.zeros((n, height, width), dtype=torch.bool, device=device)
+    if threshold <= TIE_TOLERANCE:  # torchvision's 0 outside the box may pass such a threshold: its whole paste
+        return paste_masks_reference(masks, boxes, image_hw, threshold).to(device)
+    if not (device.type != "cpu" if batched is None else batched):
         pasted = torch.zeros((n, height, width), dtype=torch.bool)
         for mask, (window, inside) in zip(pasted, _paste_in_boxes(masks, boxes, image_hw, threshold), strict=True):
             mask[window] = inside
@@ -195,12 +199,9 @@ def paste_masks_tensor(
     if len(redo):  # where float32 rounding decides: torchvision's own resize, on these masks only
         maps, box_t = _as_tensor(masks), _as_tensor(boxes)
         maps, box_t = maps[redo.to(maps.device)], box_t[redo.to(box_t.device)]
-        if threshold <= TIE_TOLERANCE:  # the whole image may pass such a threshold: torchvision's whole paste
-            pasted[redo.to(device)] = paste_masks_reference(maps, box_t, image_hw, threshold).to(device)
-        else:
-            windows = _paste_in_boxes(maps, box_t, image_hw, threshold)
-            for i, (window, inside) in zip(redo.tolist(), windows, strict=True):
-                pasted[i][window] = inside.to(device)
+        windows = _paste_in_boxes(maps, box_t, image_hw, threshold)
+        for i, (window, inside) in zip(redo.tolist(), windows, strict=True):
+            pasted[i][window] = inside.to(device)
     return pasted
 
 
@@ -210,8 +211,9 @@ def _paste_in_boxes(
     """torchvision's `paste_mask_in_image` of each mask on the CPU, only where it is not 0: per mask the window
     of the image its box covers and the resized map there ``>= threshold`` (bool). The same expanded integer box,
     the same ``F.interpolate`` to the box's size and the same crop as torchvision's loop, without its image-sized
-    buffer: outside the box torchvision pastes 0, which a threshold above 0 leaves False, as the vectorised paste
-    does. At 800 px this is what makes a tied mask cheap (one resize of its box, not a copy of the image)."""
+    buffer: outside the box torchvision pastes 0, which a threshold above TIE_TOLERANCE leaves False, as the
+    batched paste does. At 800 px this is what makes a tied mask cheap (one resize of its box, not a copy of the
+    image)."""
     height, width = int(image_hw[0]), int(image_hw[1])
     probs = _probabilities(_as_tensor(masks).cpu(), torch.device("cpu"))
     padded, scale = expand_masks(probs[:, None], padding=1)

@@ -104,10 +104,10 @@ def test_tied_masks_at_lvis_size_are_the_loop_bit_for_bit(hw):
 
 
 def test_a_threshold_at_zero_keeps_torchvisions_whole_paste():
-    """At a threshold of 0 torchvision's 0 outside the box passes: those masks take its whole paste."""
+    """At a threshold of 0 or below torchvision's 0 outside the box passes: torchvision's whole paste."""
     rng = np.random.default_rng(19)
     maps, boxes = _maps(rng, 10), _boxes(rng, 10, 40, 50)
-    for threshold in (0.0, 1e-7):
+    for threshold in (0.0, 1e-7, -2e-6, -0.5):
         want = paste_masks_reference(maps, boxes, (40, 50), threshold).numpy()
         assert np.array_equal(_batched(maps, boxes, (40, 50), threshold), want)
         assert np.array_equal(paste_masks(maps, boxes, (40, 50), threshold), want)
@@ -167,3 +167,37 @@ def test_cuda_paste_is_the_cpu_loop_bit_for_bit():
         got = paste_masks_tensor(torch.from_numpy(maps).cuda(), torch.from_numpy(boxes).cuda(), hw, device="cuda")
         assert got.device.type == "cuda"
         assert torch.equal(got.cpu(), paste_masks_reference(maps, boxes, hw))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_odd_boxes_and_empty_images(batched):
+    """Boxes the detector does not make but torchvision pastes (inverted, under a pixel, wholly inside one
+    pixel), a box whose float32 expansion rounds to another integer than float64's would, and images with no
+    pixels."""
+    maps = np.full((6, M, M), 255, dtype=np.uint8)
+    maps[3:] = _maps(np.random.default_rng(29), 3)
+    boxes = np.array(
+        [
+            [10, 10, 3, 3],
+            [5, 5, 4.5, 4.5],
+            [2.5, 575.5, 240.5, 739.75],
+            [0, 0, 0, 0],
+            [7.2, 7.3, 7.4, 7.9],
+            [799, 799, 800, 800],
+        ],
+        dtype=np.float32,
+    )
+    for hw in [(800, 800), (20, 30)]:
+        got = paste_masks_tensor(maps, boxes, hw, batched=batched)
+        assert torch.equal(got, paste_masks_reference(maps, boxes, hw))
+    for hw in [(0, 30), (30, 0)]:
+        got = paste_masks_tensor(maps, boxes, hw, batched=batched)
+        assert got.shape == (6, *hw) and torch.equal(got, paste_masks_reference(maps, boxes, hw))
+
+
+def test_a_map_that_is_not_finite_is_left_to_torchvision():
+    """A NaN or inf in a float map spreads NaN over the batched products; such a mask is decided by torchvision."""
+    rng = np.random.default_rng(31)
+    maps, boxes = _maps(rng, 8).astype(np.float32) / 255.0, _boxes(rng, 8, 50, 60)
+    maps[2, 10, 10], maps[5, 3, 20] = np.nan, np.inf
+    assert np.array_equal(_batched(maps, boxes, (50, 60)), paste_masks_reference(maps, boxes, (50, 60)).numpy())
