@@ -32,3 +32,10 @@ def numeric_context(device: str | torch.device) -> dict[str, int | str]:
     instead of mixing the two."""
     kind = torch.device(device).type
     return {"device": kind, "threads": torch.get_num_threads()} if kind == "cpu" else {"device": kind}
+
+
+def use_batched(batched: bool | None, device: str | torch.device) -> bool:
+    """Whether to do an image's per-mask work (the paste, the foreground crops) as one batch of image-sized
+    tensors: ``batched`` when given, else on every device but the CPU. A GPU does the batch in microseconds; on
+    the CPU each mask's own box or window is the faster way (README, "propose and sample"). Same bits either way."""
+    return torch.device(device).type != "cpu" if batched is None else batched

@@ -1,11 +1,12 @@
-"""Paste box-relative mask-head output into the image: torchvision's paste, all of an image's masks at once.
+"""Paste box-relative mask-head output into the image, bit for bit as torchvision's paste.
 
 A proposal's mask is stored as the mask head's native M x M probability map, relative to its box.
 The full-resolution mask is the deterministic paste of that map into the box (torchvision's own
 `paste_masks_in_image`, the function Mask R-CNN uses), thresholded at 0.5. `paste_masks_tensor` computes it
-for all of an image's masks at once, on any device (two batched matrix products with torchvision's own
-bilinear weights, no loop over the masks), bit-identical to torchvision's loop on the CPU
-(`paste_masks_reference`); `paste_masks` is its numpy form. (RLE, IoU and polygons: pipeline.geometry.masks.)
+on any device, bit-identical to torchvision's loop on the CPU (`paste_masks_reference`): on a GPU for all of
+an image's masks at once (two batched matrix products with torchvision's own bilinear weights, no loop over the
+masks), on the CPU by torchvision's own resize of each mask inside its box; `paste_masks` is its numpy form.
+(RLE, IoU and polygons: pipeline.geometry.masks.)
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, paste_masks_in_image
+
+from pipeline.device import use_batched
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,9 @@ def paste_masks_reference(
 ) -> torch.Tensor:
     """torchvision's `paste_masks_in_image` on the CPU (a Python loop over the masks) >= threshold: (n, H, W) bool.
 
-    The definition the vectorised :func:`paste_masks_tensor` reproduces bit for bit; kept for the tests, the
-    benchmark, and the pixels the vectorised paste leaves to it.
+    The definition :func:`paste_masks_tensor` reproduces bit for bit; kept for the tests, the benchmark, and
+    what it leaves to torchvision whole (thresholds of TIE_TOLERANCE or less, a torch build whose bilinear
+    weights are not ours).
     """
     height, width = int(image_hw[0]), int(image_hw[1])
     if len(masks) == 0:
@@ -178,7 +182,7 @@ def paste_masks_tensor(
         return torch.zeros((n, height, width), dtype=torch.bool, device=device)
     if threshold <= TIE_TOLERANCE:  # torchvision's 0 outside the box may pass such a threshold: its whole paste
         return paste_masks_reference(masks, boxes, image_hw, threshold).to(device)
-    if not (device.type != "cpu" if batched is None else batched):
+    if not use_batched(batched, device):
         pasted = torch.zeros((n, height, width), dtype=torch.bool)
         for mask, (window, inside) in zip(pasted, _paste_in_boxes(masks, boxes, image_hw, threshold), strict=True):
             mask[window] = inside
@@ -230,9 +234,10 @@ def _paste_in_boxes(
 
 
 def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
-    """Paste (n, M, M) box-relative probability maps (float or uint8 in 0..255) into (n, H, W) bool masks.
+    """Paste (n, M, M) box-relative maps (float probabilities in [0, 1], or uint8 in 0..255) into (n, H, W) bool
+    masks: :func:`paste_masks_tensor` on the CPU, as numpy.
 
-    Bit-identical to torchvision's `paste_masks_in_image` thresholded at `threshold`, without its loop over
-    the masks (:func:`paste_masks_tensor` on the CPU).
+    Bit-identical to torchvision's `paste_masks_in_image` thresholded at `threshold`, without its image-sized
+    paste of each mask (each is resized inside its box only).
     """
     return paste_masks_tensor(masks, boxes, image_hw, threshold).numpy()

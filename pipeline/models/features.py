@@ -39,6 +39,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import roi_align
 
+from pipeline.device import use_batched
 from pipeline.errors import PipelineError
 from pipeline.geometry.paste import paste_masks
 from pipeline.models.inference import autocast
@@ -99,7 +100,7 @@ def crop_views(
     1.12x at 128 px: README, "propose and sample").
     """
     device = torch.device(device)
-    batched = device.type != "cpu" if batched is None else batched
+    batched = use_batched(batched, device)
     img = _image_tensor(image, device)
     height, width = img.shape[1:]
     masks = torch.as_tensor(np.asarray(full_masks) if not isinstance(full_masks, torch.Tensor) else full_masks)
