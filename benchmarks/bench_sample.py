@@ -11,14 +11,17 @@
    batched products with all crops at once (`paste_masks_tensor(batched=True)`, `crop_views(batched=True)`: a
    GPU's default), and the same with the tied masks (a pixel within 2e-6 of the threshold) pasted whole by
    torchvision as before 2026-11-27 instead of inside their boxes; ms per image, proposals/s and how many
-   masks were tied; the outputs are checked bit-identical.
+   masks were tied; the outputs are checked bit-identical. Each mode runs once on two images untimed first (a
+   GPU's first kernel calls: without it the first mode of the table paid them, 14.8 against 8.1 ms an image for
+   the same batched paste on a lent H200).
 4. The whole `sample_split` over the val split, images read from disk as the stage does, for each way of
    running it: baseline (all at once on the device, images decoded in this process, float32), paste and
    crop one proposal at a time, N DataLoader workers decoding ahead (pinned only on CUDA), the backbone
    under bf16 / fp16 autocast (fp16 on a CPU only where this torch build has it), workers + bf16; images/s
    and proposals/s with the ratio to the baseline, and for amp the largest feature difference to float32's.
-5. Where the baseline `sample_split`'s time goes (section 4's, once): cProfile's functions by own time,
-   and on CUDA torch.profiler's operators by device time and the share of the wall time the device was busy.
+5. Where `sample_split`'s time goes, run as the stage runs it by default (`num_workers: auto`: 4 decoding
+   workers on a GPU, none on the CPU), once: cProfile's functions by own time (the main process'), and on CUDA
+   torch.profiler's operators by device time and the share of the wall time the device was busy.
 
 Sections 3 and 4 run every mode once per round, `--repeat` rounds interleaved, and report each mode's best
 round: a busy neighbour on a shared machine slows every mode alike.
@@ -196,18 +199,18 @@ def bench_paste_crop(repeat: int, device: str, n_images: int | None, crop: int) 
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def run(mode: dict) -> dict:
+    def run(mode: dict, which: list[int] = todo) -> dict:
         paste._paste_in_boxes = whole if mode.get("whole") else counted
         try:
-            return timed(mode)
+            return timed(mode, which)
         finally:
             paste._paste_in_boxes = in_boxes
 
-    def timed(mode: dict) -> dict:
+    def timed(mode: dict, which: list[int] = todo) -> dict:
         outputs = []
         tied.clear()
         paste_s = crop_s = 0.0
-        for i in todo:
+        for i in which:
             s, e = int(offsets[i]), int(offsets[i + 1])
             box_t = torch.from_numpy(boxes[s:e]).to(device)
             map_t = torch.from_numpy(masks[s:e]).to(device)
@@ -233,6 +236,8 @@ def bench_paste_crop(repeat: int, device: str, n_images: int | None, crop: int) 
         "batched, tied masks pasted whole (before 2026-11-27)": {"paste": "default", "batched": True, "whole": True},
         loop_name: {"paste": "reference", "batched": False},
     }
+    for mode in modes.values():  # warm-up: a GPU's first calls of each kernel (and the CPU's allocator) untimed
+        run(mode, todo[:2])
     best = _rounds(modes, run, repeat)
     a, *others = (best[name]["outputs"] for name in modes)
     same = all(
@@ -322,15 +327,19 @@ def bench_split(repeat: int, device: str, workers: int, n_images: int | None, cr
 
 
 def profile_split(device: str, n_images: int | None, crop: int, rows: int = 18) -> None:
-    """Section 5: one baseline `sample_split` under cProfile (functions by own time), then on CUDA under
-    torch.profiler (operators by device time; the device's busy share of the wall time)."""
+    """Section 5: one `sample_split` as the stage runs it by default (`sample.num_workers: auto`: decoding workers
+    on a GPU, none on the CPU) under cProfile (functions by own time), then on CUDA under torch.profiler (operators
+    by device time; the device's busy share of the wall time)."""
     import cProfile
     import io
     import pstats
 
+    from pipeline.models.inference import decoding_workers
     from pipeline.stores.sampling import sample_split
 
     args, kw, n_images, n_props = _split_call(device, n_images, crop)
+    workers = decoding_workers("auto", device)
+    kw = {**kw, "num_workers": workers}
     sample_split(*args[:2], args[2][:2], *args[3:], **kw)  # warm-up
     profiler = cProfile.Profile()
     start = time.perf_counter()
@@ -342,7 +351,10 @@ def profile_split(device: str, n_images: int | None, crop: int, rows: int = 18) 
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
     body = text.getvalue()
     body = body[body.find("ncalls") :] if "ncalls" in body else body
-    print(f"\n## Where sample_split's time goes: {n_props} proposals on {n_images} images, {device}, {wall:.2f} s\n")
+    print(
+        f"\n## Where sample_split's time goes: {n_props} proposals on {n_images} images, {device}, "
+        f"{workers} decoding workers (the stage's default), {wall:.2f} s\n"
+    )
     print(f"cProfile, the {rows} functions of largest own time (tottime; the profiler's overhead included):\n")
     print(f"```\n{body.rstrip()}\n```")
     if not device.startswith("cuda"):
