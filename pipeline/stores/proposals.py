@@ -7,8 +7,9 @@ part. `StoreProposals` reads a finished store back image by image, a block of im
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.data.lvis_format import image_path, load_image
 from pipeline.errors import PipelineError
-from pipeline.models.inference import prefetch
+from pipeline.models.inference import prefetch, prefetch_groups
 from pipeline.stores.parts import Column, ImageParts
 from pipeline.stores.store import offsets_from_counts
 
@@ -55,29 +56,11 @@ class SplitProposals:
         return out
 
 
-def propose_split(
-    images: list[dict],
-    image_root: Path,
-    infer: Callable[[list[np.ndarray | torch.Tensor]], list[dict]],
-    *,
-    batch_size: int,
-    mask_size: int,
-    on_missing_image: str = "error",
-    progress: bool = True,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-) -> SplitProposals:
-    """Run `infer` (a batch of RGB uint8 images -> per-image dicts of boxes, scores, masks) over `images`.
-
-    Images keep their order; one that yields no proposal keeps a zero-length row range. A missing or
-    unreadable image raises (naming the file) or, with on_missing_image='skip', gets zero rows and is counted.
-    With `num_workers` > 0 the images are decoded in DataLoader workers, a few batches ahead, and reach
-    `infer` as uint8 (H, W, 3) tensors (pinned with `pin_memory`, for a CUDA `infer`); without, in this
-    process as numpy arrays, one batch when it is needed (`pipeline.models.inference.prefetch`).
-    """
-    results: list[dict | None] = [None] * len(images)
-    hw = np.array([(r["height"], r["width"]) for r in images], dtype=np.int64).reshape(-1, 2)
-    skipped: list[int] = []
+def image_reader(
+    images: list[dict], image_root: Path, on_missing_image: str = "error"
+) -> Callable[[int], tuple[int, np.ndarray | None]]:
+    """``read(i) -> (i, pixels)`` of ``images[i]``: uint8 (H, W, 3), checked against the record's size; a missing
+    or unreadable image raises (naming the file) or, with on_missing_image='skip', reads as None."""
 
     def read(i: int) -> tuple[int, np.ndarray | None]:
         record = images[i]
@@ -94,8 +77,40 @@ def propose_split(
             )
         return i, pixels
 
+    return read
+
+
+def propose_split(
+    images: list[dict],
+    image_root: Path,
+    infer: Callable[[list[np.ndarray | torch.Tensor]], list[dict]],
+    *,
+    batch_size: int,
+    mask_size: int,
+    on_missing_image: str = "error",
+    progress: bool = True,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    batches: Iterable[list] | None = None,
+) -> SplitProposals:
+    """Run `infer` (a batch of RGB uint8 images -> per-image dicts of boxes, scores, masks) over `images`.
+
+    Images keep their order; one that yields no proposal keeps a zero-length row range. A missing or
+    unreadable image raises (naming the file) or, with on_missing_image='skip', gets zero rows and is counted.
+    With `num_workers` > 0 the images are decoded in DataLoader workers, a few batches ahead, and reach
+    `infer` as uint8 (H, W, 3) tensors (pinned with `pin_memory`, for a CUDA `infer`); without, in this
+    process as numpy arrays, one batch when it is needed (`pipeline.models.inference.prefetch`). `batches`:
+    those batches already being read, ``(index into images, pixels or None)`` each (`propose_parts`' stream).
+    """
+    results: list[dict | None] = [None] * len(images)
+    hw = np.array([(r["height"], r["width"]) for r in images], dtype=np.int64).reshape(-1, 2)
+    skipped: list[int] = []
+
     bar = tqdm(total=len(images), desc="propose", unit="img", disable=not progress)
-    batches = prefetch(range(len(images)), read, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+    if batches is None:
+        read = image_reader(images, image_root, on_missing_image)
+        indices = range(len(images))
+        batches = prefetch(indices, read, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
     for batch in batches:
         batch_idx = [i for i, pixels in batch if pixels is not None]
         skipped.extend(int(images[i]["id"]) for i, pixels in batch if pixels is None)
@@ -151,11 +166,18 @@ def propose_parts(
 ) -> None:
     """Propose for every part of `parts` not yet on disk (this rank's share), saving each when done.
 
-    `num_workers`, `pin_memory`: image decoding ahead in DataLoader workers (see `propose_split`)."""
+    `num_workers`, `pin_memory`: image decoding ahead in DataLoader workers (see `propose_split`), one set for
+    all the parts: a part's batches (`batch_size` images from its first, as `propose_split` makes them) are read
+    while the previous part is inferred and written."""
     todo = parts.pending(rank, world_size)
     n_todo = sum(stop - start for start, stop in todo)
+    size = max(1, int(batch_size))
+    groups = [range(lo, min(lo + size, stop)) for start, stop in todo for lo in range(start, stop, size)]
+    read = image_reader(images, image_root, on_missing_image)
+    stream = prefetch_groups(groups, read, num_workers=num_workers, pin_memory=pin_memory)
     bar = tqdm(total=n_todo, desc="propose", unit="img", disable=not progress, dynamic_ncols=True)
     for start, stop in todo:
+        part = itertools.islice(stream, -(-(stop - start) // size))
         result = propose_split(
             images[start:stop],
             image_root,
@@ -164,8 +186,7 @@ def propose_parts(
             mask_size=mask_size,
             on_missing_image=on_missing_image,
             progress=False,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
+            batches=([(i - start, pixels) for i, pixels in batch] for batch in part),
         )
         counts = np.diff(result.image_offsets)
         arrays = {name: value for name, value in result.arrays().items() if name != "image_offsets"}

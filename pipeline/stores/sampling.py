@@ -12,7 +12,8 @@ time and saving each part's features (in `dtype`) and pairs as soon as they are 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from pipeline.geometry.paste import paste_masks_reference, paste_masks_tensor
 from pipeline.geometry.relations import relations
 from pipeline.models.features import crop_views, pool_features
-from pipeline.models.inference import autocast, prefetch
+from pipeline.models.inference import autocast, prefetch, prefetch_groups
 from pipeline.stores.parts import Column, ImageParts
 
 VIEWS = ("box", "fg", "bg")
@@ -73,6 +74,19 @@ class _BatchedPool:
         return np.concatenate(self.out) if self.out else np.zeros((0, self.dim), np.float32)
 
 
+def _with_proposals(image_offsets: np.ndarray, start: int, stop: int) -> list[int]:
+    """The images of ``[start, stop)`` with a proposal (the others are not read)."""
+    counts = np.diff(np.asarray(image_offsets[start : stop + 1]))
+    return (start + np.flatnonzero(counts > 0)).tolist()
+
+
+def _reader(load_image: Callable[[int], np.ndarray]) -> Callable[[int], tuple[int, np.ndarray]]:
+    def read(i: int) -> tuple[int, np.ndarray]:
+        return i, load_image(i)
+
+    return read
+
+
 def sample_split(
     load_image: Callable[[int], np.ndarray],
     image_hw: np.ndarray,
@@ -92,6 +106,7 @@ def sample_split(
     num_workers: int = 0,
     amp: str = "off",
     vectorised: bool = True,
+    batches: Iterable[list] | None = None,
 ) -> SplitSamples:
     """Features and pairs of every proposal of a split.
 
@@ -107,20 +122,22 @@ def sample_split(
     at once on a GPU). `num_workers` > 0 decodes the images in DataLoader workers ahead of use (pinned on
     CUDA); `amp` (off | bf16 | fp16) runs the backbone under autocast. ``vectorised=False`` pastes by
     torchvision's whole-image loop and cuts proposal by proposal on every device (the benchmark's baseline).
+    `batches`: the images with proposals already being read, in order, as lists of ``(i, pixels)``
+    (`sample_parts`' stream); `load_image` and `num_workers` are then unused.
     """
     dim = int(getattr(backbone, "dim", 0))
     pools = {view: _BatchedPool(backbone, batch_size, device, dim, amp) for view in VIEWS}
     autocast(device, amp)  # an unsupported amp fails here, before any work
     obj_parts, hier_parts = [], []
     n_images = len(image_offsets) - 1
-    todo = np.flatnonzero(np.diff(np.asarray(image_offsets[: n_images + 1])) > 0).tolist()
-    pin = torch.device(device).type == "cuda"
-
-    def read(i: int) -> tuple[int, np.ndarray]:
-        return i, load_image(i)
-
+    if batches is None:
+        todo = _with_proposals(image_offsets, 0, n_images)
+        pin = torch.device(device).type == "cuda"
+        batches = prefetch(
+            todo, _reader(load_image), batch_size=_IMAGES_PER_READ, num_workers=num_workers, pin_memory=pin
+        )
     bar = tqdm(total=int(image_offsets[-1]), desc="sample", unit="proposal", disable=not progress, dynamic_ncols=True)
-    for batch in prefetch(todo, read, batch_size=_IMAGES_PER_READ, num_workers=num_workers, pin_memory=pin):
+    for batch in batches:
         for i, pixels in batch:
             start, stop = int(image_offsets[i]), int(image_offsets[i + 1])
             hw = (int(image_hw[i][0]), int(image_hw[i][1]))
@@ -197,8 +214,17 @@ def sample_parts(
     image_hw = np.asarray(proposals["image_hw"][...])
     todo = parts.pending(rank, world_size)
     total = sum(int(offsets[stop] - offsets[start]) for start, stop in todo)
-    bar = tqdm(total=total, desc="sample", unit="proposal", disable=not progress, dynamic_ncols=True)
+    # one set of decoding workers for all the parts, in the groups `sample_split` makes within each part
+    groups = []
     for start, stop in todo:
+        have = _with_proposals(offsets, start, stop)
+        groups.append([have[j : j + _IMAGES_PER_READ] for j in range(0, len(have), _IMAGES_PER_READ)])
+    pin = torch.device(device).type == "cuda"
+    stream = prefetch_groups(
+        [g for part in groups for g in part], _reader(load_image), num_workers=num_workers, pin_memory=pin
+    )
+    bar = tqdm(total=total, desc="sample", unit="proposal", disable=not progress, dynamic_ncols=True)
+    for (start, stop), part in zip(todo, groups, strict=True):
         lo, hi = int(offsets[start]), int(offsets[stop])
         result = sample_split(
             lambda i, first=start: load_image(first + i),
@@ -215,8 +241,8 @@ def sample_parts(
             device=device,
             progress=False,
             hier_exclude_objects=hier_exclude_objects,
-            num_workers=num_workers,
             amp=amp,
+            batches=([(i - start, pixels) for i, pixels in b] for b in itertools.islice(stream, len(part))),
         )
         arrays = {f"features/{view}": result.features[view].astype(dtype) for view in VIEWS}
         arrays.update({"pairs/object": result.object_pairs, "pairs/hier": result.hier_pairs})

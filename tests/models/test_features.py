@@ -365,3 +365,45 @@ def test_sample_split_worker_errors_are_the_stage_s_own(r18):
     for workers in (0, 2):
         with pytest.raises(PipelineError, match=r"^image 5: file not found$"):
             sample_split(load, hw, offsets, boxes, masks, r18, progress=False, num_workers=workers, **kw)
+
+
+def test_sample_parts_read_every_part_through_one_set_of_workers(r18, tmp_path):
+    """Across the parts of a split the images are decoded by one set of workers (not a new set per part, each
+    fork of a CUDA process costing about 0.13 s), into the same store as without workers."""
+    import os
+
+    from pipeline.stores.parts import ImageParts
+    from pipeline.stores.sampling import PAIR_COLUMNS, sample_columns, sample_parts, sample_split
+    from pipeline.stores.store import open_store, read_array
+
+    images, hw, offsets, boxes, masks = _split_inputs()
+    proposals = {"image_offsets": offsets, "image_hw": hw, "boxes": boxes, "masks": masks}
+    reads = tmp_path / "reads.txt"
+
+    def load(i: int) -> np.ndarray:
+        with reads.open("a") as log:  # which process read which image
+            log.write(f"{os.getpid()} {i}\n")
+        return images[i]
+
+    kw = {"crop_size": 32, "object_iou": 0.1, "hier_containment": 0.8, "relation_max_side": None, "batch_size": 5}
+    whole = sample_split(lambda i: images[i], hw, offsets, boxes, masks, r18, progress=False, **kw)
+    stores = {}
+    for workers in (0, 2):
+        reads.write_text("")
+        out = tmp_path / f"workers{workers}.zarr"
+        columns = sample_columns(r18.dim, "float32")
+        parts = ImageParts(out, {}, columns, len(images), images_per_part=2, index_columns=PAIR_COLUMNS)
+        sample_parts(parts, proposals, load, r18, dtype="float32", progress=False, num_workers=workers, **kw)
+        log = [line.split() for line in reads.read_text().splitlines()]
+        assert sorted(int(i) for _, i in log) == [0, 2, 3, 5, 6]  # 4 parts; images without proposals not read
+        pids = {int(pid) for pid, _ in log}
+        if workers:
+            assert os.getpid() not in pids and len(pids) <= workers  # a set per part would be up to 4 processes
+        else:
+            assert pids == {os.getpid()}
+        parts.assemble({}, kind="samples")
+        stores[workers] = open_store(out, "samples")
+    for name in ("features/box", "features/fg", "features/bg", "pairs/object", "pairs/hier", "image_offsets"):
+        assert np.array_equal(read_array(stores[0], name), read_array(stores[2], name)), name
+    assert np.array_equal(read_array(stores[2], "pairs/object"), whole.object_pairs)
+    assert np.array_equal(read_array(stores[2], "pairs/hier"), whole.hier_pairs)

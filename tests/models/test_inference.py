@@ -1,12 +1,15 @@
-"""`pipeline.models.inference`: `prefetch` gives the same batches in the same order with and without workers;
-`decoding_workers` resolves the `num_workers` params."""
+"""`pipeline.models.inference`: `prefetch` and `prefetch_groups` give the same batches in the same order with and
+without workers; `decoding_workers` resolves the `num_workers` params."""
+
+import itertools
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.models.inference import AUTO_WORKERS, decoding_workers, prefetch
+from pipeline.models.inference import AUTO_WORKERS, decoding_workers, prefetch, prefetch_groups
 
 
 def _read(i: int) -> tuple[int, np.ndarray, list]:
@@ -53,3 +56,24 @@ def test_decoding_workers_auto_starts_workers_on_a_gpu_only(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     assert decoding_workers("auto", "cuda") == 1
+
+
+def _pid(i: int) -> tuple[int, int]:
+    return i, os.getpid()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_groups_come_back_as_given_from_one_set_of_workers(num_workers):
+    groups = [[0, 1, 2], [3], [4, 5], [6, 7, 8, 9], [10]]
+    stream = prefetch_groups(groups, _pid, num_workers=num_workers)
+    parts = [list(itertools.islice(stream, n)) for n in (2, 1, 2)]  # taken part by part, as the stages do
+    assert [[[i for i, _ in batch] for batch in part] for part in parts] == [groups[:2], groups[2:3], groups[3:]]
+    pids = {pid for part in parts for batch in part for _, pid in batch}
+    assert pids == {os.getpid()} if not num_workers else (os.getpid() not in pids and len(pids) <= num_workers)
+    assert list(stream) == []
+
+
+def test_prefetch_groups_needs_items_in_every_group_and_starts_nothing_for_none():
+    with pytest.raises(ValueError, match="every group"):
+        prefetch_groups([[0], []], _pid, num_workers=2)
+    assert list(prefetch_groups([], _pid, num_workers=2)) == []

@@ -345,3 +345,63 @@ def test_propose_split_with_workers_is_the_in_process_split(proposer_world, num_
     with pytest.raises(PipelineError, match=r"missing\.png") as err:
         propose_split(records, root, infer, num_workers=num_workers, **{**kw, "on_missing_image": "error"})
     assert "DataLoader" not in str(err.value)  # the stage's own one-line error, not a worker traceback
+
+
+def test_propose_parts_read_every_part_through_one_set_of_workers(proposer_world, tmp_path, monkeypatch):
+    """Across the parts of a split the images are decoded by one set of workers (not a new set per part), in
+    each part's own batches, into the same store as without workers."""
+    import os
+
+    from pipeline.stores import proposals as proposals_module
+    from pipeline.stores.parts import ImageParts
+    from pipeline.stores.proposals import proposal_columns, propose_parts
+    from pipeline.stores.store import open_store, read_array
+
+    records, root = _records(proposer_world)  # 7 images, the last one missing
+    reads = tmp_path / "reads.txt"
+    load = proposals_module.load_image
+
+    def logged(path):
+        with reads.open("a") as log:  # which process read which file
+            log.write(f"{os.getpid()} {Path(path).name}\n")
+        return load(path)
+
+    monkeypatch.setattr(proposals_module, "load_image", logged)
+    torch.manual_seed(0)
+    model = build_model("resnet18", SIZE, score_thresh=0.0, max_proposals=4)
+    stores, skipped = {}, {}
+    for workers in (0, 2):
+        reads.write_text("")
+        batches = []
+
+        def infer(batch, batches=batches):
+            batches.append(len(batch))
+            return propose(model, batch, device="cpu")
+
+        out = tmp_path / f"workers{workers}.zarr"
+        parts = ImageParts(out, {}, proposal_columns(MASK_SIZE), len(records), images_per_part=3)
+        propose_parts(
+            parts,
+            records,
+            root,
+            infer,
+            batch_size=2,
+            mask_size=MASK_SIZE,
+            on_missing_image="skip",
+            progress=False,
+            num_workers=workers,
+        )
+        assert batches == [2, 1, 2, 1]  # parts [0, 3), [3, 6), [6, 7): batches of 2 inside each; 6 is missing
+        log = [line.split() for line in reads.read_text().splitlines()]
+        assert len(log) == 7
+        pids = {int(pid) for pid, _ in log}
+        if workers:
+            assert os.getpid() not in pids and len(pids) <= workers  # a set per part would be up to 6 processes
+        else:
+            assert pids == {os.getpid()}
+        skipped[workers] = [m["skipped"] for m in parts.metas()]
+        parts.assemble({}, kind="proposals")
+        stores[workers] = open_store(out, "proposals")
+    assert skipped[0] == skipped[2] == [[], [], [77]]
+    for name in ("image_ids", "image_hw", "image_offsets", "boxes", "scores", "masks"):
+        assert np.array_equal(read_array(stores[0], name), read_array(stores[2], name)), name
