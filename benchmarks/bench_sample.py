@@ -11,9 +11,10 @@
    batched products with all crops at once (`paste_masks_tensor(batched=True)`, `crop_views(batched=True)`: a
    GPU's default), and the same with the tied masks (a pixel within 2e-6 of the threshold) pasted whole by
    torchvision as before 2026-11-27 instead of inside their boxes; ms per image, proposals/s and how many
-   masks were tied; the outputs are checked bit-identical. Each mode runs once on two images untimed first (a
-   GPU's first kernel calls: without it the first mode of the table paid them, 14.8 against 8.1 ms an image for
-   the same batched paste on a lent H200).
+   masks were tied; the outputs are checked bit-identical. Untimed first: the first mode over every image (the
+   paste checks torch's bilinear weights once per process, up to the largest box yet pasted), then every mode on
+   two images (a GPU's first kernel calls). Without it the first mode paid them: 14.8 against 8.1 ms an image for
+   the same batched paste on a lent H200, and 21.6 against 14.1 with a warm-up of two images only.
 4. The whole `sample_split` over the val split, images read from disk as the stage does, for each way of
    running it: baseline (all at once on the device, images decoded in this process, float32), paste and
    crop one proposal at a time, N DataLoader workers decoding ahead (pinned only on CUDA), the backbone
@@ -22,12 +23,15 @@
 5. Where `sample_split`'s time goes, run as the stage runs it by default (`num_workers: auto`: 4 decoding
    workers on a GPU, none on the CPU), once: cProfile's functions by own time (the main process'), and on CUDA
    torch.profiler's operators by device time and the share of the wall time the device was busy.
+6. `sample_parts` (the stage's loop over parts) in parts of ``--images-per-part`` images with ``--workers``
+   decoding workers: one set of workers for all the parts against a new set for every part (before 2026-11-27).
 
-Sections 3 and 4 run every mode once per round, `--repeat` rounds interleaved, and report each mode's best
+Sections 3, 4 and 6 run every mode once per round, `--repeat` rounds interleaved, and report each mode's best
 round: a busy neighbour on a shared machine slows every mode alike.
 
     python benchmarks/bench_sample.py [--threads 2] [--device cpu] [--reps 3] [--repeat 3] [--workers 2]
                                       [--sections 12345] [--images N] [--crop 64] [--backbone resnet18]
+                                      [--images-per-part 16]
 
 Sections 3 and 4 crop ``--crop`` pixels (the embedded world's 64; LVIS' 224) and pool with the backbone of
 models/proposer.pt (resnet18 at random without one), as the stage does.
@@ -236,8 +240,10 @@ def bench_paste_crop(repeat: int, device: str, n_images: int | None, crop: int) 
         "batched, tied masks pasted whole (before 2026-11-27)": {"paste": "default", "batched": True, "whole": True},
         loop_name: {"paste": "reference", "batched": False},
     }
-    for mode in modes.values():  # warm-up: a GPU's first calls of each kernel (and the CPU's allocator) untimed
-        run(mode, todo[:2])
+    # warm-up, untimed: the check of torch's bilinear weights (once per process, up to the largest box pasted:
+    # 0.24 s here at 800 px) over every image, then each mode's first kernel calls on two images
+    for n, mode in enumerate(modes.values()):
+        run(mode, todo if n == 0 else todo[:2])
     best = _rounds(modes, run, repeat)
     a, *others = (best[name]["outputs"] for name in modes)
     same = all(
@@ -377,6 +383,77 @@ def profile_split(device: str, n_images: int | None, crop: int, rows: int = 18) 
     print(f"```\n{table.rstrip()}\n```")
 
 
+def bench_parts(repeat: int, device: str, workers: int, n_images: int | None, crop: int, per_part: int) -> None:
+    """Section 6: `sample_parts` over the val split in parts of `per_part` images with `workers` decoding workers:
+    one set of workers for all the parts (the stage since 2026-11-27) against a new set for every part (before:
+    each part's `sample_split` made its own DataLoader). The stores are checked identical."""
+    import shutil
+    import tempfile
+
+    from pipeline.stores.parts import ImageParts
+    from pipeline.stores.sampling import PAIR_COLUMNS, sample_columns, sample_parts
+    from pipeline.stores.store import open_store, read_array
+
+    args, kw, n_used, n_props = _split_call(device, n_images, crop)
+    load, hw, offsets, boxes, masks, backbone = args
+    proposals = {"image_offsets": offsets, "image_hw": hw, "boxes": boxes, "masks": masks}
+    kw = {k: v for k, v in kw.items() if k != "progress"}
+    n = len(offsets) - 1
+    scratch = Path(tempfile.mkdtemp(prefix="bench_parts_"))
+
+    class OnePart:  # the parts object as before: sample_parts called once per part, so its workers start again
+        def __init__(self, parts: ImageParts, part: tuple[int, int]) -> None:
+            self.parts, self.part = parts, part
+
+        def pending(self, rank: int = 0, world_size: int = 1) -> list[tuple[int, int]]:
+            return [self.part]
+
+        def write(self, *a, **k) -> None:
+            self.parts.write(*a, **k)
+
+    def run(mode: dict) -> dict:
+        out = scratch / f"{mode['name']}.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out.parent / f".{out.name}.parts", ignore_errors=True)
+        columns = sample_columns(backbone.dim, "float32")
+        parts = ImageParts(out, {}, columns, n, images_per_part=per_part, index_columns=PAIR_COLUMNS)
+        call = {"dtype": "float32", "num_workers": workers, "progress": False, **kw}
+        start = time.perf_counter()
+        if mode["per_part"]:
+            for part in parts.pending():
+                sample_parts(OnePart(parts, part), proposals, load, backbone, **call)
+        else:
+            sample_parts(parts, proposals, load, backbone, **call)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        parts.assemble({}, kind="samples")
+        store = open_store(out, "samples")
+        return {"seconds": seconds, "arrays": {v: read_array(store, v) for v in ("features/box", "pairs/hier")}}
+
+    modes = {
+        f"one set of {workers} workers for all parts": {"name": "stream", "per_part": False},
+        f"a set of {workers} workers per part (before)": {"name": "per_part", "per_part": True},
+    }
+    try:
+        best = _rounds(modes, run, repeat)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    (a, b) = (best[name]["arrays"] for name in modes)
+    same = all(np.array_equal(a[k], b[k]) for k in a)
+    n_parts = -(-n // per_part)
+    print(
+        f"\n## sample_parts over the val split: {n_props} proposals on {n_used} images in {n_parts} parts of "
+        f"{per_part} images, {workers} decoding workers, {device} (best of {repeat})\n"
+    )
+    print("| mode | seconds | images/s | vs per part |")
+    print("|---|---:|---:|---:|")
+    base = best[list(modes)[1]]["seconds"]
+    for name, row in best.items():
+        print(f"| {name} | {row['seconds']:.2f} | {n_used / row['seconds']:.1f} | {base / row['seconds']:.2f}x |")
+    print(f"\nstores identical: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -384,7 +461,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds of sections 3 and 4")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--sections", default="1234", help="which sections to run (5: the profile)")
+    parser.add_argument("--sections", default="1234", help="which sections to run (5: the profile, 6: parts)")
+    parser.add_argument("--images-per-part", type=int, default=16, help="section 6's part size (the stage: 256)")
     parser.add_argument("--images", type=int, help="the first N val images in sections 3 and 4 (default: all)")
     parser.add_argument("--backbone", default="resnet18", help="section 2's network (LVIS: resnet50)")
     parser.add_argument("--crop", type=int, default=64, help="crop size of sections 3 and 4 (LVIS: 224)")
@@ -401,6 +479,8 @@ def main() -> None:
         bench_split(args.repeat, args.device, args.workers, args.images, args.crop)
     if "5" in args.sections:
         profile_split(args.device, args.images, args.crop)
+    if "6" in args.sections:
+        bench_parts(args.repeat, args.device, max(1, args.workers), args.images, args.crop, args.images_per_part)
 
 
 if __name__ == "__main__":
