@@ -22,6 +22,7 @@ same error, at the same point, as without workers.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import os
 import warnings
@@ -44,6 +45,7 @@ __all__ = [
     "PREFETCH_FACTOR",
     "autocast",
     "decoding_workers",
+    "part_batches",
     "prefetch",
     "prefetch_groups",
 ]
@@ -162,13 +164,21 @@ def prefetch_groups(
 ) -> Iterator[list]:
     """``[read(item) for item in group]`` for each of the (non-empty) `groups`, in order, read ahead by one set
     of `num_workers` workers for them all (`prefetch` otherwise). A stage's parts take their groups from one such
-    stream (``itertools.islice``), so that a part's first images are decoded while the previous part finishes."""
+    stream (`part_batches`), so that a part's first images are decoded while the previous part finishes; close
+    the stream (``contextlib.closing``) to stop its workers when the parts are done or one fails."""
     groups = [list(group) for group in groups]
     if any(not group for group in groups):
         raise ValueError("prefetch_groups: every group needs an item")
     if num_workers <= 0 or not groups:  # nothing to read: no workers to start
         return ([read(item) for item in group] for group in groups)
     return _loader_batches(groups, read, int(num_workers), pin_memory, prefetch_factor)
+
+
+def part_batches(stream: Iterator[list], n_batches: int, first: int) -> Iterator[list]:
+    """The next `n_batches` batches of a `prefetch_groups` stream of ``(index, value)`` reads, made local to the
+    part that starts at index `first` (what `propose_split` and `sample_split` take as ``batches``)."""
+    for batch in itertools.islice(stream, n_batches):
+        yield [(i - first, value) for i, value in batch]
 
 
 def _loader_batches(

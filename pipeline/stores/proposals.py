@@ -1,13 +1,14 @@
 """Run the proposer over a split and assemble the proposals store (DESIGN.md's contract).
 
 `propose_parts` runs a split part by part (`pipeline.stores.parts`): each part of whole images is saved as
-soon as it is done, a rerun after a kill goes on from the first missing part, and memory holds one
-part. `StoreProposals` reads a finished store back image by image, a block of images at a time.
+soon as it is done, a rerun after a kill goes on from the first missing part, and memory holds one part (and,
+with decoding workers, the next part's first batches being read ahead). `StoreProposals` reads a finished store
+back image by image, a block of images at a time.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.data.lvis_format import image_path, load_image
 from pipeline.errors import PipelineError
-from pipeline.models.inference import prefetch, prefetch_groups
+from pipeline.models.inference import part_batches, prefetch, prefetch_groups
 from pipeline.stores.parts import Column, ImageParts
 from pipeline.stores.store import offsets_from_counts
 
@@ -100,7 +101,8 @@ def propose_split(
     With `num_workers` > 0 the images are decoded in DataLoader workers, a few batches ahead, and reach
     `infer` as uint8 (H, W, 3) tensors (pinned with `pin_memory`, for a CUDA `infer`); without, in this
     process as numpy arrays, one batch when it is needed (`pipeline.models.inference.prefetch`). `batches`:
-    those batches already being read, ``(index into images, pixels or None)`` each (`propose_parts`' stream).
+    those batches already being read, ``(index into images, pixels or None)`` each (`propose_parts`' stream);
+    `image_root`, `on_missing_image`, `num_workers` and `pin_memory` are then the reader's business, unused here.
     """
     results: list[dict | None] = [None] * len(images)
     hw = np.array([(r["height"], r["width"]) for r in images], dtype=np.int64).reshape(-1, 2)
@@ -174,24 +176,23 @@ def propose_parts(
     size = max(1, int(batch_size))
     groups = [range(lo, min(lo + size, stop)) for start, stop in todo for lo in range(start, stop, size)]
     read = image_reader(images, image_root, on_missing_image)
-    stream = prefetch_groups(groups, read, num_workers=num_workers, pin_memory=pin_memory)
     bar = tqdm(total=n_todo, desc="propose", unit="img", disable=not progress, dynamic_ncols=True)
-    for start, stop in todo:
-        part = itertools.islice(stream, -(-(stop - start) // size))
-        result = propose_split(
-            images[start:stop],
-            image_root,
-            infer,
-            batch_size=batch_size,
-            mask_size=mask_size,
-            on_missing_image=on_missing_image,
-            progress=False,
-            batches=([(i - start, pixels) for i, pixels in batch] for batch in part),
-        )
-        counts = np.diff(result.image_offsets)
-        arrays = {name: value for name, value in result.arrays().items() if name != "image_offsets"}
-        parts.write(start, stop, counts, arrays, meta={"skipped": result.skipped})
-        bar.update(stop - start)
+    with contextlib.closing(prefetch_groups(groups, read, num_workers=num_workers, pin_memory=pin_memory)) as stream:
+        for start, stop in todo:
+            result = propose_split(
+                images[start:stop],
+                image_root,
+                infer,
+                batch_size=batch_size,
+                mask_size=mask_size,
+                on_missing_image=on_missing_image,
+                progress=False,
+                batches=part_batches(stream, -(-(stop - start) // size), start),
+            )
+            counts = np.diff(result.image_offsets)
+            arrays = {name: value for name, value in result.arrays().items() if name != "image_offsets"}
+            parts.write(start, stop, counts, arrays, meta={"skipped": result.skipped})
+            bar.update(stop - start)
     bar.close()
 
 

@@ -12,7 +12,7 @@ time and saving each part's features (in `dtype`) and pairs as soon as they are 
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from pipeline.geometry.paste import paste_masks_reference, paste_masks_tensor
 from pipeline.geometry.relations import relations
 from pipeline.models.features import crop_views, pool_features
-from pipeline.models.inference import autocast, prefetch, prefetch_groups
+from pipeline.models.inference import autocast, part_batches, prefetch, prefetch_groups
 from pipeline.stores.parts import Column, ImageParts
 
 VIEWS = ("box", "fg", "bg")
@@ -88,7 +88,7 @@ def _reader(load_image: Callable[[int], np.ndarray]) -> Callable[[int], tuple[in
 
 
 def sample_split(
-    load_image: Callable[[int], np.ndarray],
+    load_image: Callable[[int], np.ndarray] | None,
     image_hw: np.ndarray,
     image_offsets: np.ndarray,
     boxes: np.ndarray,
@@ -123,7 +123,7 @@ def sample_split(
     CUDA); `amp` (off | bf16 | fp16) runs the backbone under autocast. ``vectorised=False`` pastes by
     torchvision's whole-image loop and cuts proposal by proposal on every device (the benchmark's baseline).
     `batches`: the images with proposals already being read, in order, as lists of ``(i, pixels)``
-    (`sample_parts`' stream); `load_image` and `num_workers` are then unused.
+    (`sample_parts`' stream); `load_image` (then None) and `num_workers` are then unused.
     """
     dim = int(getattr(backbone, "dim", 0))
     pools = {view: _BatchedPool(backbone, batch_size, device, dim, amp) for view in VIEWS}
@@ -131,6 +131,8 @@ def sample_split(
     obj_parts, hier_parts = [], []
     n_images = len(image_offsets) - 1
     if batches is None:
+        if load_image is None:
+            raise ValueError("sample_split: load_image or batches is needed")
         todo = _with_proposals(image_offsets, 0, n_images)
         pin = torch.device(device).type == "cuda"
         batches = prefetch(
@@ -224,28 +226,29 @@ def sample_parts(
         [g for part in groups for g in part], _reader(load_image), num_workers=num_workers, pin_memory=pin
     )
     bar = tqdm(total=total, desc="sample", unit="proposal", disable=not progress, dynamic_ncols=True)
-    for (start, stop), part in zip(todo, groups, strict=True):
-        lo, hi = int(offsets[start]), int(offsets[stop])
-        result = sample_split(
-            lambda i, first=start: load_image(first + i),
-            image_hw[start:stop],
-            offsets[start : stop + 1] - lo,
-            np.asarray(proposals["boxes"][lo:hi]),
-            np.asarray(proposals["masks"][lo:hi]),
-            backbone,
-            crop_size=crop_size,
-            object_iou=object_iou,
-            hier_containment=hier_containment,
-            relation_max_side=relation_max_side,
-            batch_size=batch_size,
-            device=device,
-            progress=False,
-            hier_exclude_objects=hier_exclude_objects,
-            amp=amp,
-            batches=([(i - start, pixels) for i, pixels in b] for b in itertools.islice(stream, len(part))),
-        )
-        arrays = {f"features/{view}": result.features[view].astype(dtype) for view in VIEWS}
-        arrays.update({"pairs/object": result.object_pairs, "pairs/hier": result.hier_pairs})
-        parts.write(start, stop, np.diff(offsets[start : stop + 1]), arrays)
-        bar.update(hi - lo)
+    with contextlib.closing(stream):  # the workers stop when the parts are done or one fails
+        for (start, stop), part in zip(todo, groups, strict=True):
+            lo, hi = int(offsets[start]), int(offsets[stop])
+            result = sample_split(
+                None,  # the part's images come from the stream
+                image_hw[start:stop],
+                offsets[start : stop + 1] - lo,
+                np.asarray(proposals["boxes"][lo:hi]),
+                np.asarray(proposals["masks"][lo:hi]),
+                backbone,
+                crop_size=crop_size,
+                object_iou=object_iou,
+                hier_containment=hier_containment,
+                relation_max_side=relation_max_side,
+                batch_size=batch_size,
+                device=device,
+                progress=False,
+                hier_exclude_objects=hier_exclude_objects,
+                amp=amp,
+                batches=part_batches(stream, len(part), start),
+            )
+            arrays = {f"features/{view}": result.features[view].astype(dtype) for view in VIEWS}
+            arrays.update({"pairs/object": result.object_pairs, "pairs/hier": result.hier_pairs})
+            parts.write(start, stop, np.diff(offsets[start : stop + 1]), arrays)
+            bar.update(hi - lo)
     bar.close()

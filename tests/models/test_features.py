@@ -369,7 +369,8 @@ def test_sample_split_worker_errors_are_the_stage_s_own(r18):
 
 def test_sample_parts_read_every_part_through_one_set_of_workers(r18, tmp_path):
     """Across the parts of a split the images are decoded by one set of workers (not a new set per part, each
-    fork of a CUDA process costing about 0.13 s), into the same store as without workers."""
+    fork of a CUDA process costing about 0.13 s), into the same store as without workers, on one rank or two;
+    parts without proposals read nothing."""
     import os
 
     from pipeline.stores.parts import ImageParts
@@ -388,22 +389,58 @@ def test_sample_parts_read_every_part_through_one_set_of_workers(r18, tmp_path):
     kw = {"crop_size": 32, "object_iou": 0.1, "hier_containment": 0.8, "relation_max_side": None, "batch_size": 5}
     whole = sample_split(lambda i: images[i], hw, offsets, boxes, masks, r18, progress=False, **kw)
     stores = {}
-    for workers in (0, 2):
+    for workers, ranks in ((0, 1), (2, 1), (2, 2)):
         reads.write_text("")
-        out = tmp_path / f"workers{workers}.zarr"
+        out = tmp_path / f"workers{workers}_ranks{ranks}.zarr"
         columns = sample_columns(r18.dim, "float32")
-        parts = ImageParts(out, {}, columns, len(images), images_per_part=2, index_columns=PAIR_COLUMNS)
-        sample_parts(parts, proposals, load, r18, dtype="float32", progress=False, num_workers=workers, **kw)
+        parts = ImageParts(out, {}, columns, len(images), images_per_part=1, index_columns=PAIR_COLUMNS)
+        for rank in range(ranks):  # the ranks one after the other: each its own share of the 7 parts
+            sample_parts(
+                parts,
+                proposals,
+                load,
+                r18,
+                dtype="float32",
+                progress=False,
+                num_workers=workers,
+                rank=rank,
+                world_size=ranks,
+                **kw,
+            )
         log = [line.split() for line in reads.read_text().splitlines()]
-        assert sorted(int(i) for _, i in log) == [0, 2, 3, 5, 6]  # 4 parts; images without proposals not read
+        assert sorted(int(i) for _, i in log) == [0, 2, 3, 5, 6]  # images 1 and 4 (parts of their own) not read
         pids = {int(pid) for pid, _ in log}
-        if workers:
-            assert os.getpid() not in pids and len(pids) <= workers  # a set per part would be up to 4 processes
+        if workers:  # a set per part would be up to 5 processes
+            assert os.getpid() not in pids and len(pids) <= workers * ranks
         else:
             assert pids == {os.getpid()}
         parts.assemble({}, kind="samples")
-        stores[workers] = open_store(out, "samples")
-    for name in ("features/box", "features/fg", "features/bg", "pairs/object", "pairs/hier", "image_offsets"):
-        assert np.array_equal(read_array(stores[0], name), read_array(stores[2], name)), name
-    assert np.array_equal(read_array(stores[2], "pairs/object"), whole.object_pairs)
-    assert np.array_equal(read_array(stores[2], "pairs/hier"), whole.hier_pairs)
+        stores[workers, ranks] = open_store(out, "samples")
+    names = ("features/box", "features/fg", "features/bg", "pairs/object", "pairs/hier", "image_offsets")
+    for name in names:
+        assert np.array_equal(read_array(stores[0, 1], name), read_array(stores[2, 1], name)), name
+        assert np.array_equal(read_array(stores[0, 1], name), read_array(stores[2, 2], name)), name
+    assert np.array_equal(read_array(stores[2, 1], "pairs/object"), whole.object_pairs)
+    assert np.array_equal(read_array(stores[2, 1], "pairs/hier"), whole.hier_pairs)
+
+
+def test_a_read_error_in_a_later_part_keeps_the_parts_before_it(r18, tmp_path):
+    from pipeline.stores.parts import ImageParts
+    from pipeline.stores.sampling import PAIR_COLUMNS, sample_columns, sample_parts
+
+    images, hw, offsets, boxes, masks = _split_inputs()
+    proposals = {"image_offsets": offsets, "image_hw": hw, "boxes": boxes, "masks": masks}
+
+    def load(i: int) -> np.ndarray:
+        if i == 5:
+            raise PipelineError("image 5: file not found")
+        return images[i]
+
+    kw = {"crop_size": 32, "object_iou": 0.4, "hier_containment": 1.0, "relation_max_side": None, "batch_size": 8}
+    for workers in (0, 2):
+        out = tmp_path / f"workers{workers}.zarr"
+        columns = sample_columns(r18.dim, "float32")
+        parts = ImageParts(out, {}, columns, len(images), images_per_part=2, index_columns=PAIR_COLUMNS)
+        with pytest.raises(PipelineError, match=r"^image 5: file not found$"):
+            sample_parts(parts, proposals, load, r18, dtype="float32", progress=False, num_workers=workers, **kw)
+        assert [parts.done(*r) for r in parts.ranges] == [True, True, False, False]  # image 5 is in [4, 6)

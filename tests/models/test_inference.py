@@ -1,7 +1,6 @@
 """`pipeline.models.inference`: `prefetch` and `prefetch_groups` give the same batches in the same order with and
 without workers; `decoding_workers` resolves the `num_workers` params."""
 
-import itertools
 import os
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.models.inference import AUTO_WORKERS, decoding_workers, prefetch, prefetch_groups
+from pipeline.models.inference import AUTO_WORKERS, decoding_workers, part_batches, prefetch, prefetch_groups
 
 
 def _read(i: int) -> tuple[int, np.ndarray, list]:
@@ -66,10 +65,15 @@ def _pid(i: int) -> tuple[int, int]:
 def test_groups_come_back_as_given_from_one_set_of_workers(num_workers):
     groups = [[0, 1, 2], [3], [4, 5], [6, 7, 8, 9], [10]]
     stream = prefetch_groups(groups, _pid, num_workers=num_workers)
-    parts = [list(itertools.islice(stream, n)) for n in (2, 1, 2)]  # taken part by part, as the stages do
-    assert [[[i for i, _ in batch] for batch in part] for part in parts] == [groups[:2], groups[2:3], groups[3:]]
+    parts = [list(part_batches(stream, n, first)) for n, first in ((2, 0), (1, 4), (2, 6))]  # as the stages do
+    local = [[0, 1, 2], [3]], [[0, 1]], [[0, 1, 2, 3], [4]]  # indices from each part's first
+    assert [[[i for i, _ in batch] for batch in part] for part in parts] == list(local)
     pids = {pid for part in parts for batch in part for _, pid in batch}
     assert pids == {os.getpid()} if not num_workers else (os.getpid() not in pids and len(pids) <= num_workers)
+    assert list(stream) == []
+    stream = prefetch_groups(groups, _pid, num_workers=num_workers)
+    assert [i for i, _ in next(stream)] == [0, 1, 2]
+    stream.close()  # the parts are done (or one failed): the workers stop
     assert list(stream) == []
 
 
