@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 	if [ "$$(cat $(VENV)/.faiss 2>/dev/null || echo cpu)" != "$(FAISS)" ]; then $(BIN)/python -m pip uninstall --quiet -y faiss-cpu faiss-gpu-cu12; fi
 	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev,$(FAISS)]"
 	@# the bytecode on every core (pip compiles one file at a time: 48 s of a 107 s set-up on 2 cores, against 19-27 s);
-	@# a file that does not compile is left to the interpreter, as pip leaves it
-	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
+	@# a file that does not compile is left to the interpreter, as pip leaves it; where the parallel pass cannot run at
+	@# all, a serial one does (after a parallel pass it only looks again at the files that did not compile)
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || $(BIN)/python -m compileall -qq $(VENV)/lib || true
 	echo $(FAISS) > $(VENV)/.faiss
 	touch $(STAMP)
 
