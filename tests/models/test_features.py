@@ -351,8 +351,11 @@ def test_sample_split_is_the_same_vectorised_and_with_workers(r18, vectorised, n
         assert np.array_equal(base.features[view], other.features[view])
 
 
-def test_sample_split_worker_errors_are_the_stage_s_own(r18):
-    from pipeline.stores.sampling import sample_split
+def test_sample_split_worker_errors_are_the_stage_s_own(r18, tmp_path):
+    """A read error, with workers or without, is the stage's one-line error; in `sample_parts` the parts before
+    it stay on disk."""
+    from pipeline.stores.parts import ImageParts
+    from pipeline.stores.sampling import PAIR_COLUMNS, sample_columns, sample_parts, sample_split
 
     images, hw, offsets, boxes, masks = _split_inputs()
 
@@ -362,9 +365,16 @@ def test_sample_split_worker_errors_are_the_stage_s_own(r18):
         return images[i]
 
     kw = {"crop_size": 32, "object_iou": 0.4, "hier_containment": 1.0, "relation_max_side": None, "batch_size": 8}
+    proposals = {"image_offsets": offsets, "image_hw": hw, "boxes": boxes, "masks": masks}
     for workers in (0, 2):
         with pytest.raises(PipelineError, match=r"^image 5: file not found$"):
             sample_split(load, hw, offsets, boxes, masks, r18, progress=False, num_workers=workers, **kw)
+        columns = sample_columns(r18.dim, "float32")
+        out = tmp_path / f"workers{workers}.zarr"
+        parts = ImageParts(out, {}, columns, len(images), images_per_part=2, index_columns=PAIR_COLUMNS)
+        with pytest.raises(PipelineError, match=r"^image 5: file not found$"):
+            sample_parts(parts, proposals, load, r18, dtype="float32", progress=False, num_workers=workers, **kw)
+        assert [parts.done(*r) for r in parts.ranges] == [True, True, False, False]  # image 5 is in [4, 6)
 
 
 def test_sample_parts_read_every_part_through_one_set_of_workers(r18, tmp_path):
@@ -422,25 +432,3 @@ def test_sample_parts_read_every_part_through_one_set_of_workers(r18, tmp_path):
         assert np.array_equal(read_array(stores[0, 1], name), read_array(stores[2, 2], name)), name
     assert np.array_equal(read_array(stores[2, 1], "pairs/object"), whole.object_pairs)
     assert np.array_equal(read_array(stores[2, 1], "pairs/hier"), whole.hier_pairs)
-
-
-def test_a_read_error_in_a_later_part_keeps_the_parts_before_it(r18, tmp_path):
-    from pipeline.stores.parts import ImageParts
-    from pipeline.stores.sampling import PAIR_COLUMNS, sample_columns, sample_parts
-
-    images, hw, offsets, boxes, masks = _split_inputs()
-    proposals = {"image_offsets": offsets, "image_hw": hw, "boxes": boxes, "masks": masks}
-
-    def load(i: int) -> np.ndarray:
-        if i == 5:
-            raise PipelineError("image 5: file not found")
-        return images[i]
-
-    kw = {"crop_size": 32, "object_iou": 0.4, "hier_containment": 1.0, "relation_max_side": None, "batch_size": 8}
-    for workers in (0, 2):
-        out = tmp_path / f"workers{workers}.zarr"
-        columns = sample_columns(r18.dim, "float32")
-        parts = ImageParts(out, {}, columns, len(images), images_per_part=2, index_columns=PAIR_COLUMNS)
-        with pytest.raises(PipelineError, match=r"^image 5: file not found$"):
-            sample_parts(parts, proposals, load, r18, dtype="float32", progress=False, num_workers=workers, **kw)
-        assert [parts.done(*r) for r in parts.ranges] == [True, True, False, False]  # image 5 is in [4, 6)
