@@ -44,6 +44,7 @@ __all__ = [
     "AUTO_WORKERS",
     "PREFETCH_FACTOR",
     "autocast",
+    "chunks",
     "decoding_workers",
     "part_batches",
     "prefetch",
@@ -146,12 +147,16 @@ def prefetch(
     `pin_memory` takes effect only with workers and CUDA (elsewhere there is nothing to pin for). Workers
     are forked where the platform allows it, so `read` may be a closure; elsewhere it must pickle.
     """
-    items = list(items)
-    size = max(1, int(batch_size))
-    groups = [items[start : start + size] for start in range(0, len(items), size)]
     return prefetch_groups(
-        groups, read, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor
+        chunks(items, batch_size), read, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor
     )
+
+
+def chunks(items: Iterable, size: int) -> list[list]:
+    """`items` in consecutive lists of `size` (the last one shorter): `prefetch`'s batches, and a part's in the
+    stages' `prefetch_groups` streams, which must be the same."""
+    items, size = list(items), max(1, int(size))
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def prefetch_groups(

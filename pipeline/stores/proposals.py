@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.data.lvis_format import image_path, load_image
 from pipeline.errors import PipelineError
-from pipeline.models.inference import part_batches, prefetch, prefetch_groups
+from pipeline.models.inference import chunks, part_batches, prefetch, prefetch_groups
 from pipeline.stores.parts import Column, ImageParts
 from pipeline.stores.store import offsets_from_counts
 
@@ -102,7 +102,8 @@ def propose_split(
     `infer` as uint8 (H, W, 3) tensors (pinned with `pin_memory`, for a CUDA `infer`); without, in this
     process as numpy arrays, one batch when it is needed (`pipeline.models.inference.prefetch`). `batches`:
     those batches already being read, ``(index into images, pixels or None)`` each (`propose_parts`' stream);
-    `image_root`, `on_missing_image`, `num_workers` and `pin_memory` are then the reader's business, unused here.
+    `image_root`, `on_missing_image`, `batch_size`, `num_workers` and `pin_memory` are then the reader's business,
+    unused here.
     """
     results: list[dict | None] = [None] * len(images)
     hw = np.array([(r["height"], r["width"]) for r in images], dtype=np.int64).reshape(-1, 2)
@@ -173,12 +174,12 @@ def propose_parts(
     while the previous part is inferred and written."""
     todo = parts.pending(rank, world_size)
     n_todo = sum(stop - start for start, stop in todo)
-    size = max(1, int(batch_size))
-    groups = [range(lo, min(lo + size, stop)) for start, stop in todo for lo in range(start, stop, size)]
+    groups = [chunks(range(start, stop), batch_size) for start, stop in todo]  # each part's, as propose_split's
     read = image_reader(images, image_root, on_missing_image)
+    stream = prefetch_groups([g for part in groups for g in part], read, num_workers=num_workers, pin_memory=pin_memory)
     bar = tqdm(total=n_todo, desc="propose", unit="img", disable=not progress, dynamic_ncols=True)
-    with contextlib.closing(prefetch_groups(groups, read, num_workers=num_workers, pin_memory=pin_memory)) as stream:
-        for start, stop in todo:
+    with contextlib.closing(stream):  # the workers stop when the parts are done or one fails
+        for (start, stop), part in zip(todo, groups, strict=True):
             result = propose_split(
                 images[start:stop],
                 image_root,
@@ -187,7 +188,7 @@ def propose_parts(
                 mask_size=mask_size,
                 on_missing_image=on_missing_image,
                 progress=False,
-                batches=part_batches(stream, -(-(stop - start) // size), start),
+                batches=part_batches(stream, len(part), start),
             )
             counts = np.diff(result.image_offsets)
             arrays = {name: value for name, value in result.arrays().items() if name != "image_offsets"}

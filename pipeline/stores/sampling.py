@@ -24,7 +24,7 @@ from tqdm import tqdm
 from pipeline.geometry.paste import paste_masks_reference, paste_masks_tensor
 from pipeline.geometry.relations import relations
 from pipeline.models.features import crop_views, pool_features
-from pipeline.models.inference import autocast, part_batches, prefetch, prefetch_groups
+from pipeline.models.inference import autocast, chunks, part_batches, prefetch, prefetch_groups
 from pipeline.stores.parts import Column, ImageParts
 
 VIEWS = ("box", "fg", "bg")
@@ -217,10 +217,7 @@ def sample_parts(
     todo = parts.pending(rank, world_size)
     total = sum(int(offsets[stop] - offsets[start]) for start, stop in todo)
     # one set of decoding workers for all the parts, in the groups `sample_split` makes within each part
-    groups = []
-    for start, stop in todo:
-        have = _with_proposals(offsets, start, stop)
-        groups.append([have[j : j + _IMAGES_PER_READ] for j in range(0, len(have), _IMAGES_PER_READ)])
+    groups = [chunks(_with_proposals(offsets, start, stop), _IMAGES_PER_READ) for start, stop in todo]
     pin = torch.device(device).type == "cuda"
     stream = prefetch_groups(
         [g for part in groups for g in part], _reader(load_image), num_workers=num_workers, pin_memory=pin
