@@ -8,13 +8,18 @@ neighbour's load on a shared machine hits all of them alike; the table gives the
 and the spread (min-max), both wall time and the process's CPU time (which the neighbours disturb less).
 
     python benchmarks/bench_train_proposer.py [--steps 20] [--warmup 10] [--repeat 3] [--threads 2] [--only a,b]
-                                              [--variants cpu|lvis] [--device cpu] [--backbone resnet18]
-                                              [--image-size 128]
+                                              [--variants cpu|lvis|openmp] [--device cpu] [--backbone resnet18]
+                                              [--image-size 128] [--neighbours 0]
 
 The "defaults + ..." variants are the speed params of `proposer`: `num_workers` (DataLoader processes decoding
 the images; the same weights) and `amp` (bf16 / fp16 autocast of the forward pass; other weights). `--variants
 lvis` times the same params on torchvision's heads (FPN 256, 512 RoIs per image), which benchmarks/gpu_check.sh
 runs on a GPU at 800 px with a resnet50.
+
+`--variants openmp` times the defaults under each way OpenMP's idle threads can wait (`WAITS`: sleep at once, spin
+libgomp's default 300,000 rounds, or a shorter spin; the stage itself spins 3,000), with `--neighbours N` busy
+processes keeping N cores taken meanwhile. The other sets inherit this process's environment, so they run with
+libgomp's default unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -71,7 +77,16 @@ LVIS_VARIANTS: dict[str, tuple[dict, dict, bool]] = {
     "LVIS + fp16 autocast": ({}, {"rois_per_image": None, "amp": "fp16"}, False),
     "LVIS + 4 workers + bf16": ({}, {"rois_per_image": None, "num_workers": 4, "amp": "bf16"}, False),
 }
-SETS = {"cpu": VARIANTS, "lvis": LVIS_VARIANTS}
+# How idle OpenMP threads wait (`--variants openmp`): the defaults, each in a subprocess whose environment sets only
+# this (libgomp reads it when torch loads); `--neighbours N` keeps N other cores busy meanwhile
+WAITS: dict[str, dict[str, str]] = {
+    "OMP_WAIT_POLICY=PASSIVE (sleep at once; the stage's before 0137a67)": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "libgomp's default (spin 300,000 rounds, then sleep)": {},
+    "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
+    "GOMP_SPINCOUNT=3000 (the stage's)": {"GOMP_SPINCOUNT": "3000"},
+}
+OPENMP_VARIANTS = {name: VARIANTS["sparse + FPN 128 + 32 RoIs (defaults)"] for name in WAITS}
+SETS = {"cpu": VARIANTS, "lvis": LVIS_VARIANTS, "openmp": OPENMP_VARIANTS}
 
 
 class _Done(Exception):
@@ -89,7 +104,7 @@ def run_variant(
     from pipeline.models.proposer_train import train_proposer
 
     torch.set_num_threads(threads)
-    build_kw, train_kw, channels_last = {**VARIANTS, **LVIS_VARIANTS}[name]
+    build_kw, train_kw, channels_last = {**VARIANTS, **LVIS_VARIANTS, **OPENMP_VARIANTS}[name]
     manifest = read_manifest(ROOT / "data/prepared/dataset.json")
     torch.manual_seed(0)
     model = build_model(backbone, image_size, **build_kw)
@@ -131,7 +146,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="rounds over the variants")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the default of 2 cores)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--variants", choices=sorted(SETS), default="cpu", help="cpu: the 128 px ones; lvis: FPN 256")
+    parser.add_argument(
+        "--variants",
+        choices=sorted(SETS),
+        default="cpu",
+        help="cpu: the 128 px ones; lvis: FPN 256; openmp: the defaults under each way of waiting (WAITS)",
+    )
+    parser.add_argument("--neighbours", type=int, default=0, help="busy processes (one core each) while measuring")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image-size", type=int, default=128, help="the proposer's input size (images are resized)")
@@ -146,24 +167,43 @@ def main() -> None:
     baseline = next(iter(variants))
     names = [n for n in variants if n == baseline or not args.only or any(s in n for s in args.only.split(","))]
     runs: dict[str, list[dict]] = {n: [] for n in names}
+    neighbours = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.neighbours)]
+    try:
+        measure(args, names, runs)
+    finally:
+        for busy in neighbours:
+            busy.kill()
+    report(args, names, runs, baseline)
+
+
+def measure(args: argparse.Namespace, names: list[str], runs: dict[str, list[dict]]) -> None:
+    """Run every variant `args.repeat` times, round by round, each in its own subprocess."""
     for round_ in range(args.repeat):
         for name in names:
             cmd = [sys.executable, __file__, "--variant", name, "--steps", str(args.steps), "--warmup"]
             cmd += [str(args.warmup), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
             cmd += ["--device", args.device, "--backbone", args.backbone, "--image-size", str(args.image_size)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            env = None
+            if name in WAITS:  # only this variant's way of waiting
+                env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+                env.update(WAITS[name])
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode:
                 sys.exit(f"variant {name!r} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
             row = json.loads(done.stdout.strip().splitlines()[-1])
             runs[name].append(row)
             print(f"round {round_ + 1}: {name}: {row['wall'] * 1000:.0f} ms/step wall, {row['cpu'] * 1000:.0f} cpu",
                   file=sys.stderr, flush=True)  # fmt: skip
+
+
+def report(args: argparse.Namespace, names: list[str], runs: dict[str, list[dict]], baseline: str) -> None:
+    """Print the table: medians, spreads and speed-ups against `baseline`."""
     base = statistics.median(r["wall"] for r in runs[baseline])
     base_cpu = statistics.median(r["cpu"] for r in runs[baseline])
     print(
         f"\ntrain_proposer steps on the embedded world ({args.backbone} at {args.image_size} px, batch "
         f"{args.batch_size}), {args.threads} thread(s), {args.device}; median of {args.repeat} interleaved rounds "
-        f"of {args.steps} steps after {args.warmup}; spread = min-max\n"
+        f"of {args.steps} steps after {args.warmup}; {args.neighbours} busy neighbour process(es); spread = min-max\n"
     )
     print("| variant | steps/s | images/s | ms/step wall (spread) | speed-up | CPU ms/step (spread) | CPU speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import os
 
-# Idle OpenMP threads spin for 10,000 rounds (~0.1 ms) before they sleep, against libgomp's default of 300,000
+# Idle OpenMP threads spin for 3,000 rounds (~30 us) before they sleep, against libgomp's default of 300,000
 # (~3 ms). libgomp reads GOMP_SPINCOUNT once, when torch loads it, so it is set before the imports below and
 # removed after them (torchrun's ranks, which share the cores, get OMP_WAIT_POLICY=PASSIVE from
-# pipeline.distributed instead). The numbers do not change, only how threads wait. At 2 threads on 2 cores that
-# other processes also use, the default spin made a step up to 20x slower; sleeping at once
-# (OMP_WAIT_POLICY=PASSIVE) made it 1.3-1.4x slower on idle cores; the short spin is as fast as the default on
-# idle cores and no worse than sleeping on busy ones (README "Training the proposer in 3 minutes").
-# OMP_WAIT_POLICY or GOMP_SPINCOUNT set in the environment wins.
+# pipeline.distributed instead). The numbers do not change, only how threads wait. At 2 threads on 2 cores, with
+# other processes on the cores the default spin made a step 2-4x slower (up to 20x), and sleeping at once
+# (OMP_WAIT_POLICY=PASSIVE, the stage's choice before) made it 1.2x slower on idle cores; the short spin is 1.12x
+# faster than sleeping on idle cores and within 0.9-1.0x of it on busy ones (README "Training the proposer in 3
+# minutes", benchmarks/bench_train_proposer.py --variants openmp). OMP_WAIT_POLICY or GOMP_SPINCOUNT set in the
+# environment wins.
 _SHORT_SPIN = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
 if _SHORT_SPIN:
-    os.environ["GOMP_SPINCOUNT"] = "10000"
+    os.environ["GOMP_SPINCOUNT"] = "3000"
 
 from contextlib import nullcontext
 from pathlib import Path
