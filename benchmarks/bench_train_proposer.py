@@ -77,8 +77,7 @@ LVIS_VARIANTS: dict[str, tuple[dict, dict, bool]] = {
     "LVIS + fp16 autocast": ({}, {"rois_per_image": None, "amp": "fp16"}, False),
     "LVIS + 4 workers + bf16": ({}, {"rois_per_image": None, "num_workers": 4, "amp": "bf16"}, False),
 }
-# How idle OpenMP threads wait (`--variants openmp`): the defaults, each in a subprocess whose environment sets only
-# this (libgomp reads it when torch loads); `--neighbours N` keeps N other cores busy meanwhile
+# `--variants openmp` (module doc): the environment of each way of waiting
 WAITS: dict[str, dict[str, str]] = {
     "OMP_WAIT_POLICY=PASSIVE (sleep at once; the stage's before 0137a67)": {"OMP_WAIT_POLICY": "PASSIVE"},
     "libgomp's default (spin 300,000 rounds, then sleep)": {},
@@ -167,12 +166,15 @@ def main() -> None:
     baseline = next(iter(variants))
     names = [n for n in variants if n == baseline or not args.only or any(s in n for s in args.only.split(","))]
     runs: dict[str, list[dict]] = {n: [] for n in names}
-    neighbours = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.neighbours)]
+    neighbours: list[subprocess.Popen] = []
     try:
+        for _ in range(args.neighbours):
+            neighbours.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
         measure(args, names, runs)
     finally:
         for busy in neighbours:
             busy.kill()
+            busy.wait()
     report(args, names, runs, baseline)
 
 

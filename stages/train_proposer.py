@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import os
 
-# Idle OpenMP threads spin for 3,000 rounds (~30 us) before they sleep, against libgomp's default of 300,000
-# (~3 ms). libgomp reads GOMP_SPINCOUNT once, when torch loads it, so it is set before the imports below and
-# removed after them (torchrun's ranks, which share the cores, get OMP_WAIT_POLICY=PASSIVE from
-# pipeline.distributed instead). The numbers do not change, only how threads wait. At 2 threads on 2 cores, with
-# other processes on the cores the default spin made a step 2-4x slower (up to 20x), and sleeping at once
-# (OMP_WAIT_POLICY=PASSIVE, the stage's choice before) made it 1.2x slower on idle cores; the short spin is 1.12x
-# faster than sleeping on idle cores and within 0.9-1.0x of it on busy ones (README "Training the proposer in 3
-# minutes", benchmarks/bench_train_proposer.py --variants openmp). OMP_WAIT_POLICY or GOMP_SPINCOUNT set in the
-# environment wins.
+# Idle OpenMP threads spin for 3,000 rounds (~30 us) before they sleep, not libgomp's default 300,000 (~3 ms, which
+# takes a busy neighbour's core) nor OMP_WAIT_POLICY=PASSIVE's 0 (slower on idle cores): README "Training the
+# proposer in 3 minutes". Only how threads wait changes, not the numbers. libgomp (torch's Linux wheels; other
+# OpenMP runtimes ignore it) reads GOMP_SPINCOUNT once, when torch loads it, so it is set before the imports below
+# and removed after them: the CPU ranks launch_ranks starts for dist.nproc share the cores and sleep at once
+# (OMP_WAIT_POLICY=PASSIVE, pipeline.distributed). OMP_WAIT_POLICY or GOMP_SPINCOUNT set by the user wins.
 _SHORT_SPIN = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
 if _SHORT_SPIN:
     os.environ["GOMP_SPINCOUNT"] = "3000"
@@ -57,7 +54,7 @@ from pipeline.stores.checkpoint import Checkpoint
 from stages.common import MANIFEST, PROPOSER_CHECKPOINT, Timer, clean_errors, params, summary
 
 if _SHORT_SPIN:  # read by libgomp when torch loaded it; not passed on to the processes this one starts
-    del os.environ["GOMP_SPINCOUNT"]
+    os.environ.pop("GOMP_SPINCOUNT", None)
 
 LIVE_DIR = "dvclive/train_proposer"
 LOG_EVERY = 5  # steps between dvclive points
