@@ -13,7 +13,7 @@ FAISS ?= $(shell cat $(VENV)/.faiss 2>/dev/null || echo cpu)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py pipeline/geometry/fused_top2.c pipeline/geometry/fused_top2_kernel.h
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
 	@case "$(FAISS)" in cpu|gpu) ;; *) echo "error: FAISS must be cpu or gpu, got '$(FAISS)'"; exit 1;; esac
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml
 	@# a file that does not compile is left to the interpreter, as pip leaves it; where the parallel pass cannot run at
 	@# all, a serial one does (after a parallel pass it only looks again at the files that did not compile)
 	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || $(BIN)/python -m compileall -qq $(VENV)/lib || true
+	@# setup.py's one C kernel is optional (k-means' fused top-2): say whether it was built, pip --quiet does not
+	@$(BIN)/python -c "from pipeline.geometry import kmeans_fused as f; w = f.width(); print('k-means fused top-2 kernel:', f'{w}-bit' if w else 'not built (no C compiler?): the CPU search runs numpy GEMM, same results')"
 	echo $(FAISS) > $(VENV)/.faiss
 	touch $(STAMP)
 

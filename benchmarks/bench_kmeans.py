@@ -72,7 +72,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
 from pipeline.geometry import hyperbolic as hyp  # noqa: E402
-from pipeline.geometry import kmeans_assign, kmeans_torch  # noqa: E402
+from pipeline.geometry import kmeans_assign, kmeans_engines, kmeans_fused, kmeans_torch  # noqa: E402
 from pipeline.geometry.kmeans import assign, euclidean_kmeans, search_name  # noqa: E402
 from pipeline.geometry.kmeans_terms import Poincare  # noqa: E402
 from pipeline.geometry.kmeans_update import _update  # noqa: E402
@@ -150,6 +150,8 @@ def bench_assign(n: int, k: int, dims: list[int]) -> None:
     print(
         "`ours`: kmeans.assign (input check + certified search + distances); `faiss k=1`: IndexFlatL2 "
         "search of the same arrays in float32 (nearest centroid, uncertified); `faiss k=2`: its top-2; "
+        "`ours, numpy GEMM`: ours without the fused float32 top-2 kernel (pipeline.geometry.kmeans_fused; only where "
+        "the CPU search runs it, d <= 64), the same assignments required; "
         "`float64 rows`: rows redone in the float64 GEMM (float32 left them more than kmeans_assign._WIDE "
         "near-ties); `near-tie rows`: rows the certificate left open, decided by the reference value over the "
         "centroids it could not rule out; "
@@ -161,6 +163,8 @@ def bench_assign(n: int, k: int, dims: list[int]) -> None:
         "faiss k=1",
         "ours",
         "ours / faiss k=1",
+        "ours, numpy GEMM",
+        "numpy GEMM / ours",
         "faiss k=2",
         "float64 rows",
         "near-tie rows",
@@ -187,10 +191,20 @@ def bench_assign(n: int, k: int, dims: list[int]) -> None:
             )
             t_faiss = min(t_faiss, faiss_search(x32, c32, 1))  # interleaved: the machine is shared
             t_k2 = faiss_search(x32, c32, 2)
+            numpy_gemm = "| — | — "
+            if kmeans_engines._Faiss(None).fused and d + 3 <= kmeans_fused.MAX_TERMS:
+                engine = kmeans_engines._Faiss(None, fused=False)
+                (a_numpy, _), t_numpy = best(
+                    lambda x=x, c=cent, g=geometry, e=engine: assign(x, c, geometry=g, engine=e), ARGS.repeat
+                )
+                if not np.array_equal(a_numpy, a):
+                    failures.append(f"{geometry} d={d}: the numpy GEMM's assignments differ from the fused kernel's")
+                numpy_gemm = f"| {t_numpy:.3f} | {t_numpy / t_ours:.2f}x "
             ref = reference_assign(x[check], cent, ARGS.block_mb, geometry == "poincare")
             differences = int(np.count_nonzero(a[check] != ref))
             print(
-                f"| {geometry} | {d} | {t_faiss:.3f} | {t_ours:.3f} | {t_ours / t_faiss:.2f}x | {t_k2:.3f} | "
+                f"| {geometry} | {d} | {t_faiss:.3f} | {t_ours:.3f} | {t_ours / t_faiss:.2f}x {numpy_gemm}"
+                f"| {t_k2:.3f} | "
                 f"{stats['redone'] / n:.1%} | {stats['fallback'] / n:.1%} | {len(check)} | {differences} |",
                 flush=True,
             )

@@ -14,6 +14,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages")
+# modules that load compiled code, and its C sources (setup.py's Extension): a stage importing one runs that code
+NATIVE = {
+    "pipeline/geometry/kmeans_fused.py": ["pipeline/geometry/fused_top2.c", "pipeline/geometry/fused_top2_kernel.h"]
+}
 
 
 def _module_file(module: str) -> Path | None:
@@ -37,7 +41,8 @@ def _imports(path: Path) -> set[str]:
 
 
 def import_closure(module: str) -> set[Path]:
-    """Files of `module` and of every repo module it imports, transitively (package __init__s included)."""
+    """Files of `module` and of every repo module it imports, transitively (package __init__s included), with the C
+    sources of the compiled code they load (`NATIVE`)."""
     seen: set[str] = set()
     todo = [module]
     while todo:
@@ -48,11 +53,14 @@ def import_closure(module: str) -> set[Path]:
         parts = name.split(".")
         todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # importing a.b runs a/__init__.py
         todo.extend(_imports(_module_file(name)))
-    return {_module_file(name).relative_to(ROOT) for name in seen}
+    files = {_module_file(name).relative_to(ROOT) for name in seen}
+    return files | {Path(source) for path in files for source in NATIVE.get(path.as_posix(), [])}
 
 
 def _is_empty(path: Path) -> bool:
     """An empty package marker (no statements, or a docstring only) runs no code a stage could depend on."""
+    if path.suffix != ".py":
+        return False
     body = ast.parse((ROOT / path).read_text()).body
     return not body or (len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant))
 
@@ -134,3 +142,13 @@ def test_no_stage_lists_a_speed_only_param_or_a_whole_group_holding_one(dvcfile)
             value = getattr(Params(), group, None)
             if value is not None and hasattr(value, "__dataclass_fields__") and speed_only(type(value)):
                 assert name and name not in speed_only(type(value)), f"{dvcfile} stage {stage!r} lists {key!r}"
+
+
+def test_native_sources_are_setup_pys():
+    """`NATIVE` lists exactly the C files setup.py compiles (its Extension's sources and depends)."""
+    files = set()
+    for node in ast.walk(ast.parse((ROOT / "setup.py").read_text())):
+        if isinstance(node, ast.keyword) and node.arg in ("sources", "depends"):
+            files.update(ast.literal_eval(node.value))
+    assert files == {source for sources in NATIVE.values() for source in sources}
+    assert all((ROOT / source).is_file() for source in files)

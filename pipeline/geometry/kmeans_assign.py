@@ -24,7 +24,9 @@ its threads and GPUs: pipeline.geometry.kmeans_engines):
   float32 GEMM, per row its smallest entry ``j1`` and the smallest of the others (``argmin``, then ``min`` with
   ``j1`` masked: the lower bound of every other centroid); the rows it cannot certify are decided over their
   near-ties (below), except rows with more than ``_WIDE`` of them (float32's bound too loose: next to the
-  boundary), which take the same GEMM in float64 first.
+  boundary), which take the same GEMM in float64 first. Up to d = 64, where the kernel is built (kmeans_fused),
+  the float32 GEMM and its top-2 are one fused pass that writes no tile; the open rows' entries are computed
+  again for their near-ties.
 - GPU (faiss-gpu sees a GPU): a faiss ``IndexFlatIP`` of the ``-y''_j`` in float32, replicated on every visible
   GPU (each searches a share of the rows), top ``candidates`` (at least 2), the last one's value the lower bound
   of every centroid outside them; the rows it cannot certify go to the CPU's float64 GEMM.
@@ -64,7 +66,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.geometry import kmeans_torch
+from pipeline.geometry import kmeans_fused, kmeans_torch
 from pipeline.geometry.kmeans_blocks import _BLOCK, blocks, check_points, read_block, rows_per_block
 from pipeline.geometry.kmeans_engines import _Faiss, _one_blas_thread
 from pipeline.geometry.kmeans_terms import (
@@ -196,18 +198,24 @@ def _gemm(
     side: Side,
     buffers: dict[str, np.ndarray],
     float32: bool = True,
+    fused: np.ndarray | None = None,
 ) -> _Tile:
     """One tile of rows on the CPU: the GEMM's lower bounds and certificate, in float32 (``float32``) or float64.
     The rows it leaves open are returned as their near-ties' (row, centroid) pairs, to be decided by `_near_ties`,
     at most ``_WIDE`` a row: a row float32 leaves more (its bound too loose: next to the boundary) goes through the
     float64 GEMM first, and one float64 leaves more is decided over every centroid. ``buffers``: a worker's
-    reusable tiles by dtype."""
+    reusable tiles by dtype. ``fused``: the float32 base padded for kmeans_fused's kernel, which then finds the
+    float32 top-2 without a tile (the open rows' entries are computed again for their near-ties)."""
     unit, base = (_U32, side.base32) if float32 else (_U64, side.base)
     xa = _augment(xb, side)
     fits = _fits(xa, side, unit)
     if not fits.all():  # coordinates so large that the GEMM could overflow: those rows go one precision further
-        return _split(geom, xb, rows, side, buffers, float32, fits)
-    j1, lower, tile = _top2(xa.astype(base.dtype, copy=False), base, buffers.get(str(base.dtype)))
+        return _split(geom, xb, rows, side, buffers, float32, fits, fused)
+    xa = xa.astype(base.dtype, copy=False)
+    if float32 and fused is not None:
+        (j1, lower), tile = kmeans_fused.top2(xa, fused, base.shape[1]), None
+    else:
+        j1, lower, tile = _top2(xa, base, buffers.get(str(base.dtype)))
     eta = _eta(unit, xb.shape[1] + 3, xa, side.big)
     checked = _certify(geom, xb, rows, side, j1[:, None], lower - eta)
     a, v = checked.assignment, checked.value
@@ -216,7 +224,8 @@ def _gemm(
     if not todo.size:
         return _Tile(a, v, 0, 0, none, none)
     threshold = (checked.ceiling[todo] + eta) * (1 + 4 * _U64)  # the sum's rounding, upwards
-    row, col = _near_tie_pairs(tile[todo], j1[todo], threshold)  # row: into todo
+    open_tile = tile[todo] if tile is not None else np.matmul(xa[todo], base)
+    row, col = _near_tie_pairs(open_tile, j1[todo], threshold)  # row: into todo
     wide = np.bincount(row, minlength=todo.size) > _WIDE
     if not wide.any():
         return _Tile(a, v, 0, 0, todo[row], col)
@@ -240,14 +249,21 @@ def _fitting(xa: np.ndarray, fits: np.ndarray) -> np.ndarray:
 
 
 def _split(
-    geom: Geometry, xb: np.ndarray, rows: tuple, side: Side, buffers: dict, float32: bool, fits: np.ndarray
+    geom: Geometry,
+    xb: np.ndarray,
+    rows: tuple,
+    side: Side,
+    buffers: dict,
+    float32: bool,
+    fits: np.ndarray,
+    fused: np.ndarray | None = None,
 ) -> _Tile:
     """`_gemm` of a tile whose rows ``~fits`` could overflow its precision: the others as usual, those in float64
     (from float32) or by direct differences over every centroid (from float64); the tiles merged."""
     inside, outside = np.flatnonzero(fits), np.flatnonzero(~fits)
     parts = []
     if inside.size:
-        parts.append((inside, _gemm(geom, xb[inside], tuple(q[inside] for q in rows), side, buffers, float32)))
+        parts.append((inside, _gemm(geom, xb[inside], tuple(q[inside] for q in rows), side, buffers, float32, fused)))
     xs, rs = xb[outside], tuple(q[outside] for q in rows)
     if float32:
         parts.append((outside, _gemm(geom, xs, rs, side, buffers, False)))
@@ -288,8 +304,17 @@ class _Assigner:
         self.rows = rows_per_block(x, block_rows)
         self.fallback = self.redone = 0
 
-    def _cpu(self, pool: ThreadPoolExecutor | None, xb: np.ndarray, rows: tuple, side: Side, float32: bool) -> tuple:
-        """`_gemm` over the rows of ``xb`` in tiles (on the pool's workers when given), from float32 or float64,
+    def _cpu(
+        self,
+        pool: ThreadPoolExecutor | None,
+        xb: np.ndarray,
+        rows: tuple,
+        side: Side,
+        float32: bool,
+        fused: np.ndarray | None = None,
+    ) -> tuple:
+        """`_gemm` over the rows of ``xb`` in tiles (on the pool's workers when given), from float32 (through the
+        fused kernel when ``fused``, its padded base, is given) or float64,
         then the open rows of all tiles decided over their near-ties (on the pool, in chunks of ``_BLOCK // d``
         pairs that keep each row's pairs together):
         ``(assignment, value, rows redone in float64, rows decided over their near-ties)``."""
@@ -302,7 +327,7 @@ class _Assigner:
             if getattr(local, "buffers", None) is None:
                 b = min(step, len(xb))
                 local.buffers = {"float32": np.empty((b, k), dtype=np.float32), "float64": np.empty((b, k))}
-            return _gemm(self.geom, xb[s], tuple(q[s] for q in rows), side, local.buffers, float32), s.start
+            return _gemm(self.geom, xb[s], tuple(q[s] for q in rows), side, local.buffers, float32, fused), s.start
 
         done = _map(pool, run, tiles)
         if not done:
@@ -396,9 +421,11 @@ class _Assigner:
         side = geom.side(np.ascontiguousarray(cent, dtype=np.float64))
         kk = min(max(self.candidates, 2), k)  # one candidate would leave the certificate nothing to compare with
         index = engine.index(np.ascontiguousarray(-side.base32.T)) if engine.faiss and kk < k else None
-        device_side = None
+        device_side = fused = None
         if engine.torch_device is not None and k > 1 and index is None:
             device_side = kmeans_torch.device_side(side, engine.torch_device)
+        elif engine.fused and index is None and side.base32.shape[0] <= kmeans_fused.MAX_TERMS:
+            fused = kmeans_fused.pad(side.base32)
         fallback = redone = 0
         workers = engine.threads
         pool_context = ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()
@@ -415,7 +442,7 @@ class _Assigner:
                 elif queued is not None:
                     a, v, r, f = self._torch(queued, device_side, xb, rows, side, pool)
                 else:
-                    a, v, r, f = self._cpu(pool, xb, rows, side, True)
+                    a, v, r, f = self._cpu(pool, xb, rows, side, True, fused)
                 redone += r
                 fallback += f
                 assignment[s] = a

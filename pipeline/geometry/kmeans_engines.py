@@ -30,6 +30,7 @@ except ImportError:  # installed without the cpu / gpu extra: the CPU's float64 
     faiss = None
 
 from pipeline.errors import PipelineError
+from pipeline.geometry import kmeans_fused
 
 log = logging.getLogger(__name__)
 
@@ -108,28 +109,31 @@ def _torch_device(use_gpu: bool | None, devices: Sequence[int] | None) -> torch.
     return torch.device("cuda", index)
 
 
-def _describe(gpus: list[int], device: torch.device | None) -> str:
-    """An engine in words: faiss on the GPUs ``gpus``, else torch's float64 GEMM on ``device``, else the CPU's."""
+def _describe(gpus: list[int], device: torch.device | None, fused: bool) -> str:
+    """An engine in words: faiss on the GPUs ``gpus``, else torch's float64 GEMM on ``device``, else the CPU's
+    (through the ``fused`` float32 kernel)."""
     if gpus:
         return f"{_faiss_version()} float32 on GPU {gpus} + float64 certificate"
     if device is not None:
         return f"torch float64 GEMM on {device} ({_faiss_version()} sees no GPU) + float64 certificate"
-    return f"float32/float64 GEMM on cpu, {threads()} threads ({_faiss_version()} sees no GPU or use_gpu=False)"
+    kernel = f", its float32 top-2 fused up to d = 64 ({kmeans_fused.width()}-bit kernel)" if fused else ""
+    return f"float32/float64 GEMM on cpu, {threads()} threads{kernel} ({_faiss_version()} sees no GPU or use_gpu=False)"
 
 
 def search_name(use_gpu: bool | None = None, devices: Sequence[int] | None = None) -> str:
     """What `assign` runs with these arguments, in words: faiss on which GPUs, torch's float64 GEMM on a GPU,
     or the CPU's float32 / float64 GEMM."""
     gpus = _gpu_devices(use_gpu, devices)
-    return _describe(gpus, None if gpus else _torch_device(use_gpu, devices))
+    return _describe(gpus, None if gpus else _torch_device(use_gpu, devices), kmeans_fused.width() > 0)
 
 
 class _Faiss:
     """The search engine of an assignment: faiss float32 on GPUs (``use_gpu`` None and a GPU, or True; the ids
     ``devices``, default every visible GPU), else torch's float64 GEMM on a CUDA GPU that faiss does not see
-    (``torch_device``), else the float32 / float64 GEMM on the CPU. ``force_faiss_cpu`` runs the faiss float32
-    path on the CPU, ``force_torch`` the torch path on that device (tests of their certificates). ``name`` says
-    which (INFO once per process)."""
+    (``torch_device``), else the float32 / float64 GEMM on the CPU, its float32 pass through kmeans_fused's kernel
+    when ``fused`` (default: where it is built; False: numpy's GEMM, for tests and benchmarks). ``force_faiss_cpu``
+    runs the faiss float32 path on the CPU, ``force_torch`` the torch path on that device (tests of their
+    certificates). ``name`` says which (INFO once per process)."""
 
     def __init__(
         self,
@@ -138,10 +142,13 @@ class _Faiss:
         *,
         force_faiss_cpu: bool = False,
         force_torch: str | None = None,
+        fused: bool | None = None,
     ) -> None:
         self.devices = _gpu_devices(use_gpu, devices)
         if force_faiss_cpu and faiss is None:
             raise PipelineError("the faiss float32 search needs faiss (make setup installs faiss-cpu)")
+        if fused and kmeans_fused.width() == 0:
+            raise PipelineError("fused=True but the fused top-2 kernel is not built (setup.py needs a C compiler)")
         self.gpu = bool(self.devices)
         self.faiss = self.gpu or force_faiss_cpu
         self.threads = threads()
@@ -149,12 +156,14 @@ class _Faiss:
             self.torch_device = torch.device(force_torch)
         else:
             self.torch_device = None if self.faiss else _torch_device(use_gpu, devices)
+        cpu = not self.faiss and self.torch_device is None
+        self.fused = cpu and (kmeans_fused.width() > 0 if fused is None else fused)
         if self.gpu:
             for g in self.devices:
                 if g not in _RESOURCES:
                     _RESOURCES[g] = faiss.StandardGpuResources()
         forced = f"{_faiss_version()} float32 on cpu" if force_faiss_cpu else None
-        self.name = forced or _describe(self.devices, self.torch_device)
+        self.name = forced or _describe(self.devices, self.torch_device, self.fused)
         log.log(logging.DEBUG if self.name in _LOGGED else logging.INFO, "nearest-centroid search: %s", self.name)
         _LOGGED.add(self.name)
 

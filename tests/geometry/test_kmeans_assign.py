@@ -27,6 +27,7 @@ from tests.geometry.test_kmeans import mixed_points, unit_rows
 
 ENGINES = {
     "cpu": lambda: ke._Faiss(False),  # float32 GEMM, the rows it leaves open decided over their near-ties
+    "cpu-numpy": lambda: ke._Faiss(False, fused=False),  # the same through numpy's GEMM (no fused kernel)
     "faiss32": lambda: ke._Faiss(False, force_faiss_cpu=True),  # faiss float32 top-k (the GPU path), then float64
     "torch64": lambda: ke._Faiss(False, force_torch="cpu"),  # torch's float64 GEMM + top-2 (its GPU path), on the CPU
 }

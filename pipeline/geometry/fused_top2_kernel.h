@@ -1,0 +1,94 @@
+/* One instance of the fused float32 GEMM + top-2 kernel (included by fused_top2.c once per instruction set).
+ *
+ * Defines:  KERNEL  the function's name     TARGET  its __attribute__((target)) string, or none
+ *           W       floats per vector       R, C    rows and vectors of centroids held in registers at once
+ *
+ * For each row i of ``xa`` (b, n) it computes the n-term float32 dot products with the k columns of ``base``
+ * (n, ldb; ldb >= k rounded up to W * C, the padding never read as a result) in registers, and keeps per vector
+ * lane the smallest entry, its column and the second smallest: no tile is written. Returns per row the smallest
+ * entry's column ``j1`` (ties: the lowest column) and the smallest of the other entries ``second`` (equal to the
+ * smallest when it occurs twice), as numpy's ``argmin`` and ``min`` of the tile with j1's entry masked would. */
+
+#define VF_ CAT_(vf_, KERNEL)
+#define VI_ CAT_(vi_, KERNEL)
+typedef float VF_ __attribute__((vector_size(4 * W)));
+typedef int32_t VI_ __attribute__((vector_size(4 * W)));
+
+TARGET static void CAT_(rows_, KERNEL)(const float *xa, int64_t r0, int rr, int64_t n, const float *base, int64_t k,
+                                       int64_t ldb, VF_ pad[C], int64_t *j1, float *second) {
+    VI_ lane;
+    VF_ inf;
+    for (int l = 0; l < W; l++) {
+        lane[l] = l;
+        inf[l] = INFINITY;
+    }
+    VF_ b1[R], b2[R];
+    VI_ i1[R];
+    const float *x[R];
+    for (int r = 0; r < R; r++) {
+        b1[r] = inf;
+        b2[r] = inf;
+        i1[r] = lane * 0;
+        x[r] = xa + (r0 + (r < rr ? r : 0)) * n; /* a short block repeats its first row */
+    }
+    const int64_t last = (k - 1) / (W * C) * (W * C);
+    for (int64_t j = 0; j < k; j += W * C) {
+        VF_ acc[R][C];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++) acc[r][c] = (VF_){0};
+        const float *col = base + j;
+#pragma GCC unroll 4
+        for (int64_t q = 0; q < n; q++) {
+            VF_ y[C];
+            for (int c = 0; c < C; c++) __builtin_memcpy(&y[c], col + q * ldb + c * W, sizeof(VF_));
+            for (int r = 0; r < R; r++)
+                for (int c = 0; c < C; c++) acc[r][c] += x[r][q] * y[c];
+        }
+        for (int c = 0; c < C; c++) {
+            if (j == last)
+                for (int r = 0; r < R; r++) acc[r][c] += pad[c];
+            const VI_ index = lane + (int32_t)(j + c * W);
+            for (int r = 0; r < R; r++) {
+                const VF_ a = acc[r][c];
+                /* second = min(second, max(first, a)); first = min(first, a) with its column (the first one) */
+                const VI_ above = a > b1[r], below = a < b1[r];
+                const VF_ m = (VF_)((above & (VI_)a) | (~above & (VI_)b1[r]));
+                const VI_ take = m < b2[r];
+                b2[r] = (VF_)((take & (VI_)m) | (~take & (VI_)b2[r]));
+                b1[r] = (VF_)((below & (VI_)a) | (~below & (VI_)b1[r]));
+                i1[r] = (below & index) | (~below & i1[r]);
+            }
+        }
+    }
+    for (int r = 0; r < rr; r++) {
+        float best = INFINITY, next = INFINITY;
+        int32_t at = INT32_MAX;
+        int lane_at = -1;
+        for (int l = 0; l < W; l++)
+            if (b1[r][l] < best || (b1[r][l] == best && i1[r][l] < at)) {
+                best = b1[r][l];
+                at = i1[r][l];
+                lane_at = l;
+            }
+        for (int l = 0; l < W; l++) {
+            if (b2[r][l] < next) next = b2[r][l];
+            if (l != lane_at && b1[r][l] < next) next = b1[r][l];
+        }
+        j1[r0 + r] = at;
+        second[r0 + r] = next;
+    }
+}
+
+TARGET static void KERNEL(const float *xa, int64_t b, int64_t n, const float *base, int64_t k, int64_t ldb,
+                          int64_t *j1, float *second) {
+    const int64_t last = (k - 1) / (W * C) * (W * C);
+    VF_ pad[C];
+    for (int c = 0; c < C; c++)
+        for (int l = 0; l < W; l++) pad[c][l] = last + c * W + l < k ? 0.0f : INFINITY;
+    int64_t r0 = 0;
+    for (; r0 + R <= b; r0 += R) CAT_(rows_, KERNEL)(xa, r0, R, n, base, k, ldb, pad, j1, second);
+    if (r0 < b) CAT_(rows_, KERNEL)(xa, r0, (int)(b - r0), n, base, k, ldb, pad, j1, second);
+}
+
+#undef VF_
+#undef VI_

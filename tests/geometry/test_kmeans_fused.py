@@ -1,0 +1,122 @@
+"""The fused float32 GEMM + top-2 kernel (kmeans_fused, fused_top2.c), every instance this CPU runs: on small
+integers, where every product and sum is exact in float32, it must give numpy's argmin (ties to the lowest column)
+and second minimum bit for bit, over block edges (rows not a multiple of its row block, columns not a multiple of
+32, one column); on random data its entries must stay within the rounding bound the certificate assumes. The
+assignment with and without it is compared in test_kmeans_assign (engines "cpu" and "cpu-numpy")."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+
+import numpy as np
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.geometry import kmeans_engines as ke
+from pipeline.geometry import kmeans_fused as kf
+from pipeline.geometry.kmeans import assign
+
+BUILT = kf.width() > 0
+INSTANCES = [bits for bits in (128, 256, 512) if bits <= kf.width()]
+needs_kernel = pytest.mark.skipif(not BUILT, reason="the fused kernel is not built (no C compiler at install)")
+
+
+def numpy_top2(xa: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """kmeans_assign._top2's semantics: argmin per row, then the minimum with that entry masked."""
+    tile = xa.astype(np.float64) @ base.astype(np.float64)
+    j1 = tile.argmin(axis=1)
+    tile[np.arange(len(j1)), j1] = np.inf
+    return j1, tile.min(axis=1)
+
+
+def test_built_where_setup_found_a_c_compiler():
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}): the CPU search runs numpy's GEMM")
+    assert kf.width() in (128, 256, 512), "setup.py should have built pipeline/geometry/_fused_top2"
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", INSTANCES)
+@pytest.mark.parametrize(("rows", "k", "n"), [(1, 1, 3), (7, 2, 1), (13, 31, 5), (37, 32, 19), (50, 33, 19)])
+def test_exact_on_integers_at_block_edges(bits, rows, k, n):
+    rng = np.random.default_rng(rows * 100 + k)
+    xa = rng.integers(-3, 4, size=(rows, n)).astype(np.float32)
+    base = rng.integers(-3, 4, size=(n, k)).astype(np.float32)
+    j1, second = kf.top2(xa, kf.pad(base), k, bits)
+    ref_j1, ref_second = numpy_top2(xa, base)
+    np.testing.assert_array_equal(j1, ref_j1)
+    np.testing.assert_array_equal(second, ref_second)  # inf with one column, as numpy's masked min
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", INSTANCES)
+def test_ties_go_to_the_lowest_column_in_any_lane(bits):
+    rng = np.random.default_rng(0)
+    n, k = 4, 1462
+    base = rng.integers(-3, 4, size=(n, k)).astype(np.float32)
+    xa = rng.integers(-3, 4, size=(300, n)).astype(np.float32)
+    ref_j1, _ = numpy_top2(xa, base)
+    # copy each row's winning column to a later column in another lane and block: a tie the lowest column wins
+    copies = base.copy()
+    for later in (1461, 700, 17):
+        copies[:, later] = base[:, ref_j1[0]]
+    xa[:10] = 0  # every entry 0: column 0, second 0
+    j1, second = kf.top2(xa, kf.pad(copies), k, bits)
+    ref_j1, ref_second = numpy_top2(xa, copies)
+    np.testing.assert_array_equal(j1, ref_j1)
+    np.testing.assert_array_equal(second, ref_second)
+    assert (j1[:10] == 0).all() and (second[:10] == 0).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", INSTANCES)
+@pytest.mark.parametrize("n", [19, 67])
+def test_entries_within_the_certificates_rounding_bound(bits, n):
+    rng = np.random.default_rng(n)
+    k = 1462
+    xa = rng.normal(size=(717, n)).astype(np.float32)
+    base = (rng.normal(size=(n, k)) * rng.lognormal(0, 2, size=(n, 1))).astype(np.float32)
+    j1, second = kf.top2(xa, kf.pad(base), k, bits)
+    exact = xa.astype(np.float64) @ base.astype(np.float64)
+    scale = np.abs(xa).astype(np.float64) @ np.abs(base).astype(np.float64)
+    bound = (n + 2) * 2.0**-24 * scale  # kmeans_terms._gamma's float32 part, any summation order
+    rows = np.arange(len(xa))
+    assert (np.abs(exact[rows, j1] - exact.min(axis=1)) <= bound[rows, j1] + bound.max(axis=1)).all()
+    masked = exact.copy()
+    masked[rows, j1] = np.inf
+    assert (np.abs(second - masked.min(axis=1)) <= bound.max(axis=1)).all()
+
+
+@needs_kernel
+def test_bad_arguments_are_refused():
+    base = kf.pad(np.ones((3, 5), dtype=np.float32))
+    with pytest.raises(ValueError, match="terms"):
+        kf.top2(np.ones((2, 4), dtype=np.float32), base, 5)
+    with pytest.raises(ValueError, match="columns"):
+        kf.top2(np.ones((2, 3), dtype=np.float32), base, 33)
+    with pytest.raises(RuntimeError, match="1024-bit"):
+        kf.top2(np.ones((2, 3), dtype=np.float32), base, 5, 1024)
+    j1, second = kf.top2(np.ones((0, 3), dtype=np.float32), base, 5)
+    assert j1.shape == second.shape == (0,)
+
+
+def test_without_the_kernel_the_cpu_search_runs_numpy(monkeypatch):
+    monkeypatch.setattr(kf, "width", lambda: 0)
+    engine = ke._Faiss(False)
+    assert not engine.fused and "fused" not in engine.name
+    with pytest.raises(PipelineError, match="not built"):
+        ke._Faiss(False, fused=True)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 16)) * 0.05
+    a, _ = assign(x, x[:20], engine=engine)
+    assert (a[:20] == np.arange(20)).all()
+
+
+@needs_kernel
+def test_the_cpu_engine_names_its_kernel():
+    engine = ke._Faiss(False)
+    assert engine.fused and f"{kf.width()}-bit kernel" in engine.name
+    assert not ke._Faiss(False, fused=False).fused
+    assert not ke._Faiss(False, force_torch="cpu").fused  # the torch search has its own top-2
