@@ -145,10 +145,10 @@ def test_no_stage_lists_a_speed_only_param_or_a_whole_group_holding_one(dvcfile)
 
 
 def test_native_sources_are_setup_pys():
-    """`NATIVE` lists exactly the C files setup.py compiles (its Extension's sources and depends)."""
+    """`NATIVE` lists exactly the C files setup.py compiles (its SOURCES: the Extension's sources and depends)."""
     files = set()
     for node in ast.walk(ast.parse((ROOT / "setup.py").read_text())):
-        if isinstance(node, ast.keyword) and node.arg in ("sources", "depends"):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SOURCES" for t in node.targets):
             files.update(ast.literal_eval(node.value))
     assert files == {source for sources in NATIVE.values() for source in sources}
     assert all((ROOT / source).is_file() for source in files)

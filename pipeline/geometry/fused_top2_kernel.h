@@ -1,21 +1,24 @@
-/* One instance of the fused float32 GEMM + top-2 kernel (included by fused_top2.c once per instruction set).
+/* One instance of the fused GEMM + top-2 kernel (included by fused_top2.c once per precision and instruction set).
  *
  * Defines:  KERNEL  the function's name     TARGET  its __attribute__((target)) string, or none
- *           W       floats per vector       R, C    rows and vectors of centroids held in registers at once
+ *           REAL    float or double         INDEX   the signed integer of REAL's size (a lane's column)
+ *           W       REALs per vector        R, C    rows and vectors of centroids held in registers at once
  *
- * For each row i of ``xa`` (b, n) it computes the n-term float32 dot products with the k columns of ``base``
+ * For each row i of ``xa`` (b, n) it computes the n-term dot products in REAL with the k columns of ``base``
  * (n, ldb; ldb >= k rounded up to W * C, the padding never read as a result) in registers, and keeps per vector
  * lane the smallest entry, its column and the second smallest: no tile is written. Returns per row the smallest
  * entry's column ``j1`` (ties: the lowest column) and the smallest of the other entries ``second`` (equal to the
- * smallest when it occurs twice), as numpy's ``argmin`` and ``min`` of the tile with j1's entry masked would. */
+ * smallest when it occurs twice), as numpy's ``argmin`` and ``min`` of the tile with j1's entry masked would for
+ * finite entries (NaN entries are skipped, and a row with a non-finite term can make its padding NaN: callers
+ * pass finite rows, kmeans_terms._fits keeps entries far from overflow). */
 
 #define VF_ CAT_(vf_, KERNEL)
 #define VI_ CAT_(vi_, KERNEL)
-typedef float VF_ __attribute__((vector_size(4 * W)));
-typedef int32_t VI_ __attribute__((vector_size(4 * W)));
+typedef REAL VF_ __attribute__((vector_size(sizeof(REAL) * W)));
+typedef INDEX VI_ __attribute__((vector_size(sizeof(REAL) * W)));
 
-TARGET static void CAT_(rows_, KERNEL)(const float *xa, int64_t r0, int rr, int64_t n, const float *base, int64_t k,
-                                       int64_t ldb, VF_ pad[C], int64_t *j1, float *second) {
+TARGET static void CAT_(rows_, KERNEL)(const REAL *xa, int64_t r0, int rr, int64_t n, const REAL *base, int64_t k,
+                                       int64_t ldb, VF_ pad[C], int64_t *j1, REAL *second) {
     VI_ lane;
     VF_ inf;
     for (int l = 0; l < W; l++) {
@@ -24,7 +27,7 @@ TARGET static void CAT_(rows_, KERNEL)(const float *xa, int64_t r0, int rr, int6
     }
     VF_ b1[R], b2[R];
     VI_ i1[R];
-    const float *x[R];
+    const REAL *x[R];
     for (int r = 0; r < R; r++) {
         b1[r] = inf;
         b2[r] = inf;
@@ -36,7 +39,7 @@ TARGET static void CAT_(rows_, KERNEL)(const float *xa, int64_t r0, int rr, int6
         VF_ acc[R][C];
         for (int r = 0; r < R; r++)
             for (int c = 0; c < C; c++) acc[r][c] = (VF_){0};
-        const float *col = base + j;
+        const REAL *col = base + j;
 #pragma GCC unroll 4
         for (int64_t q = 0; q < n; q++) {
             VF_ y[C];
@@ -47,7 +50,7 @@ TARGET static void CAT_(rows_, KERNEL)(const float *xa, int64_t r0, int rr, int6
         for (int c = 0; c < C; c++) {
             if (j == last)
                 for (int r = 0; r < R; r++) acc[r][c] += pad[c];
-            const VI_ index = lane + (int32_t)(j + c * W);
+            const VI_ index = lane + (INDEX)(j + c * W);
             for (int r = 0; r < R; r++) {
                 const VF_ a = acc[r][c];
                 /* second = min(second, max(first, a)); first = min(first, a) with its column (the first one) */
@@ -61,8 +64,8 @@ TARGET static void CAT_(rows_, KERNEL)(const float *xa, int64_t r0, int rr, int6
         }
     }
     for (int r = 0; r < rr; r++) {
-        float best = INFINITY, next = INFINITY;
-        int32_t at = INT32_MAX;
+        REAL best = INFINITY, next = INFINITY;
+        INDEX at = k;
         int lane_at = -1;
         for (int l = 0; l < W; l++)
             if (b1[r][l] < best || (b1[r][l] == best && i1[r][l] < at)) {
@@ -79,12 +82,12 @@ TARGET static void CAT_(rows_, KERNEL)(const float *xa, int64_t r0, int rr, int6
     }
 }
 
-TARGET static void KERNEL(const float *xa, int64_t b, int64_t n, const float *base, int64_t k, int64_t ldb,
-                          int64_t *j1, float *second) {
+TARGET static void KERNEL(const REAL *xa, int64_t b, int64_t n, const REAL *base, int64_t k, int64_t ldb,
+                          int64_t *j1, REAL *second) {
     const int64_t last = (k - 1) / (W * C) * (W * C);
     VF_ pad[C];
     for (int c = 0; c < C; c++)
-        for (int l = 0; l < W; l++) pad[c][l] = last + c * W + l < k ? 0.0f : INFINITY;
+        for (int l = 0; l < W; l++) pad[c][l] = last + c * W + l < k ? 0 : INFINITY;
     int64_t r0 = 0;
     for (; r0 + R <= b; r0 += R) CAT_(rows_, KERNEL)(xa, r0, R, n, base, k, ldb, pad, j1, second);
     if (r0 < b) CAT_(rows_, KERNEL)(xa, r0, (int)(b - r0), n, base, k, ldb, pad, j1, second);

@@ -25,8 +25,8 @@ its threads and GPUs: pipeline.geometry.kmeans_engines):
   ``j1`` masked: the lower bound of every other centroid); the rows it cannot certify are decided over their
   near-ties (below), except rows with more than ``_WIDE`` of them (float32's bound too loose: next to the
   boundary), which take the same GEMM in float64 first. Up to d = 64, where the kernel is built (kmeans_fused),
-  the float32 GEMM and its top-2 are one fused pass that writes no tile; the open rows' entries are computed
-  again for their near-ties.
+  each GEMM and its top-2 are one fused pass that writes no tile, and every row float32 leaves open takes the
+  float64 pass (cheaper than its near-ties); the rows float64 leaves open have their entries computed again.
 - GPU (faiss-gpu sees a GPU): a faiss ``IndexFlatIP`` of the ``-y''_j`` in float32, replicated on every visible
   GPU (each searches a share of the rows), top ``candidates`` (at least 2), the last one's value the lower bound
   of every centroid outside them; the rows it cannot certify go to the CPU's float64 GEMM.
@@ -90,6 +90,7 @@ _TILE = 1 << 20  # elements of one worker's float64 GEMM tile (8 MB)
 _PAIRS = 1 << 18  # elements of a near-tie difference temporary (2 MB)
 _ROWS = 4096  # rows of a worker's share of the per-row terms, at least
 _WIDE = 64  # near-ties a row may leave to `_near_ties` (more: float64 first, then every centroid)
+_FUSED_ROWS = 4096  # rows of a worker's tile through the fused kernel (no tile written: fewer, larger calls)
 
 
 # --------------------------------------------------------------------------------------------------- search
@@ -198,22 +199,23 @@ def _gemm(
     side: Side,
     buffers: dict[str, np.ndarray],
     float32: bool = True,
-    fused: np.ndarray | None = None,
+    fused: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> _Tile:
     """One tile of rows on the CPU: the GEMM's lower bounds and certificate, in float32 (``float32``) or float64.
     The rows it leaves open are returned as their near-ties' (row, centroid) pairs, to be decided by `_near_ties`,
     at most ``_WIDE`` a row: a row float32 leaves more (its bound too loose: next to the boundary) goes through the
     float64 GEMM first, and one float64 leaves more is decided over every centroid. ``buffers``: a worker's
-    reusable tiles by dtype. ``fused``: the float32 base padded for kmeans_fused's kernel, which then finds the
-    float32 top-2 without a tile (the open rows' entries are computed again for their near-ties)."""
+    reusable tiles by dtype. ``fused``: the float32 and float64 bases padded for kmeans_fused's kernel, which then
+    finds the top-2 without a tile; every row float32 leaves open then goes through the float64 kernel, and the
+    rows float64 leaves open have their entries computed again, by numpy, for their near-ties."""
     unit, base = (_U32, side.base32) if float32 else (_U64, side.base)
     xa = _augment(xb, side)
     fits = _fits(xa, side, unit)
     if not fits.all():  # coordinates so large that the GEMM could overflow: those rows go one precision further
         return _split(geom, xb, rows, side, buffers, float32, fits, fused)
     xa = xa.astype(base.dtype, copy=False)
-    if float32 and fused is not None:
-        (j1, lower), tile = kmeans_fused.top2(xa, fused, base.shape[1]), None
+    if fused is not None:
+        (j1, lower), tile = kmeans_fused.top2(xa, fused[0 if float32 else 1], base.shape[1]), None
     else:
         j1, lower, tile = _top2(xa, base, buffers.get(str(base.dtype)))
     eta = _eta(unit, xb.shape[1] + 3, xa, side.big)
@@ -223,6 +225,10 @@ def _gemm(
     none = np.empty(0, dtype=np.int64)
     if not todo.size:
         return _Tile(a, v, 0, 0, none, none)
+    if fused is not None and float32:  # float64's top-2 costs less than float32's near-ties (16 % of rows at d = 16)
+        redo = _gemm(geom, xb[todo], tuple(q[todo] for q in rows), side, buffers, False, fused)
+        a[todo], v[todo] = redo.assignment, redo.value
+        return _Tile(a, v, int(todo.size), redo.exact, todo[redo.row], redo.col)
     threshold = (checked.ceiling[todo] + eta) * (1 + 4 * _U64)  # the sum's rounding, upwards
     open_tile = tile[todo] if tile is not None else np.matmul(xa[todo], base)
     row, col = _near_tie_pairs(open_tile, j1[todo], threshold)  # row: into todo
@@ -256,7 +262,7 @@ def _split(
     buffers: dict,
     float32: bool,
     fits: np.ndarray,
-    fused: np.ndarray | None = None,
+    fused: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> _Tile:
     """`_gemm` of a tile whose rows ``~fits`` could overflow its precision: the others as usual, those in float64
     (from float32) or by direct differences over every centroid (from float64); the tiles merged."""
@@ -266,7 +272,7 @@ def _split(
         parts.append((inside, _gemm(geom, xb[inside], tuple(q[inside] for q in rows), side, buffers, float32, fused)))
     xs, rs = xb[outside], tuple(q[outside] for q in rows)
     if float32:
-        parts.append((outside, _gemm(geom, xs, rs, side, buffers, False)))
+        parts.append((outside, _gemm(geom, xs, rs, side, buffers, False, fused)))
     else:
         none = np.empty(0, dtype=np.int64)
         parts.append((outside, _Tile(*_exact(geom, xs, rs, side), 0, len(outside), none, none)))
@@ -311,22 +317,22 @@ class _Assigner:
         rows: tuple,
         side: Side,
         float32: bool,
-        fused: np.ndarray | None = None,
+        fused: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple:
         """`_gemm` over the rows of ``xb`` in tiles (on the pool's workers when given), from float32 (through the
-        fused kernel when ``fused``, its padded base, is given) or float64,
+        fused kernel when ``fused``, its padded bases, are given) or float64,
         then the open rows of all tiles decided over their near-ties (on the pool, in chunks of ``_BLOCK // d``
         pairs that keep each row's pairs together):
         ``(assignment, value, rows redone in float64, rows decided over their near-ties)``."""
         k, d = side.cent.shape
-        step = max(16, _TILE // k)
+        step = max(16, _TILE // k) if fused is None else _FUSED_ROWS
         tiles = [slice(i, min(len(xb), i + step)) for i in range(0, len(xb), step)]
         local = threading.local()  # one pair of tile buffers per worker thread
 
         def run(s: slice) -> tuple:
-            if getattr(local, "buffers", None) is None:
+            if getattr(local, "buffers", None) is None:  # the fused kernel writes no tile
                 b = min(step, len(xb))
-                local.buffers = {"float32": np.empty((b, k), dtype=np.float32), "float64": np.empty((b, k))}
+                local.buffers = {} if fused else {"float32": np.empty((b, k), np.float32), "float64": np.empty((b, k))}
             return _gemm(self.geom, xb[s], tuple(q[s] for q in rows), side, local.buffers, float32, fused), s.start
 
         done = _map(pool, run, tiles)
@@ -425,7 +431,7 @@ class _Assigner:
         if engine.torch_device is not None and k > 1 and index is None:
             device_side = kmeans_torch.device_side(side, engine.torch_device)
         elif engine.fused and index is None and side.base32.shape[0] <= kmeans_fused.MAX_TERMS:
-            fused = kmeans_fused.pad(side.base32)
+            fused = kmeans_fused.pad(side.base32), kmeans_fused.pad(side.base)
         fallback = redone = 0
         workers = engine.threads
         pool_context = ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()

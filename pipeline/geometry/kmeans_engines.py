@@ -116,7 +116,7 @@ def _describe(gpus: list[int], device: torch.device | None, fused: bool) -> str:
         return f"{_faiss_version()} float32 on GPU {gpus} + float64 certificate"
     if device is not None:
         return f"torch float64 GEMM on {device} ({_faiss_version()} sees no GPU) + float64 certificate"
-    kernel = f", its float32 top-2 fused up to d = 64 ({kmeans_fused.width()}-bit kernel)" if fused else ""
+    kernel = f", GEMM and top-2 fused up to d = 64 ({kmeans_fused.width()}-bit kernel)" if fused else ""
     return f"float32/float64 GEMM on cpu, {threads()} threads{kernel} ({_faiss_version()} sees no GPU or use_gpu=False)"
 
 
@@ -130,7 +130,7 @@ def search_name(use_gpu: bool | None = None, devices: Sequence[int] | None = Non
 class _Faiss:
     """The search engine of an assignment: faiss float32 on GPUs (``use_gpu`` None and a GPU, or True; the ids
     ``devices``, default every visible GPU), else torch's float64 GEMM on a CUDA GPU that faiss does not see
-    (``torch_device``), else the float32 / float64 GEMM on the CPU, its float32 pass through kmeans_fused's kernel
+    (``torch_device``), else the float32 / float64 GEMM on the CPU, through kmeans_fused's kernel up to d = 64
     when ``fused`` (default: where it is built; False: numpy's GEMM, for tests and benchmarks). ``force_faiss_cpu``
     runs the faiss float32 path on the CPU, ``force_torch`` the torch path on that device (tests of their
     certificates). ``name`` says which (INFO once per process)."""

@@ -21,6 +21,7 @@ from pipeline.distributed import Ranks
 from pipeline.errors import PipelineError
 from pipeline.geometry import kmeans_assign as ka
 from pipeline.geometry import kmeans_engines as ke
+from pipeline.geometry import kmeans_fused
 from pipeline.geometry import kmeans_terms as kt
 from pipeline.geometry.kmeans import assign, assign_exact
 from tests.geometry.test_kmeans import mixed_points, unit_rows
@@ -137,6 +138,8 @@ def test_near_boundary_near_ties_at_every_scale(engine, d):
     assert stats["fallback"] > 0  # the 1e-13 ties, and rows at gaps ~1e-8 where t's differences are ~1e-11
     if engine == "faiss32":
         assert stats["redone"] > len(x) // 4  # float32 cannot order centroids this close to the boundary
+    if engine == "cpu" and ENGINES[engine]().fused and d + 3 <= kmeans_fused.MAX_TERMS:
+        assert stats["redone"] > 0  # every row float32 leaves open goes through the float64 kernel
 
 
 @pytest.mark.parametrize("float32", [False, True])
@@ -177,7 +180,8 @@ def test_certificate_survives_adversarial_rounding(monkeypatch, geometry, float3
 def test_rows_with_many_float32_near_ties_go_through_float64(monkeypatch):
     """100 centroids within a relative 1e-7 of one point next to the boundary: float32 cannot tell them apart, so
     each row near them has ~100 near-ties; such rows go through the float64 GEMM first (``redone``), and the result
-    is the brute force's whether they do or not."""
+    is the brute force's whether they do or not. (numpy's GEMM: through the fused kernel every row float32 leaves
+    open goes to float64, whatever its near-ties.)"""
     rng = np.random.default_rng(6)
     centre = unit_rows(rng, 1, 16) * (1 - 1e-4)
     cent = np.concatenate([near_ties(rng, centre, 100, 1e-7, 1.0), mixed_points(rng, 30, 16, 1.0)])
@@ -186,7 +190,7 @@ def test_rows_with_many_float32_near_ties_go_through_float64(monkeypatch):
     for wide, float64_rows in ((ka._WIDE, True), (len(cent), False)):
         monkeypatch.setattr(ka, "_WIDE", wide)
         stats: dict = {}
-        a, dist = assign(x, cent, use_gpu=False, stats=stats)
+        a, dist = assign(x, cent, stats=stats, engine=ke._Faiss(False, fused=False))
         np.testing.assert_array_equal(a, ex_a)
         np.testing.assert_array_equal(dist, ex_d)
         assert (stats["redone"] >= 100) == float64_rows and stats["fallback"] > 0
@@ -264,6 +268,21 @@ def test_coordinates_that_overflow_the_gemm(engine, geometry, c, scale):
         ref_a, ref_dist = assign_exact(x, cent, c, geometry=geometry)
     np.testing.assert_array_equal(a, ref_a)
     np.testing.assert_array_equal(dist, ref_dist)
+
+
+@pytest.mark.parametrize("engine", ["cpu", "cpu-numpy"])
+def test_rows_that_fit_and_rows_that_overflow_in_one_tile(engine):
+    """A tile mixing ordinary rows with rows beyond float32's range: those go to float64 (`_split`), the others
+    through the usual float32 pass (the fused kernel's, for "cpu"), merged in row order."""
+    rng = np.random.default_rng(3)
+    scale = np.where(rng.random(400) < 0.3, 1e17, 1.0)[:, None]
+    x, cent = rng.normal(size=(400, 6)) * scale, rng.normal(size=(12, 6))  # the centroids' spread fits float32
+    stats: dict = {}
+    a, dist = assign(x, cent, geometry="euclidean", stats=stats, engine=ENGINES[engine]())
+    ref_a, ref_dist = assign_exact(x, cent, geometry="euclidean")
+    np.testing.assert_array_equal(a, ref_a)
+    np.testing.assert_array_equal(dist, ref_dist)
+    assert 0 < stats["redone"] < len(x)
 
 
 def test_one_centroid_and_wide_rows():

@@ -1,13 +1,16 @@
-"""The fused float32 GEMM + top-2 kernel (kmeans_fused, fused_top2.c), every instance this CPU runs: on small
-integers, where every product and sum is exact in float32, it must give numpy's argmin (ties to the lowest column)
+"""The fused GEMM + top-2 kernel (kmeans_fused, fused_top2.c), both precisions and every instance this CPU runs:
+on small integers, where every product and sum is exact, it must give numpy's argmin (ties to the lowest column)
 and second minimum bit for bit, over block edges (rows not a multiple of its row block, columns not a multiple of
-32, one column); on random data its entries must stay within the rounding bound the certificate assumes. The
-assignment with and without it is compared in test_kmeans_assign (engines "cpu" and "cpu-numpy")."""
+32, one column); on random data its entries must stay within the rounding bound the certificate assumes. A build
+that does not load, or that is older than its sources, is refused. The assignment with and without the kernel is
+compared in test_kmeans_assign (engines "cpu" and "cpu-numpy")."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from pipeline.geometry.kmeans import assign
 
 BUILT = kf.width() > 0
 INSTANCES = [bits for bits in (128, 256, 512) if bits <= kf.width()]
+REALS = [np.float32, np.float64]
 needs_kernel = pytest.mark.skipif(not BUILT, reason="the fused kernel is not built (no C compiler at install)")
 
 
@@ -38,12 +42,13 @@ def test_built_where_setup_found_a_c_compiler():
 
 
 @needs_kernel
+@pytest.mark.parametrize("real", REALS)
 @pytest.mark.parametrize("bits", INSTANCES)
 @pytest.mark.parametrize(("rows", "k", "n"), [(1, 1, 3), (7, 2, 1), (13, 31, 5), (37, 32, 19), (50, 33, 19)])
-def test_exact_on_integers_at_block_edges(bits, rows, k, n):
+def test_exact_on_integers_at_block_edges(real, bits, rows, k, n):
     rng = np.random.default_rng(rows * 100 + k)
-    xa = rng.integers(-3, 4, size=(rows, n)).astype(np.float32)
-    base = rng.integers(-3, 4, size=(n, k)).astype(np.float32)
+    xa = rng.integers(-3, 4, size=(rows, n)).astype(real)
+    base = rng.integers(-3, 4, size=(n, k)).astype(real)
     j1, second = kf.top2(xa, kf.pad(base), k, bits)
     ref_j1, ref_second = numpy_top2(xa, base)
     np.testing.assert_array_equal(j1, ref_j1)
@@ -51,20 +56,24 @@ def test_exact_on_integers_at_block_edges(bits, rows, k, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("real", REALS)
 @pytest.mark.parametrize("bits", INSTANCES)
-def test_ties_go_to_the_lowest_column_in_any_lane(bits):
+def test_ties_go_to_the_lowest_column_in_any_lane(real, bits):
     rng = np.random.default_rng(0)
     n, k = 4, 1462
-    base = rng.integers(-3, 4, size=(n, k)).astype(np.float32)
-    xa = rng.integers(-3, 4, size=(300, n)).astype(np.float32)
-    ref_j1, _ = numpy_top2(xa, base)
-    # copy each row's winning column to a later column in another lane and block: a tie the lowest column wins
+    base = rng.integers(-3, 4, size=(n, k)).astype(real)
+    xa = rng.integers(-3, 4, size=(300, n)).astype(real)
+    winners = np.unique(numpy_top2(xa, base)[0])[:3]
+    # each of three rows' winning columns copied to later columns, in the next lane, another block and the last one
     copies = base.copy()
-    for later in (1461, 700, 17):
-        copies[:, later] = base[:, ref_j1[0]]
+    for j in winners:
+        for later in (j + 17, j + 700, k - 1):
+            copies[:, min(later, k - 1)] = base[:, j]
     xa[:10] = 0  # every entry 0: column 0, second 0
     j1, second = kf.top2(xa, kf.pad(copies), k, bits)
     ref_j1, ref_second = numpy_top2(xa, copies)
+    tied = np.flatnonzero(np.isin(ref_j1, winners) & (ref_second == (xa @ copies).min(axis=1)))
+    assert tied.size > 10  # rows whose winner now has a later twin
     np.testing.assert_array_equal(j1, ref_j1)
     np.testing.assert_array_equal(second, ref_second)
     assert (j1[:10] == 0).all() and (second[:10] == 0).all()
@@ -73,13 +82,13 @@ def test_ties_go_to_the_lowest_column_in_any_lane(bits):
 @needs_kernel
 @pytest.mark.parametrize("bits", INSTANCES)
 @pytest.mark.parametrize("n", [19, 67])
-def test_entries_within_the_certificates_rounding_bound(bits, n):
+def test_float32_entries_within_the_certificates_rounding_bound(bits, n):
     rng = np.random.default_rng(n)
     k = 1462
     xa = rng.normal(size=(717, n)).astype(np.float32)
     base = (rng.normal(size=(n, k)) * rng.lognormal(0, 2, size=(n, 1))).astype(np.float32)
     j1, second = kf.top2(xa, kf.pad(base), k, bits)
-    exact = xa.astype(np.float64) @ base.astype(np.float64)
+    exact = xa.astype(np.float64) @ base.astype(np.float64)  # exact but for float64's rounding, far below
     scale = np.abs(xa).astype(np.float64) @ np.abs(base).astype(np.float64)
     bound = (n + 2) * 2.0**-24 * scale  # kmeans_terms._gamma's float32 part, any summation order
     rows = np.arange(len(xa))
@@ -98,6 +107,8 @@ def test_bad_arguments_are_refused():
         kf.top2(np.ones((2, 3), dtype=np.float32), base, 33)
     with pytest.raises(RuntimeError, match="1024-bit"):
         kf.top2(np.ones((2, 3), dtype=np.float32), base, 5, 1024)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        kf.top2(np.ones((2, 3), dtype=np.float32), base.astype(np.float16), 5)
     j1, second = kf.top2(np.ones((0, 3), dtype=np.float32), base, 5)
     assert j1.shape == second.shape == (0,)
 
@@ -120,3 +131,30 @@ def test_the_cpu_engine_names_its_kernel():
     assert engine.fused and f"{kf.width()}-bit kernel" in engine.name
     assert not ke._Faiss(False, fused=False).fused
     assert not ke._Faiss(False, force_torch="cpu").fused  # the torch search has its own top-2
+
+
+def test_a_build_that_does_not_load_is_refused(tmp_path, caplog):
+    import importlib.machinery
+
+    (tmp_path / f"_fused_top2{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"not a shared library")
+    with caplog.at_level(logging.WARNING):
+        assert kf._library.__wrapped__(tmp_path) is None
+    assert "does not load" in caplog.text
+
+
+@needs_kernel
+def test_a_build_older_than_its_sources_is_refused(tmp_path, caplog):
+    here = Path(kf.__file__).parent
+    built = next(p for p in here.iterdir() if p.name.startswith("_fused_top2"))
+    (tmp_path / built.name).write_bytes(built.read_bytes())
+    for name in kf._SOURCES:
+        (tmp_path / name).write_bytes((here / name).read_bytes())
+    assert kf._library.__wrapped__(tmp_path) is not None  # the sources it was built from
+    with (tmp_path / kf._SOURCES[0]).open("a") as source:
+        source.write("/* edited since */\n")
+    with caplog.at_level(logging.WARNING):
+        assert kf._library.__wrapped__(tmp_path) is None
+    assert "other sources" in caplog.text
+    for name in kf._SOURCES:  # an installed wheel without its sources: nothing to compare, the build is used
+        (tmp_path / name).unlink()
+    assert kf._library.__wrapped__(tmp_path) is not None
