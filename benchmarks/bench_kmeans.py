@@ -9,10 +9,11 @@ not a test).
    2|x-y|^2 / ((1-|x|^2)(1-|y|^2)))`` over every point/centroid pair, blockwise in numpy; Euclidean: the squared
    distance) on ``--check-rows`` random rows (0: all): the assignments must be identical.
 2. One Lloyd iteration: the assignment plus the Einstein-midpoint centroid update (hyperbolic).
-3. Euclidean k-means against `faiss.Kmeans` (float32, uncertified) on ``--lloyd-n`` points: seconds per iteration.
-4. With ``--profile``: where one hyperbolic assignment's time goes, per d (each step's time summed over threads;
+3. The fused top-2 kernel alone (float32, float64) against faiss' k = 1 search on random arrays (d = 16).
+4. Euclidean k-means against `faiss.Kmeans` (float32, uncertified) on ``--lloyd-n`` points: seconds per iteration.
+5. With ``--profile``: where one hyperbolic assignment's time goes, per d (each step's time summed over threads;
    on a CUDA search also torch.profiler's operators by device time), to see the CPU's share of a GPU search.
-5. One evaluation of the val split (`pipeline.evaluation.evaluate.evaluate_clusters`) when `dvc repro` has produced
+6. One evaluation of the val split (`pipeline.evaluation.evaluate.evaluate_clusters`) when `dvc repro` has produced
    data/val/{proposals,clusters}.zarr and data/prepared/dataset.json.
 
     python benchmarks/bench_kmeans.py                        # N=200000, K=1462, d in 16,256, 2 threads
@@ -142,6 +143,40 @@ def faiss_search(x32: np.ndarray, c32: np.ndarray, k: int) -> float:
     return best(lambda: index.search(x32, k), ARGS.repeat)[1]
 
 
+def bench_fused_kernel(n: int, k: int, d: int = 16) -> None:
+    """The fused top-2 kernel alone (kmeans_fused, float32 and float64, on ``--threads`` Python threads in tiles of
+    kmeans_assign._FUSED_ROWS rows, as the assignment runs it) against faiss' fused k = 1 search of the first d
+    columns (what its d-dimensional L2 search multiplies), on random arrays: the GEMM limit the assignment's
+    other work adds to."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not kmeans_fused.width():
+        print("\nfused kernel not built: skipped")
+        return
+    rng = np.random.default_rng(ARGS.seed)
+    terms = d + 3
+    xa, base = rng.normal(size=(n, terms)), rng.normal(size=(terms, k))
+    x32, c32 = np.ascontiguousarray(xa[:, :d], dtype=np.float32), np.ascontiguousarray(base[:d].T, dtype=np.float32)
+    rows = kmeans_assign._FUSED_ROWS
+    tiles = [slice(i, i + rows) for i in range(0, n, rows)]
+    with ThreadPoolExecutor(ARGS.threads) as pool:
+        times = {}
+        for real in (np.float32, np.float64):
+            xr, padded = xa.astype(real), kmeans_fused.pad(base.astype(real))
+            times[real] = best(
+                lambda xr=xr, p=padded: list(pool.map(lambda s: kmeans_fused.top2(xr[s], p, k), tiles)), ARGS.repeat
+            )[1]
+    t_faiss = faiss_search(x32, c32, 1)
+    print(
+        f"\n## The fused kernel alone ({kmeans_fused.width()}-bit), N={n}, K={k}, {terms} terms (d={d}), "
+        f"{ARGS.threads} threads, best of {ARGS.repeat}\n"
+    )
+    print("| | seconds | / faiss k=1 |\n|---|---|---|")
+    print(f"| faiss k=1, d={d} (float32) | {t_faiss:.3f} | 1.00x |")
+    for real, t in times.items():
+        print(f"| fused top-2, {np.dtype(real).name} | {t:.3f} | {t / t_faiss:.2f}x |")
+
+
 def bench_assign(n: int, k: int, dims: list[int]) -> None:
     print(
         f"\n## Nearest-centroid assignment, N={n}, K={k}, max radius {ARGS.max_radius} (seconds, best of "
@@ -227,6 +262,7 @@ _PROFILED = [  # (owner, attribute): kmeans_assign's functions, the search's met
     *((kmeans_assign, name) for name in ("_near_ties", "_gemm", "_exact", "_sq_diff")),
     *((kmeans_assign._Assigner, name) for name in ("_rows", "_cpu", "_torch", "_faiss", "_finish")),
     *((kmeans_torch, name) for name in ("queue", "collect")),
+    (kmeans_fused, "top2"),
     (Poincare, "rows"),
     (Poincare, "value"),
     (Poincare, "distance"),
@@ -399,6 +435,7 @@ def main() -> None:
         f"faiss {faiss.__version__}, numpy {np.__version__}, torch {torch.__version__}, {ARGS.threads} threads, "
         f"{os.cpu_count()} CPUs; search: {search_name()}"
     )
+    bench_fused_kernel(n, k)
     bench_assign(n, k, dims)
     bench_euclidean_kmeans(max(2 * ARGS.lloyd_k, round(ARGS.lloyd_n * ARGS.scale)), ARGS.lloyd_k)
     if ARGS.skip_eval:

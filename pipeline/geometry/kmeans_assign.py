@@ -127,6 +127,8 @@ def _rerank(
     value (ties to the lowest index): ``(assignment int32, value, |x - m|^2 of it)``."""
     diff2 = _sq_diff(xb, side.cent, cand)
     value = geom.value(diff2, rows, side, cand)
+    if cand.shape[1] == 1:  # one candidate (the CPU's searches): nothing to rank
+        return cand[:, 0].astype(np.int32), value[:, 0], diff2[:, 0]
     jj = value.argmin(axis=1)
     r = np.arange(len(jj))
     return cand[r, jj].astype(np.int32), value[r, jj], diff2[r, jj]
