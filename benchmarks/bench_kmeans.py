@@ -271,7 +271,8 @@ _PROFILED = [  # (owner, attribute): kmeans_assign's functions, the search's met
 
 def profile_assign(d: int, x: np.ndarray, cent: np.ndarray) -> None:
     """Where one hyperbolic assignment's time goes: the wall time of each of kmeans_assign's steps, summed over
-    the calls on every thread (inclusive: `_torch` contains `collect`, `_gemm` contains `_top2`; `queue` queues the
+    the calls on every thread (inclusive: `_torch` contains `collect`, `_gemm` contains `_top2` and `top2`, and its
+    float64 redo is a nested `_gemm` counted again; `queue` queues the
     device's work and `collect` waits for it), against the call's wall time; on a CUDA search also torch.profiler's
     operators by device time."""
     assign(x, cent)  # warm-up: the device's kernels and the worker pool

@@ -183,6 +183,20 @@ def _near_ties(
     return row[starts], col[first].astype(np.int32), value[first]
 
 
+def _open_pairs(
+    xa: np.ndarray, base: np.ndarray, j1: np.ndarray, threshold: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_near_tie_pairs` of the rows ``xa`` without their tile: its entries computed again (``xa @ base``, numpy),
+    ``_TILE`` elements at a time."""
+    step = max(16, _TILE // base.shape[1])
+    parts = [
+        _near_tie_pairs(np.matmul(xa[i : i + step], base), j1[i : i + step], threshold[i : i + step])
+        for i in range(0, len(xa), step)
+    ]
+    row = np.concatenate([r + i for (r, _), i in zip(parts, range(0, len(xa), step), strict=True)])
+    return row, np.concatenate([c for _, c in parts])
+
+
 class _Tile(NamedTuple):
     """What `_gemm` leaves of one tile of rows."""
 
@@ -232,8 +246,10 @@ def _gemm(
         a[todo], v[todo] = redo.assignment, redo.value
         return _Tile(a, v, int(todo.size), redo.exact, todo[redo.row], redo.col)
     threshold = (checked.ceiling[todo] + eta) * (1 + 4 * _U64)  # the sum's rounding, upwards
-    open_tile = tile[todo] if tile is not None else np.matmul(xa[todo], base)
-    row, col = _near_tie_pairs(open_tile, j1[todo], threshold)  # row: into todo
+    if tile is not None:
+        row, col = _near_tie_pairs(tile[todo], j1[todo], threshold)  # row: into todo
+    else:  # the fused kernel wrote no tile: the open rows' entries again, in tiles of `_TILE` elements at most
+        row, col = _open_pairs(xa[todo], base, j1[todo], threshold)
     wide = np.bincount(row, minlength=todo.size) > _WIDE
     if not wide.any():
         return _Tile(a, v, 0, 0, todo[row], col)

@@ -27,7 +27,7 @@ from pipeline.geometry.kmeans import assign, assign_exact
 from tests.geometry.test_kmeans import mixed_points, unit_rows
 
 ENGINES = {
-    "cpu": lambda: ke._Faiss(False),  # float32 GEMM, the rows it leaves open decided over their near-ties
+    "cpu": lambda: ke._Faiss(False),  # the fused kernel's float32 then float64 top-2, then near-ties (or numpy's)
     "cpu-numpy": lambda: ke._Faiss(False, fused=False),  # the same through numpy's GEMM (no fused kernel)
     "faiss32": lambda: ke._Faiss(False, force_faiss_cpu=True),  # faiss float32 top-k (the GPU path), then float64
     "torch64": lambda: ke._Faiss(False, force_torch="cpu"),  # torch's float64 GEMM + top-2 (its GPU path), on the CPU
@@ -220,6 +220,31 @@ def test_rows_with_many_float64_near_ties_are_decided_over_every_centroid(monkey
     np.testing.assert_array_equal(dist, ex_d)
     assert (a[:200] == 20).all()  # the first of the duplicates
     assert sum(brute) >= 200 and stats["redone"] >= 200 and stats["fallback"] >= 200
+
+
+@pytest.mark.skipif(not kmeans_fused.width(), reason="the fused kernel is not built")
+def test_the_open_rows_tile_is_computed_again_in_bounded_pieces(monkeypatch):
+    """Through the fused kernel, the rows float64 leaves open get their entries computed again for their
+    near-ties, at most ``_TILE`` elements at a time: the same result with pieces of 16 rows."""
+    rng = np.random.default_rng(9)
+    centre = unit_rows(rng, 1, 16) * 0.9
+    cent = np.concatenate([mixed_points(rng, 20, 16, 1.0), np.repeat(centre, 5, axis=0)])  # exact duplicates
+    x = np.concatenate([near_ties(rng, centre, 200, 1e-3, 1.0), mixed_points(rng, 300, 16, 1.0)])
+    pieces = []
+    real = ka._near_tie_pairs
+
+    def counted(tile, j1, threshold):
+        pieces.append(len(tile))
+        return real(tile, j1, threshold)
+
+    monkeypatch.setattr(ka, "_near_tie_pairs", counted)
+    monkeypatch.setattr(ka, "_TILE", 16 * len(cent))
+    a, dist = assign(x, cent, engine=ke._Faiss(False))
+    monkeypatch.undo()
+    ex_a, ex_d = assign_exact(x, cent)
+    np.testing.assert_array_equal(a, ex_a)
+    np.testing.assert_array_equal(dist, ex_d)
+    assert len(pieces) > 10 and max(pieces) == 16
 
 
 def test_result_does_not_depend_on_threads_or_blocks(monkeypatch):
