@@ -29,22 +29,12 @@
 #define R 6
 #define C 2
 #include "fused_top2_kernel.h"
-#undef KERNEL
-#undef TARGET
-#undef W
-#undef R
-#undef C
 #define KERNEL top2_f32_avx2
 #define TARGET __attribute__((target("avx2,fma")))
 #define W 8
 #define R 3
 #define C 2
 #include "fused_top2_kernel.h"
-#undef KERNEL
-#undef TARGET
-#undef W
-#undef R
-#undef C
 #endif
 #define KERNEL top2_f32_portable
 #define TARGET
@@ -52,11 +42,6 @@
 #define R 3
 #define C 2
 #include "fused_top2_kernel.h"
-#undef KERNEL
-#undef TARGET
-#undef W
-#undef R
-#undef C
 #undef REAL
 #undef INDEX
 
@@ -69,22 +54,12 @@
 #define R 6
 #define C 2
 #include "fused_top2_kernel.h"
-#undef KERNEL
-#undef TARGET
-#undef W
-#undef R
-#undef C
 #define KERNEL top2_f64_avx2
 #define TARGET __attribute__((target("avx2,fma")))
 #define W 4
 #define R 3
 #define C 2
 #include "fused_top2_kernel.h"
-#undef KERNEL
-#undef TARGET
-#undef W
-#undef R
-#undef C
 #endif
 #define KERNEL top2_f64_portable
 #define TARGET
@@ -92,11 +67,6 @@
 #define R 3
 #define C 2
 #include "fused_top2_kernel.h"
-#undef KERNEL
-#undef TARGET
-#undef W
-#undef R
-#undef C
 #undef REAL
 #undef INDEX
 

@@ -1,6 +1,7 @@
 /* One instance of the fused GEMM + top-2 kernel (included by fused_top2.c once per precision and instruction set).
  *
- * Defines:  KERNEL  the function's name     TARGET  its __attribute__((target)) string, or none
+ * Defines (undefined again at the end, but for REAL and INDEX):
+ *           KERNEL  the function's name     TARGET  its __attribute__((target)) string, or none
  *           REAL    float or double         INDEX   the signed integer of REAL's size (a lane's column)
  *           W       REALs per vector        R, C    rows and vectors of centroids held in registers at once
  *
@@ -93,5 +94,11 @@ TARGET static void KERNEL(const REAL *xa, int64_t b, int64_t n, const REAL *base
     if (r0 < b) CAT_(rows_, KERNEL)(xa, r0, (int)(b - r0), n, base, k, ldb, pad, j1, second);
 }
 
+/* the next instance defines its own */
 #undef VF_
 #undef VI_
+#undef KERNEL
+#undef TARGET
+#undef W
+#undef R
+#undef C
