@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.geometry import kmeans_fused
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages")
 # modules that load compiled code, and its C sources (setup.py's Extension): a stage importing one runs that code
-NATIVE = {
-    "pipeline/geometry/kmeans_fused.py": ["pipeline/geometry/fused_top2.c", "pipeline/geometry/fused_top2_kernel.h"]
-}
+NATIVE = {"pipeline/geometry/kmeans_fused.py": [f"pipeline/geometry/{name}" for name in kmeans_fused._SOURCES]}
 
 
 def _module_file(module: str) -> Path | None:
@@ -145,10 +145,11 @@ def test_no_stage_lists_a_speed_only_param_or_a_whole_group_holding_one(dvcfile)
 
 
 def test_native_sources_are_setup_pys():
-    """`NATIVE` lists exactly the C files setup.py compiles (its SOURCES: the Extension's sources and depends)."""
-    files = set()
+    """`NATIVE` (kmeans_fused's sources, whose hash it checks a build against) lists exactly the C files setup.py
+    compiles (its SOURCES: the Extension's sources and depends, hashed in the same order)."""
+    files: list[str] = []
     for node in ast.walk(ast.parse((ROOT / "setup.py").read_text())):
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SOURCES" for t in node.targets):
-            files.update(ast.literal_eval(node.value))
-    assert files == {source for sources in NATIVE.values() for source in sources}
+            files.extend(ast.literal_eval(node.value))
+    assert files == [source for sources in NATIVE.values() for source in sources]
     assert all((ROOT / source).is_file() for source in files)

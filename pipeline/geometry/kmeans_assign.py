@@ -350,7 +350,9 @@ class _Assigner:
         def run(s: slice) -> tuple:
             if getattr(local, "buffers", None) is None:  # the fused kernel writes no tile
                 b = min(step, len(xb))
-                local.buffers = {} if fused else {"float32": np.empty((b, k), np.float32), "float64": np.empty((b, k))}
+                local.buffers = (
+                    {} if fused is not None else {"float32": np.empty((b, k), np.float32), "float64": np.empty((b, k))}
+                )
             return _gemm(self.geom, xb[s], tuple(q[s] for q in rows), side, local.buffers, float32, fused), s.start
 
         done = _map(pool, run, tiles)

@@ -111,7 +111,7 @@ def _torch_device(use_gpu: bool | None, devices: Sequence[int] | None) -> torch.
 
 def _describe(gpus: list[int], device: torch.device | None, fused: bool) -> str:
     """An engine in words: faiss on the GPUs ``gpus``, else torch's float64 GEMM on ``device``, else the CPU's
-    (through the ``fused`` float32 kernel)."""
+    (through kmeans_fused's kernel when ``fused``)."""
     if gpus:
         return f"{_faiss_version()} float32 on GPU {gpus} + float64 certificate"
     if device is not None:
