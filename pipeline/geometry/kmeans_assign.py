@@ -20,7 +20,8 @@ a_j (r + s_j)^2`` by Cauchy-Schwarz), so with ``beta = 1.02 gamma`` *every compu
 t_j* (less an underflow term ``eta``, negligible unless entries are ~1e-38). The engines (which one runs,
 its threads and GPUs: pipeline.geometry.kmeans_engines):
 
-- CPU (the default without a GPU), in tiles of rows on all threads (numpy, one BLAS thread per worker): the
+- CPU (the default without a GPU), in tiles of rows on all threads (numpy, one BLAS thread per worker; as many
+  tiles a worker, and the next block's tiles queued before a block is collected, so that no worker waits): the
   float32 GEMM, per row its smallest entry ``j1`` and the smallest of the others (``argmin``, then ``min`` with
   ``j1`` masked: the lower bound of every other centroid); the rows it cannot certify are decided over their
   near-ties (below), except rows with more than ``_WIDE`` of them (float32's bound too loose: next to the
@@ -307,6 +308,14 @@ def _split(
 # ------------------------------------------------------------------------------------------------- assignment
 
 
+def _balanced(n: int, rows: int, workers: int) -> int:
+    """Rows per tile for ``n`` rows in tiles of at most ``rows``, their count a multiple of ``workers``: every
+    worker gets as many tiles (a block of 13 tiles on 2 workers would leave one idle for the last)."""
+    count = -(-n // rows)
+    count = -(-count // workers) * workers
+    return max(1, -(-n // count))
+
+
 def _map(pool: ThreadPoolExecutor | None, fn, items: list) -> list:
     """``[fn(i) for i in items]``, on the pool's workers when there is a pool and more than one item."""
     return list(pool.map(fn, items)) if pool is not None and len(items) > 1 else [fn(i) for i in items]
@@ -332,19 +341,33 @@ class _Assigner:
         self,
         pool: ThreadPoolExecutor | None,
         xb: np.ndarray,
-        rows: tuple,
+        rows: tuple | None,
         side: Side,
         float32: bool,
         fused: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple:
         """`_gemm` over the rows of ``xb`` in tiles (on the pool's workers when given), from float32 (through the
-        fused kernel when ``fused``, its padded bases, are given) or float64,
-        then the open rows of all tiles decided over their near-ties (on the pool, in chunks of ``_BLOCK // d``
-        pairs that keep each row's pairs together):
+        fused kernel when ``fused``, its padded bases, are given) or float64, then the open rows of all tiles decided
+        over their near-ties: `_collect` of `_start`. ``rows``: the geometry's per-row terms of ``xb``, or None
+        (each tile computes its own).
         ``(assignment, value, rows redone in float64, rows decided over their near-ties)``."""
+        return self._collect(pool, xb, side, self._start(pool, xb, rows, side, float32, fused))
+
+    def _start(
+        self,
+        pool: ThreadPoolExecutor | None,
+        xb: np.ndarray,
+        rows: tuple | None,
+        side: Side,
+        float32: bool,
+        fused: tuple[np.ndarray, np.ndarray] | None,
+    ) -> list:
+        """`_gemm` of every tile of ``xb``'s rows queued on the pool's workers (run here without a pool): one
+        future (or result) a tile, of ``(tile, first row, the tile's per-row terms)``. The tiles are as many on
+        every worker, so that none waits for the last."""
         k, d = side.cent.shape
         step = max(16, _TILE // k) if fused is None else _FUSED_ROWS
-        tiles = [slice(i, min(len(xb), i + step)) for i in range(0, len(xb), step)]
+        tiles = list(blocks(len(xb), _balanced(len(xb), step, self.engine.threads if pool is not None else 1)))
         local = threading.local()  # one pair of tile buffers per worker thread
 
         def run(s: slice) -> tuple:
@@ -353,18 +376,28 @@ class _Assigner:
                 local.buffers = (
                     {} if fused is not None else {"float32": np.empty((b, k), np.float32), "float64": np.empty((b, k))}
                 )
-            return _gemm(self.geom, xb[s], tuple(q[s] for q in rows), side, local.buffers, float32, fused), s.start
+            rs = self.geom.rows(xb[s]) if rows is None else tuple(q[s] for q in rows)  # row by row: the same bits
+            return _gemm(self.geom, xb[s], rs, side, local.buffers, float32, fused), s.start, rs
 
-        done = _map(pool, run, tiles)
+        return [pool.submit(run, s) for s in tiles] if pool is not None and len(tiles) > 1 else [run(s) for s in tiles]
+
+    def _collect(self, pool: ThreadPoolExecutor | None, xb: np.ndarray, side: Side, started: list) -> tuple:
+        """The tiles `_start` queued, merged, and their open rows decided over their near-ties (on the pool, in as
+        many chunks as workers at least, of ``_BLOCK // d`` pairs at most, each row's pairs together):
+        ``(assignment, value, rows redone in float64, rows decided over their near-ties)``."""
+        done = [t if isinstance(t, tuple) else t.result() for t in started]
         if not done:
             return np.empty(0, dtype=np.int32), np.empty(0), 0, 0
-        a, v = np.concatenate([t.assignment for t, _ in done]), np.concatenate([t.value for t, _ in done])
-        row = np.concatenate([t.row + start for t, start in done])
-        col = np.concatenate([t.col for t, _ in done])
-        redone, exact = sum(t.redone for t, _ in done), sum(t.exact for t, _ in done)
+        a, v = np.concatenate([t.assignment for t, _, _ in done]), np.concatenate([t.value for t, _, _ in done])
+        row = np.concatenate([t.row + start for t, start, _ in done])
+        col = np.concatenate([t.col for t, _, _ in done])
+        redone, exact = sum(t.redone for t, _, _ in done), sum(t.exact for t, _, _ in done)
         if not row.size:
             return a, v, redone, exact
-        starts = np.searchsorted(row, row[:: max(1, _BLOCK // d)])  # chunks of pairs that end between rows
+        rows = tuple(np.concatenate(terms) for terms in zip(*(rs for _, _, rs in done), strict=True))
+        workers = self.engine.threads if pool is not None else 1
+        per = min(_BLOCK // side.cent.shape[1], -(-len(row) // workers))
+        starts = np.searchsorted(row, row[:: max(1, per)])  # chunks of pairs that end between rows
         ends = np.r_[starts[1:], len(row)]
         chunks = [slice(lo, hi) for lo, hi in zip(starts, ends, strict=True) if hi > lo]
         decided = _map(pool, lambda c: _near_ties(self.geom, xb, rows, side, row[c], col[c]), chunks)
@@ -378,7 +411,7 @@ class _Assigner:
 
     def _rows(self, pool: ThreadPoolExecutor | None, xb: np.ndarray) -> tuple:
         """The geometry's per-row terms of ``xb`` (Poincaré: D(x)), one share of the rows per worker (computed row
-        by row: the same values as in one call)."""
+        by row: the same values as in one call), for the GPU searches (the CPU's tiles compute their own)."""
         shares = self._shares(len(xb))
         if pool is None or len(shares) <= 1:
             return self.geom.rows(xb)
@@ -452,27 +485,37 @@ class _Assigner:
             device_side = kmeans_torch.device_side(side, engine.torch_device)
         elif engine.fused and index is None and side.base32.shape[0] <= kmeans_fused.MAX_TERMS:
             fused = kmeans_fused.pad(side.base32), kmeans_fused.pad(side.base)
-        fallback = redone = 0
+        counts = [0, 0]  # rows redone in float64, rows decided over their near-ties
+
+        def write(s: slice, a: np.ndarray, v: np.ndarray, redone: int, fallback: int) -> None:
+            assignment[s], distance[s] = a, geom.distance(v)
+            counts[0] += redone
+            counts[1] += fallback
+
+        cpu = k > 1 and index is None and device_side is None
         workers = engine.threads
         pool_context = ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()
         with _one_blas_thread(), pool_context as pool:
+            pending = None  # the CPU search's last block, its tiles queued
             for s in blocks(n, self.rows):
-                xb = read_block(x, s)
+                xb = read_block(x, s)  # while the last block's tiles run
+                if cpu:  # this block's tiles queued before the last one's are collected: no worker waits between
+                    started = self._start(pool, xb, None, side, True, fused)
+                    if pending is not None:
+                        write(pending[0], *self._collect(pool, pending[1], side, pending[2]))
+                    pending = s, xb, started
+                    continue
                 queued = None if device_side is None else kmeans_torch.queue(xb, device_side)
                 rows = self._rows(pool, xb)  # while the device searches
                 if k == 1:
-                    a, v = _exact(geom, xb, rows, side)
-                    r = f = 0
+                    write(s, *_exact(geom, xb, rows, side), 0, 0)
                 elif index is not None:
-                    a, v, r, f = self._faiss(index, kk, xb, rows, side, pool)
-                elif queued is not None:
-                    a, v, r, f = self._torch(queued, device_side, xb, rows, side, pool)
+                    write(s, *self._faiss(index, kk, xb, rows, side, pool))
                 else:
-                    a, v, r, f = self._cpu(pool, xb, rows, side, True, fused)
-                redone += r
-                fallback += f
-                assignment[s] = a
-                distance[s] = geom.distance(v)
+                    write(s, *self._torch(queued, device_side, xb, rows, side, pool))
+            if pending is not None:
+                write(pending[0], *self._collect(pool, pending[1], side, pending[2]))
+        redone, fallback = counts
         self.fallback, self.redone = fallback, redone
         if fallback or redone:
             log.debug("%d of %d points redone in float64, %d decided over their near-ties", redone, n, fallback)
@@ -499,13 +542,13 @@ def assign(
     over their near-ties, "search": the engine's name, "gpu": whether it ran on a GPU}``.
     """
     geom = _geometry(geometry, c)
-    x = check_points(x, geom.c, block_rows)
+    engine = engine if engine is not None else _Faiss(use_gpu)
+    x = check_points(x, geom.c, block_rows, engine.threads)
     centroids = np.ascontiguousarray(check_points(centroids, geom.c), dtype=np.float64)
     if x.shape[1] != centroids.shape[1]:
         raise PipelineError(f"points have dimension {x.shape[1]} but centroids {centroids.shape[1]}")
     if len(centroids) == 0:
         raise PipelineError("no centroids")
-    engine = engine if engine is not None else _Faiss(use_gpu)
     assigner = _Assigner(x, geom, engine, candidates, block_rows=block_rows)
     out = assigner(centroids)
     if stats is not None:

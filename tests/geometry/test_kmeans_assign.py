@@ -255,10 +255,39 @@ def test_result_does_not_depend_on_threads_or_blocks(monkeypatch):
     for workers, rows, tile in [(1, None, ka._TILE), (2, 777, ka._TILE), (3, 1000, 3000), (2, None, ka._TILE)]:
         monkeypatch.setattr(ke, "threads", lambda w=workers: w)
         monkeypatch.setattr(ka, "_TILE", tile)
+        monkeypatch.setattr(ka, "_FUSED_ROWS", min(tile // 10, 4096))
         runs.append(assign(x, cent, use_gpu=False, block_rows=rows))
     for a, dist in runs[1:]:
         np.testing.assert_array_equal(a, runs[0][0])
         np.testing.assert_array_equal(dist, runs[0][1])
+
+
+@pytest.mark.parametrize("n, rows, workers", [(50_000, 4096, 2), (3392, 4096, 2), (100, 4096, 3), (7, 4096, 1)])
+def test_tiles_are_as_many_on_every_worker(n, rows, workers):
+    """A block's tiles: at most ``rows`` rows each, every row once, their count a multiple of the workers (none
+    idle while another runs the last tile), as long as there are rows enough."""
+    tiles = list(ka.blocks(n, ka._balanced(n, rows, workers)))
+    assert sum(t.stop - t.start for t in tiles) == n and all(t.stop - t.start <= rows for t in tiles)
+    assert len(tiles) % workers == 0 or len(tiles) == n
+
+
+def test_the_next_blocks_tiles_are_queued_before_a_block_is_collected(monkeypatch):
+    """The CPU search queues block i + 1's tiles on the workers before it collects block i's, so that no worker
+    waits between blocks; the result is that of one block."""
+    rng = np.random.default_rng(8)
+    x = mixed_points(rng, 5000, 16, 1.0)
+    cent = np.concatenate([x[:60], near_ties(rng, x[:60], 30, 1e-9, 1.0)])
+    monkeypatch.setattr(ke, "threads", lambda: 2)
+    monkeypatch.setattr(ka, "_FUSED_ROWS", 300)
+    events = []
+    for name in ("_start", "_collect"):
+        method = getattr(ka._Assigner, name)
+        monkeypatch.setattr(ka._Assigner, name, lambda *a, m=method, n=name: events.append(n) or m(*a))
+    a, dist = assign(x, cent, use_gpu=False, block_rows=1000)
+    assert events == ["_start"] + ["_start", "_collect"] * 4 + ["_collect"]
+    monkeypatch.undo()
+    np.testing.assert_array_equal(a, assign_exact(x, cent)[0])
+    np.testing.assert_array_equal(dist, assign_exact(x, cent)[1])
 
 
 def test_the_rows_terms_are_split_over_the_workers(monkeypatch):

@@ -177,6 +177,23 @@ def test_read_rows_asks_zarr_for_one_block_of_rows_at_a_time(tmp_path):
     assert len(recorder.spans) == 10 and all(lo // 100 == hi // 100 for lo, hi in recorder.spans)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_checks_split_over_threads_report_the_same_indices(monkeypatch, threads):
+    """Shares of each block checked on several workers: the same counts and first indices as one worker."""
+    monkeypatch.setattr(kb, "_SHARE", 40)
+    x = np.full((1000, 3), 0.01)
+    x[[230, 620]] = [0.6, 0.8, 0.0]  # each in a block's second or third share
+    x[[990, 520, 521]] = [[np.nan, 0, 0], [0, np.inf, 0], [-np.inf, 0, 0]]
+    with pytest.raises(PipelineError, match=r"^3 embeddings contain NaN or inf \(first at index 520\)$"):
+        kb.check_points(x, 1.0, 333, threads)
+    x[[990, 520, 521]] = 0.01
+    with pytest.raises(PipelineError, match=r"^2 embeddings lie on or outside .*first at index 230, \|x\| = 1\)$"):
+        kb.check_points(RowReader(x), 1.0, 333, threads)
+    x[[230, 620]] = 0.5
+    assert kb.check_points(x, 1.0, 333, threads) is x
+    assert kb.check_points(x * 10, None, 333, threads) is not None  # no ball: only NaN and inf
+
+
 def test_checks_report_global_indices_across_blocks():
     x = np.full((1000, 3), 0.01)
     x[500, 2], x[900, 0] = np.nan, np.inf
