@@ -73,7 +73,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
 from pipeline.geometry import hyperbolic as hyp  # noqa: E402
-from pipeline.geometry import kmeans_assign, kmeans_engines, kmeans_fused, kmeans_torch  # noqa: E402
+from pipeline.geometry import kmeans_assign, kmeans_engines, kmeans_fused, kmeans_tiles, kmeans_torch  # noqa: E402
 from pipeline.geometry.kmeans import assign, euclidean_kmeans, search_name  # noqa: E402
 from pipeline.geometry.kmeans_terms import Poincare  # noqa: E402
 from pipeline.geometry.kmeans_update import _update  # noqa: E402
@@ -187,7 +187,7 @@ def bench_assign(n: int, k: int, dims: list[int]) -> None:
         "search of the same arrays in float32 (nearest centroid, uncertified); `faiss k=2`: its top-2; "
         "`ours, numpy GEMM`: ours without the fused float32 top-2 kernel (pipeline.geometry.kmeans_fused; only where "
         "the CPU search runs it, d <= 64), the same assignments required; "
-        "`float64 rows`: rows redone in the float64 GEMM (float32 left them more than kmeans_assign._WIDE "
+        "`float64 rows`: rows redone in the float64 GEMM (float32 left them more than kmeans_tiles._WIDE "
         "near-ties); `near-tie rows`: rows the certificate left open, decided by the reference value over the "
         "centroids it could not rule out; "
         "`differences`: against the float64 closed form on the checked rows.\n"
@@ -257,9 +257,9 @@ def bench_assign(n: int, k: int, dims: list[int]) -> None:
     assert not failures, "assignments differ from the float64 closed form: " + "; ".join(failures)
 
 
-_PROFILED = [  # (owner, attribute): kmeans_assign's functions, the search's methods, the geometry's row terms
-    *((kmeans_assign, name) for name in ("check_points", "read_block", "_augment", "_top2", "_certify")),
-    *((kmeans_assign, name) for name in ("_near_ties", "_gemm", "_exact", "_sq_diff")),
+_PROFILED = [  # (owner, attribute): where each function is looked up when called, the search's methods, the row terms
+    *((kmeans_assign, name) for name in ("check_points", "read_block", "_gemm", "_near_ties", "_certify", "_exact")),
+    *((kmeans_tiles, name) for name in ("_gemm", "_augment", "_top2", "_certify", "_exact", "_sq_diff")),
     *((kmeans_assign._Assigner, name) for name in ("_rows", "_cpu", "_torch", "_faiss", "_finish")),
     *((kmeans_torch, name) for name in ("queue", "collect")),
     (kmeans_fused, "top2"),

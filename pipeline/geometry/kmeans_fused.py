@@ -99,7 +99,7 @@ def pad(base: np.ndarray) -> np.ndarray:
 def top2(xa: np.ndarray, padded: np.ndarray, k: int, bits: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row of ``xa`` (b, n) the column of its smallest entry of ``xa @ base`` (ties: the lowest) and the
     smallest of its other entries (float64), ``base`` being the first ``k`` columns of ``padded`` (`pad`), computed
-    in ``padded``'s precision (float32 or float64): what kmeans_assign's `_top2` gets from numpy's tile. ``bits``:
+    in ``padded``'s precision (float32 or float64): what kmeans_tiles' `_top2` gets from numpy's tile. ``bits``:
     the instance (default `width`; tests run each)."""
     lib = _library()
     bits = width() if bits is None else bits

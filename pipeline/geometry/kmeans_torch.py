@@ -82,7 +82,7 @@ def queue(xb: np.ndarray, side: DeviceSide) -> Search:
     elements (nothing waits for the device here but the copy of ``xb``)."""
     k, d = side.cent.shape
     xt = _to_device(xb, side.base.device)
-    margin = _ceiling_margin(d)  # as kmeans_assign._certify
+    margin = _ceiling_margin(d)  # as kmeans_tiles._certify
     parts = []
     step = max(1, _DEVICE_TILE // k)
     for i in range(0, len(xt), step):

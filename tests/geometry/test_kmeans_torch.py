@@ -81,9 +81,9 @@ def test_an_empty_block_queues_nothing():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("geometry", ["poincare", "euclidean"])
 def test_the_ceiling_is_the_cpu_certificates(device, geometry):
-    """j1's ceiling on the device is kmeans_assign._certify's (the same margin), up to the rounding of |x - m|^2's
+    """j1's ceiling on the device is kmeans_tiles._certify's (the same margin), up to the rounding of |x - m|^2's
     sum; a certificate without the margin would not pass."""
-    from pipeline.geometry import kmeans_assign as ka
+    from pipeline.geometry import kmeans_tiles
 
     rng = np.random.default_rng(4)
     x = mixed_points(rng, 2000, 16, 1.0)
@@ -91,7 +91,7 @@ def test_the_ceiling_is_the_cpu_certificates(device, geometry):
     side = geom.side(x[rng.choice(2000, 50, replace=False)])
     search = ktorch.queue(x, ktorch.device_side(side, torch.device(device)))
     j1 = search.j1.cpu().numpy()
-    checked = ka._certify(geom, x, geom.rows(x), side, j1[:, None], np.full(len(x), np.inf))
+    checked = kmeans_tiles._certify(geom, x, geom.rows(x), side, j1[:, None], np.full(len(x), np.inf))
     ceiling = search.ceiling.cpu().numpy()
     np.testing.assert_allclose(ceiling, checked.ceiling, rtol=32 * kt._U64, atol=0)
     bare = ((x - side.cent[j1]) ** 2).sum(axis=1) * side.weight[j1]
