@@ -1,8 +1,9 @@
 """Nearest-centroid assignment of k-means (pipeline.geometry.kmeans), streamed by blocks of rows, in both geometries.
 
 Points ``x`` are read by blocks of rows as kmeans_blocks describes (a numpy or a zarr array, never read
-whole); the search engine (CPU threads, faiss on GPUs) is chosen by kmeans_engines. The result does not
-depend on the block size, nor on the number of threads or GPUs.
+whole; the CPU search holds two blocks at a time, the next one's tiles queued before the last one is collected);
+the search engine (CPU threads, faiss on GPUs) is chosen by kmeans_engines. The result does not depend on the
+block size, nor on the number of threads or GPUs.
 
 **The rule.** Every point goes to the centroid of smallest float64 *reference value*, ties to the lowest index:
 Poincaré ball of curvature -c: ``sqrt(c)|x - m| / sqrt(D(x) D(m))`` with ``D = (1 - sqrt(c)|.|)(1 + sqrt(c)|.|)``
