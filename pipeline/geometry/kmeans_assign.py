@@ -154,7 +154,7 @@ class _Assigner:
         every worker, so that none waits for the last."""
         k = side.cent.shape[0]
         step = max(16, kmeans_tiles._TILE // k) if fused is None else _FUSED_ROWS
-        tiles = list(blocks(len(xb), _balanced(len(xb), step, self.engine.threads if pool is not None else 1)))
+        tiles = list(blocks(len(xb), _balanced(len(xb), step, self._workers(pool))))
         local = threading.local()  # one pair of tile buffers per worker thread
 
         def run(s: slice) -> tuple:
@@ -182,8 +182,7 @@ class _Assigner:
         if not row.size:
             return a, v, redone, exact
         rows = tuple(np.concatenate(terms) for terms in zip(*(rs for _, _, rs in done), strict=True))
-        workers = self.engine.threads if pool is not None else 1
-        per = min(_BLOCK // side.cent.shape[1], -(-len(row) // workers))
+        per = min(_BLOCK // side.cent.shape[1], -(-len(row) // self._workers(pool)))
         starts = np.searchsorted(row, row[:: max(1, per)])  # chunks of pairs that end between rows
         ends = np.r_[starts[1:], len(row)]
         chunks = [slice(lo, hi) for lo, hi in zip(starts, ends, strict=True) if hi > lo]
@@ -191,6 +190,10 @@ class _Assigner:
         for open_, best, value in decided:
             a[open_], v[open_] = best, value
         return a, v, redone, exact + sum(len(t[0]) for t in decided)
+
+    def _workers(self, pool: ThreadPoolExecutor | None) -> int:
+        """The threads that run a block's work: the engine's with a pool, else this one."""
+        return self.engine.threads if pool is not None else 1
 
     def _shares(self, n: int) -> list[slice]:
         """``n`` rows cut into one share per worker, of ``_ROWS`` rows at least."""
