@@ -154,8 +154,9 @@ def bench_fused_kernel(n: int, k: int, d: int = 16) -> None:
         print("\nfused kernel not built: skipped")
         return
     rng = np.random.default_rng(ARGS.seed)
-    terms = d + 3
+    terms = d + 2
     xa, base = rng.normal(size=(n, terms)), rng.normal(size=(terms, k))
+    xa[:, -1] = 1  # x''s constant term, as the kernel requires
     x32, c32 = np.ascontiguousarray(xa[:, :d], dtype=np.float32), np.ascontiguousarray(base[:d].T, dtype=np.float32)
     rows = kmeans_assign._FUSED_ROWS
     tiles = [slice(i, i + rows) for i in range(0, n, rows)]
@@ -227,7 +228,7 @@ def bench_assign(n: int, k: int, dims: list[int]) -> None:
             t_faiss = min(t_faiss, faiss_search(x32, c32, 1))  # interleaved: the machine is shared
             t_k2 = faiss_search(x32, c32, 2)
             numpy_gemm = "| — | — "
-            if kmeans_engines._Faiss(None).fused and d + 3 <= kmeans_fused.MAX_TERMS:
+            if kmeans_engines._Faiss(None).fused and d + 2 <= kmeans_fused.MAX_TERMS:
                 engine = kmeans_engines._Faiss(None, fused=False)
                 (a_numpy, _), t_numpy = best(
                     lambda x=x, c=cent, g=geometry, e=engine: assign(x, c, geometry=g, engine=e), ARGS.repeat

@@ -1,10 +1,11 @@
 /* Fused GEMM + top-2 for k-means' CPU search (built by setup.py, loaded by pipeline.geometry.kmeans_fused with
  * ctypes; without a C compiler the search runs numpy's GEMM instead).
  *
- * ``fused_top2_f32(width, xa, b, n, base, k, ldb, j1, second)`` (and ``_f64``): per row of xa (b, n), the column
- * of the smallest of its k dot products with the columns of base (n, ldb) and the smallest of the others,
- * computed in registers (see fused_top2_kernel.h). Each dot product is n multiply-adds (fused or not) in the
- * array's precision, so the error bound of pipeline.geometry.kmeans_assign, which holds for any summation order,
+ * ``fused_top2_f32(width, xa, b, n, base, k, ldb, j1, second)`` (and ``_f64``): per row of xa (b, n), whose last
+ * column is 1 (kmeans_terms' x''), the column of the smallest of its k dot products with the columns of base (n,
+ * ldb) and the smallest of the others, computed in registers (see fused_top2_kernel.h). Each dot product is the
+ * column's last entry (times 1: exact) plus n - 1 multiply-adds (fused or not) in the array's precision, an n-term
+ * sum in one order, so the error bound of pipeline.geometry.kmeans_terms, which holds for any summation order,
  * covers it. One instance per precision and instruction set, picked by ``width``: AVX-512 (512-bit vectors),
  * AVX2 + FMA (256), portable C (128, any CPU; GCC or clang vector extensions). */
 
@@ -16,7 +17,12 @@
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define X86_ 1
+#include <immintrin.h>
 #endif
+
+/* MIN_(a, b) = (a < b ? a : b) and MAX_(a, b) = (a > b ? a : b) lane by lane (b when either is NaN): x86's min and
+ * max instructions, one operation each where a compare and a blend would be two; SEL_ is the portable form. */
+#define SEL_(m, a, b) ((VF_)(((m) & (VI_)(a)) | (~(m) & (VI_)(b))))
 
 /* float32: 16, 8 and 4 lanes; float64: 8, 4 and 2. R and C keep the accumulators and each row's lane state in
  * the instruction set's registers (32 zmm, 16 ymm). */
@@ -24,12 +30,16 @@
 #define INDEX int32_t
 #ifdef X86_
 #define KERNEL top2_f32_avx512
+#define MIN_(a, b) ((VF_)_mm512_min_ps((a), (b)))
+#define MAX_(a, b) ((VF_)_mm512_max_ps((a), (b)))
 #define TARGET __attribute__((target("avx512f,avx2,fma")))
 #define W 16
 #define R 6
 #define C 2
 #include "fused_top2_kernel.h"
 #define KERNEL top2_f32_avx2
+#define MIN_(a, b) ((VF_)_mm256_min_ps((a), (b)))
+#define MAX_(a, b) ((VF_)_mm256_max_ps((a), (b)))
 #define TARGET __attribute__((target("avx2,fma")))
 #define W 8
 #define R 3
@@ -37,6 +47,8 @@
 #include "fused_top2_kernel.h"
 #endif
 #define KERNEL top2_f32_portable
+#define MIN_(a, b) SEL_((a) < (b), a, b)
+#define MAX_(a, b) SEL_((a) > (b), a, b)
 #define TARGET
 #define W 4
 #define R 3
@@ -49,12 +61,16 @@
 #define INDEX int64_t
 #ifdef X86_
 #define KERNEL top2_f64_avx512
+#define MIN_(a, b) ((VF_)_mm512_min_pd((a), (b)))
+#define MAX_(a, b) ((VF_)_mm512_max_pd((a), (b)))
 #define TARGET __attribute__((target("avx512f,avx2,fma")))
 #define W 8
 #define R 6
 #define C 2
 #include "fused_top2_kernel.h"
 #define KERNEL top2_f64_avx2
+#define MIN_(a, b) ((VF_)_mm256_min_pd((a), (b)))
+#define MAX_(a, b) ((VF_)_mm256_max_pd((a), (b)))
 #define TARGET __attribute__((target("avx2,fma")))
 #define W 4
 #define R 3
@@ -62,6 +78,8 @@
 #include "fused_top2_kernel.h"
 #endif
 #define KERNEL top2_f64_portable
+#define MIN_(a, b) SEL_((a) < (b), a, b)
+#define MAX_(a, b) SEL_((a) > (b), a, b)
 #define TARGET
 #define W 2
 #define R 3

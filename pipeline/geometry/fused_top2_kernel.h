@@ -4,9 +4,11 @@
  *           KERNEL  the function's name     TARGET  its __attribute__((target)) string, or none
  *           REAL    float or double         INDEX   the signed integer of REAL's size (a lane's column)
  *           W       REALs per vector        R, C    rows and vectors of centroids held in registers at once
+ *           MIN_, MAX_                      lane-wise (a < b ? a : b), (a > b ? a : b)
  *
- * For each row i of ``xa`` (b, n) it computes the n-term dot products in REAL with the k columns of ``base``
- * (n, ldb; ldb >= k rounded up to W * C, the padding never read as a result) in registers, and keeps per vector
+ * For each row i of ``xa`` (b, n), whose last column is 1 (never read), it computes the n-term dot products in
+ * REAL with the k columns of ``base`` (n, ldb; ldb >= k rounded up to W * C, the padding never read as a result)
+ * in registers, each starting from the column's last entry, and keeps per vector
  * lane the smallest entry, its column and the second smallest: no tile is written. Returns per row the smallest
  * entry's column ``j1`` (ties: the lowest column) and the smallest of the other entries ``second`` (equal to the
  * smallest when it occurs twice), as numpy's ``argmin`` and ``min`` of the tile with j1's entry masked would for
@@ -38,11 +40,14 @@ TARGET static void CAT_(rows_, KERNEL)(const REAL *xa, int64_t r0, int rr, int64
     const int64_t last = (k - 1) / (W * C) * (W * C);
     for (int64_t j = 0; j < k; j += W * C) {
         VF_ acc[R][C];
-        for (int r = 0; r < R; r++)
-            for (int c = 0; c < C; c++) acc[r][c] = (VF_){0};
         const REAL *col = base + j;
+        for (int c = 0; c < C; c++) { /* xa's last term is 1: each sum starts from base's last row */
+            VF_ y;
+            __builtin_memcpy(&y, col + (n - 1) * ldb + c * W, sizeof(VF_));
+            for (int r = 0; r < R; r++) acc[r][c] = y;
+        }
 #pragma GCC unroll 4
-        for (int64_t q = 0; q < n; q++) {
+        for (int64_t q = 0; q < n - 1; q++) {
             VF_ y[C];
             for (int c = 0; c < C; c++) __builtin_memcpy(&y[c], col + q * ldb + c * W, sizeof(VF_));
             for (int r = 0; r < R; r++)
@@ -55,11 +60,9 @@ TARGET static void CAT_(rows_, KERNEL)(const REAL *xa, int64_t r0, int rr, int64
             for (int r = 0; r < R; r++) {
                 const VF_ a = acc[r][c];
                 /* second = min(second, max(first, a)); first = min(first, a) with its column (the first one) */
-                const VI_ above = a > b1[r], below = a < b1[r];
-                const VF_ m = (VF_)((above & (VI_)a) | (~above & (VI_)b1[r]));
-                const VI_ take = m < b2[r];
-                b2[r] = (VF_)((take & (VI_)m) | (~take & (VI_)b2[r]));
-                b1[r] = (VF_)((below & (VI_)a) | (~below & (VI_)b1[r]));
+                const VI_ below = a < b1[r];
+                b2[r] = MIN_(MAX_(a, b1[r]), b2[r]);
+                b1[r] = MIN_(a, b1[r]);
                 i1[r] = (below & index) | (~below & i1[r]);
             }
         }
@@ -102,3 +105,5 @@ TARGET static void KERNEL(const REAL *xa, int64_t b, int64_t n, const REAL *base
 #undef W
 #undef R
 #undef C
+#undef MIN_
+#undef MAX_

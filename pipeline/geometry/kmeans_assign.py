@@ -13,12 +13,14 @@ D(m)))``); Euclidean: ``sum (x_i - m_i)^2`` (the distance is its square root); b
 
 **The search.** For a fixed point both rankings are that of ``t_j = a_j |x - y_j|^2`` (``a_j = 1 / D(y_j)``; 1 in
 Euclidean space). With ``p`` the centroids' mean, ``r = |x - p|``, ``s_j = |y_j - p|``,
-``x'' = (x - p, r^2, 1, r)`` and ``y''_j = (-2 a_j (y_j - p), a_j (1 - beta), a_j s_j^2 (1 - beta), -2 beta a_j
-s_j)``, one matrix product gives ``x'' . y''_j = t_j - beta a_j (r + s_j)^2``. Computed in a precision of unit
-roundoff ``u``, an entry is off by at most ``gamma a_j (r + s_j)^2`` (``gamma``: the GEMM's ``(n + 2) u`` for
-``n = d + 3`` terms, in any summation order, plus the rounding of ``x''`` and ``y''``; ``sum_k |x''_k y''_k| <=
-a_j (r + s_j)^2`` by Cauchy-Schwarz), so with ``beta = 1.02 gamma`` *every computed entry is a lower bound of its
-t_j* (less an underflow term ``eta``, negligible unless entries are ~1e-38). The engines (which one runs,
+``x'' = (x - p, r^2, 1)`` and ``y''_j = (-2 a_j (y_j - p), a_j (1 - beta), a_j s_j^2 (1 - beta))``, one matrix
+product gives ``x'' . y''_j = t_j - beta a_j (r^2 + s_j^2)``. Computed in a precision of unit roundoff ``u``, an
+entry is off by at most ``gamma a_j (r + s_j)^2 <= 2 gamma a_j (r^2 + s_j^2)`` (``gamma``: the GEMM's ``(n + 2)
+u`` for ``n = d + 2`` terms, in any summation order, plus the rounding of ``x''`` and ``y''``; ``sum_k |x''_k
+y''_k| <= a_j (r + s_j)^2`` by Cauchy-Schwarz), so with ``beta = 2.04 gamma`` *every computed entry is a lower
+bound of its t_j* (less an underflow term ``eta``, negligible unless entries are ~1e-38). For a row's near
+centroids (``s_j`` close to ``r``) the shift is what the tighter ``beta a_j (r + s_j)^2`` with half that beta
+would be, without a term ``r`` more in every product. The engines (which one runs,
 its threads and GPUs: pipeline.geometry.kmeans_engines):
 
 - CPU (the default without a GPU), in tiles of rows on all threads (numpy, one BLAS thread per worker; as many

@@ -1,6 +1,6 @@
 """The CPU search's fused GEMM + top-2, float32 and float64 (fused_top2.c, built by setup.py, loaded with ctypes).
 
-For small dimensions (``d + 3 <= MAX_TERMS``) the GEMM of kmeans_assign is cheap next to writing its (rows, K)
+For small dimensions (``d + 2 <= MAX_TERMS``) the GEMM of kmeans_assign is cheap next to writing its (rows, K)
 tile and reading it twice for the argmin and the second minimum: the kernel keeps each row's smallest two entries
 in vector registers as it computes them (as faiss' fused k = 1 kernel keeps one), about faiss' k = 1 speed at d
 = 16. Its entries are the same n-term dot products (multiply-adds, fused or not, in its own order), so they are
@@ -27,7 +27,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MAX_TERMS = 67  # the kernel runs for d + 3 <= 67 (d <= 64): 1.35x numpy at 67 terms, 1.03x at 131
+MAX_TERMS = 66  # the kernel runs for d + 2 <= 66 (d <= 64): 1.35x numpy at 67 terms, 1.03x at 131
 _LIBRARY = "_fused_top2"  # setup.py's Extension pipeline.geometry._fused_top2
 _SOURCES = ("fused_top2.c", "fused_top2_kernel.h")  # setup.py's sources and depends, hashed into the build
 _COLUMNS = 32  # the padded base's columns are a multiple of this (every instance reads whole blocks)
@@ -99,8 +99,9 @@ def pad(base: np.ndarray) -> np.ndarray:
 def top2(xa: np.ndarray, padded: np.ndarray, k: int, bits: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row of ``xa`` (b, n) the column of its smallest entry of ``xa @ base`` (ties: the lowest) and the
     smallest of its other entries (float64), ``base`` being the first ``k`` columns of ``padded`` (`pad`), computed
-    in ``padded``'s precision (float32 or float64): what kmeans_tiles' `_top2` gets from numpy's tile. ``bits``:
-    the instance (default `width`; tests run each)."""
+    in ``padded``'s precision (float32 or float64): what kmeans_tiles' `_top2` gets from numpy's tile. ``xa``'s
+    last column must be 1, as in kmeans_terms' ``x''``: the kernel starts each sum from ``base``'s last row instead
+    of multiplying by it. ``bits``: the instance (default `width`; tests run each)."""
     lib = _library()
     bits = width() if bits is None else bits
     if lib is None or not 0 < bits <= width():
@@ -109,8 +110,10 @@ def top2(xa: np.ndarray, padded: np.ndarray, k: int, bits: int | None = None) ->
         raise ValueError(f"base of dtype {padded.dtype}: float32 or float64")
     xa = np.ascontiguousarray(xa, dtype=padded.dtype)
     b, n = xa.shape
-    if padded.shape[0] != n or padded.shape[1] % _COLUMNS or not 0 < k <= min(padded.shape[1], _MAX_COLUMNS):
+    if not n or padded.shape[0] != n or padded.shape[1] % _COLUMNS or not 0 < k <= min(padded.shape[1], _MAX_COLUMNS):
         raise ValueError(f"base of shape {padded.shape} for {n} terms and {k} columns")
+    if not (xa[:, -1] == 1).all():
+        raise ValueError("the rows' last term must be 1 (kmeans_terms' x''): the kernel does not read it")
     j1, second = np.empty(b, dtype=np.int64), np.empty(b, dtype=padded.dtype)
     if b:
         fn = lib.fused_top2_f32 if padded.dtype == np.float32 else lib.fused_top2_f64

@@ -3,7 +3,7 @@ the GEMM's augmented rows and columns, and the rounding bounds that make every c
 
 The rule, the search and the certificate these serve are described in kmeans_assign's module doc; in short, both
 geometries rank centroids by ``t_j = a_j |x - y_j|^2``, computed as ``x'' . y''_j`` by one matrix product whose
-columns are shifted down by ``beta a_j (r + s_j)^2``, so that an entry computed with unit roundoff ``u`` never
+columns are shifted down by ``beta a_j (r^2 + s_j^2)``, so that an entry computed with unit roundoff ``u`` never
 exceeds ``t_j`` (`_beta`, `_gamma`), less an underflow term (`_eta`).
 """
 
@@ -51,8 +51,8 @@ class Side(NamedTuple):
     data: tuple[np.ndarray, ...]  # the reference value's per-centroid terms (Poincaré: D(m))
     weight: np.ndarray  # (K,) a_j: t_j = a_j |x - y_j|^2
     centre: np.ndarray  # (d,) p, the centroids' mean
-    base: np.ndarray  # (d + 3, K) float64: the columns y''_j with float64's beta (see the module doc)
-    base32: np.ndarray  # (d + 3, K) float32: the same with float32's beta
+    base: np.ndarray  # (d + 2, K) float64: the columns y''_j with float64's beta (see the module doc)
+    base32: np.ndarray  # (d + 2, K) float32: the same with float32's beta
     big: float  # max |base| (for the underflow term)
     weight_max: float  # max a_j (for the overflow bound, `_fits`)
     spread: float  # max s_j = |y_j - p| (the same)
@@ -65,11 +65,10 @@ def _side(cent: np.ndarray, weight: np.ndarray, data: tuple[np.ndarray, ...]) ->
     s2 = np.einsum("ij,ij->i", yc, yc)
 
     def columns(beta: float) -> np.ndarray:
-        base = np.empty((d + 3, k))
+        base = np.empty((d + 2, k))
         base[:d] = yc.T * (-2 * weight)
         base[d] = weight * (1 - beta)
         base[d + 1] = weight * s2 * (1 - beta)
-        base[d + 2] = (-2 * beta) * weight * np.sqrt(s2)
         return base
 
     base = columns(_beta(d, _U64))
@@ -136,8 +135,11 @@ def _gamma(n: int, unit: float) -> float:
 
 
 def _beta(d: int, unit: float) -> float:
-    """The share of ``a_j (r + s_j)^2`` subtracted from every entry, so that a computed entry is at most ``t_j``."""
-    return 1.02 * _gamma(d + 3, unit)
+    """The share of ``a_j (r^2 + s_j^2)`` subtracted from every entry, so that a computed entry is at most ``t_j``:
+    its error is at most ``gamma a_j (r + s_j)^2 <= 2 gamma a_j (r^2 + s_j^2)``. (The shift ``beta' a_j (r + s_j)^2``
+    with half this beta is as tight where ``s_j = r``, as for a row's near centroids, but takes a term ``r`` more in
+    every product, 1/18 of the GEMM at d = 16.)"""
+    return 2.04 * _gamma(d + 2, unit)
 
 
 def _eta(unit: float, n: int, xa: np.ndarray, big: float) -> float:
@@ -166,19 +168,18 @@ def _fits(xa: np.ndarray, side: Side, unit: float) -> np.ndarray:
     coordinates beyond ~1e15 (float32) or ~1e150 (float64) fail it; such rows go to the next precision, the last
     to the direct differences of the reference value."""
     with np.errstate(over="ignore", invalid="ignore"):
-        return side.weight_max * (xa[:, -1] + side.spread) ** 2 < _overflow_limit(unit)
+        return side.weight_max * (np.sqrt(xa[:, -2]) + side.spread) ** 2 < _overflow_limit(unit)
 
 
 def _augment(xb: np.ndarray, side: Side) -> np.ndarray:
-    """``x'' = (x - p, |x - p|^2, 1, |x - p|)`` (b, d + 3) float64."""
+    """``x'' = (x - p, |x - p|^2, 1)`` (b, d + 2) float64 (the constant last: kmeans_fused's kernel starts each
+    sum from it)."""
     b, d = xb.shape
-    xa = np.empty((b, d + 3))
+    xa = np.empty((b, d + 2))
     np.subtract(xb, side.centre, out=xa[:, :d])
-    with np.errstate(over="ignore"):  # |x - p| beyond ~1e154: r = inf, a row `_fits` rejects
-        r2 = np.einsum("ij,ij->i", xa[:, :d], xa[:, :d])
-    xa[:, d] = r2
+    with np.errstate(over="ignore"):  # |x - p| beyond ~1e154: r^2 = inf, a row `_fits` rejects
+        np.einsum("ij,ij->i", xa[:, :d], xa[:, :d], out=xa[:, d])
     xa[:, d + 1] = 1.0
-    xa[:, d + 2] = np.sqrt(r2)
     return xa
 
 

@@ -170,7 +170,7 @@ def _gemm(
         (j1, lower), tile = kmeans_fused.top2(xa, fused[0 if float32 else 1], base.shape[1]), None
     else:
         j1, lower, tile = _top2(xa, base, buffers.get(str(base.dtype)))
-    eta = _eta(unit, xb.shape[1] + 3, xa, side.big)
+    eta = _eta(unit, xa.shape[1], xa, side.big)
     checked = _certify(geom, xb, rows, side, j1[:, None], lower - eta)
     a, v = checked.assignment, checked.value
     todo = np.flatnonzero(~checked.certified)

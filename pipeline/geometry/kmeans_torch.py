@@ -27,7 +27,7 @@ class DeviceSide(NamedTuple):
     cent: torch.Tensor  # (K, d) float64
     weight: torch.Tensor  # (K,) a_j
     centre: torch.Tensor  # (d,) p
-    base: torch.Tensor  # (d + 3, K) the float64 columns y''_j
+    base: torch.Tensor  # (d + 2, K) the float64 columns y''_j
     big: float
     weight_max: float
     spread: float
@@ -56,15 +56,15 @@ def smallest_two(tile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def augment(xt: torch.Tensor, side: DeviceSide) -> torch.Tensor:
-    """``x'' = (x - p, |x - p|^2, 1, |x - p|)`` (b, d + 3), as kmeans_terms._augment."""
+    """``x'' = (x - p, |x - p|^2, 1)`` (b, d + 2), as kmeans_terms._augment."""
     xc = xt - side.centre
     r2 = (xc * xc).sum(dim=1, keepdim=True)
-    return torch.cat([xc, r2, torch.ones_like(r2), r2.sqrt()], dim=1)
+    return torch.cat([xc, r2, torch.ones_like(r2)], dim=1)
 
 
 def fits(xa: torch.Tensor, side: DeviceSide) -> torch.Tensor:
     """Rows whose float64 GEMM cannot overflow, as kmeans_terms._fits (NaN and inf compare False: not fitting)."""
-    return side.weight_max * (xa[:, -1] + side.spread) ** 2 < _overflow_limit(_U64)
+    return side.weight_max * (xa[:, -2].sqrt() + side.spread) ** 2 < _overflow_limit(_U64)
 
 
 class Search(NamedTuple):
@@ -106,6 +106,6 @@ def collect(search: Search, side: DeviceSide) -> tuple[np.ndarray, np.ndarray]:
     every other centroid less the underflow term (kmeans_terms._eta of the block's fitting rows) and the row's
     GEMM could not overflow."""
     d = side.cent.shape[1]
-    eta = _eta(_U64, d + 3, np.array([search.largest.item()]), side.big)  # max |x''| is all _eta reads of them
+    eta = _eta(_U64, d + 2, np.array([search.largest.item()]), side.big)  # max |x''| is all _eta reads of them
     certified = search.fits & (search.ceiling < search.second - eta)
     return search.j1.to(torch.int32).cpu().numpy(), certified.cpu().numpy()

@@ -1,7 +1,8 @@
 """The fused GEMM + top-2 kernel (kmeans_fused, fused_top2.c), both precisions and every instance this CPU runs:
 on small integers, where every product and sum is exact, it must give numpy's argmin (ties to the lowest column)
 and second minimum bit for bit, over block edges (rows not a multiple of its row block, columns not a multiple of
-32, one column); on random data its entries must stay within the rounding bound the certificate assumes. A build
+32, one column, one term); on random data its entries must stay within the rounding bound the certificate assumes.
+The rows' last term is 1, as in kmeans_terms' x'' (the kernel starts each sum from the base's last row). A build
 that does not load, or that is older than its sources, is refused. The assignment with and without the kernel is
 compared in test_kmeans_assign (engines "cpu" and "cpu-numpy")."""
 
@@ -26,6 +27,12 @@ REALS = [np.float32, np.float64]
 needs_kernel = pytest.mark.skipif(not BUILT, reason="the fused kernel is not built (no C compiler at install)")
 
 
+def ones_last(xa: np.ndarray) -> np.ndarray:
+    """``xa`` with its last column set to 1, as the kernel requires."""
+    xa[:, -1] = 1
+    return xa
+
+
 def numpy_top2(xa: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """kmeans_assign._top2's semantics: argmin per row, then the minimum with that entry masked."""
     tile = xa.astype(np.float64) @ base.astype(np.float64)
@@ -44,10 +51,10 @@ def test_built_where_setup_found_a_c_compiler():
 @needs_kernel
 @pytest.mark.parametrize("real", REALS)
 @pytest.mark.parametrize("bits", INSTANCES)
-@pytest.mark.parametrize(("rows", "k", "n"), [(1, 1, 3), (7, 2, 1), (13, 31, 5), (37, 32, 19), (50, 33, 19)])
+@pytest.mark.parametrize(("rows", "k", "n"), [(1, 1, 3), (7, 2, 1), (13, 31, 5), (37, 32, 18), (50, 33, 18)])
 def test_exact_on_integers_at_block_edges(real, bits, rows, k, n):
     rng = np.random.default_rng(rows * 100 + k)
-    xa = rng.integers(-3, 4, size=(rows, n)).astype(real)
+    xa = ones_last(rng.integers(-3, 4, size=(rows, n)).astype(real))
     base = rng.integers(-3, 4, size=(n, k)).astype(real)
     j1, second = kf.top2(xa, kf.pad(base), k, bits)
     ref_j1, ref_second = numpy_top2(xa, base)
@@ -62,31 +69,32 @@ def test_ties_go_to_the_lowest_column_in_any_lane(real, bits):
     rng = np.random.default_rng(0)
     n, k = 4, 1462
     base = rng.integers(-3, 4, size=(n, k)).astype(real)
-    xa = rng.integers(-3, 4, size=(300, n)).astype(real)
+    xa = ones_last(rng.integers(-3, 4, size=(300, n)).astype(real))
     winners = np.unique(numpy_top2(xa, base)[0])[:3]
     # each of three rows' winning columns copied to later columns, in the next lane, another block and the last one
     copies = base.copy()
     for j in winners:
         for later in (j + 17, j + 700, k - 1):
             copies[:, min(later, k - 1)] = base[:, j]
-    xa[:10] = 0  # every entry 0: column 0, second 0
+    xa[:10, :-1] = 0  # every entry the base's last row: its first smallest, and the smallest of the others
     j1, second = kf.top2(xa, kf.pad(copies), k, bits)
     ref_j1, ref_second = numpy_top2(xa, copies)
     tied = np.flatnonzero(np.isin(ref_j1, winners) & (ref_second == (xa @ copies).min(axis=1)))
     assert tied.size > 10  # rows whose winner now has a later twin
     np.testing.assert_array_equal(j1, ref_j1)
     np.testing.assert_array_equal(second, ref_second)
-    assert (j1[:10] == 0).all() and (second[:10] == 0).all()
+    last = copies[-1].astype(np.float64)
+    assert (j1[:10] == last.argmin()).all() and (second[:10] == np.partition(last, 1)[1]).all()
 
 
 @needs_kernel
 @pytest.mark.parametrize("real", REALS)
 @pytest.mark.parametrize("bits", INSTANCES)
-@pytest.mark.parametrize("n", [19, 67])
+@pytest.mark.parametrize("n", [18, 66])
 def test_entries_within_the_certificates_rounding_bound(real, bits, n):
     rng = np.random.default_rng(n)
     k = 1462
-    xa = rng.normal(size=(717, n)).astype(real)
+    xa = ones_last(rng.normal(size=(717, n)).astype(real))
     base = (rng.normal(size=(n, k)) * rng.lognormal(0, 2, size=(n, 1))).astype(real)
     j1, second = kf.top2(xa, kf.pad(base), k, bits)
     wide = np.longdouble  # float64's own rounding is far below float32's bound, but not below float64's
@@ -114,6 +122,10 @@ def test_bad_arguments_are_refused():
         kf.top2(np.ones((2, 3), dtype=np.float32), base, 5, 1024)
     with pytest.raises(ValueError, match="float32 or float64"):
         kf.top2(np.ones((2, 3), dtype=np.float32), base.astype(np.float16), 5)
+    with pytest.raises(ValueError, match="last term must be 1"):
+        kf.top2(np.full((2, 3), 2, dtype=np.float32), base, 5)
+    with pytest.raises(ValueError, match="terms"):
+        kf.top2(np.ones((2, 0), dtype=np.float32), base[:0], 5)
     j1, second = kf.top2(np.ones((0, 3), dtype=np.float32), base, 5)
     assert j1.shape == second.shape == (0,)
 

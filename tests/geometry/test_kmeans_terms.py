@@ -23,11 +23,13 @@ def test_every_gemm_entry_is_a_lower_bound_of_t(geometry, d):
     xa = kt._augment(x, side)
     diff = x[:, None, :].astype(np.longdouble) - cent[None, :, :].astype(np.longdouble)
     t = (diff * diff).sum(-1) * side.weight[None].astype(np.longdouble)
-    r = xa[:, -1:]  # |x - p|
+    r = np.sqrt(xa[:, -2:-1])  # |x - p|
     s = np.linalg.norm(cent - side.centre, axis=1)[None]
-    scale = side.weight[None] * (r + s) ** 2  # a_j (r + s_j)^2: what the error is relative to
+    scale = side.weight[None] * (r + s) ** 2  # a_j (r + s_j)^2: what the rounding is relative to
+    shift = side.weight[None] * (r**2 + s**2)  # a_j (r^2 + s_j^2): what the shift is relative to
     for unit, base, xs in ((kt._U32, side.base32, xa.astype(np.float32)), (kt._U64, side.base, xa)):
-        entry = (xs @ base).astype(np.float64) - kt._eta(unit, d + 3, xa, side.big)
+        entry = (xs @ base).astype(np.float64) - kt._eta(unit, d + 2, xa, side.big)
         assert (entry <= t).all()
-        # the shift is 1.02 gamma of the scale, the rounding at most gamma of it: within ~2.1 gamma of t
-        assert (t - entry <= 2.1 * kt._gamma(d + 3, unit) * scale + 1e-300).all()
+        # the shift is beta of a_j (r^2 + s_j^2), the rounding at most gamma of a_j (r + s_j)^2
+        slack = kt._beta(d, unit) * shift + 1.01 * kt._gamma(d + 2, unit) * scale
+        assert (t - entry <= slack + 1e-300).all()

@@ -30,15 +30,16 @@ def test_certificate_survives_adversarial_rounding(monkeypatch, geometry, float3
     cent = np.concatenate([x[:40], near_ties(rng, x[:40], 40, moved, 1.0), mixed_points(rng, 40, 8, 1.0)])
     geom = kt._geometry(geometry, 1.0)
     side = geom.side(cent)
-    gamma, beta = kt._gamma(8 + 3, kt._U32 if float32 else kt._U64), kt._beta(8, kt._U64)
-    s = -side.base[-1] / (2 * beta * side.weight)
+    gamma = kt._gamma(8 + 2, kt._U32 if float32 else kt._U64)
+    s = np.linalg.norm(cent - side.centre, axis=1)
     target = side.base32 if float32 else side.base
     real = np.matmul
 
     def worst(a, b, out=None):
         t = real(a, b, out=out)
         if b is target:
-            err = 0.5 * gamma * side.weight[None] * (a[:, -1:].astype(np.float64) + s[None]) ** 2
+            r = np.sqrt(a[:, -2:-1].astype(np.float64))  # x'' = (x - p, r^2, 1)
+            err = 0.5 * gamma * side.weight[None] * (r + s[None]) ** 2
             t += np.where((np.arange(t.shape[1]) + np.arange(t.shape[0])[:, None]) % 2 == 0, err, -err)
         return t
 
