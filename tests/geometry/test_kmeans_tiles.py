@@ -20,10 +20,11 @@ from tests.geometry.test_kmeans_assign import near_ties
 @pytest.mark.parametrize("float32", [False, True])
 @pytest.mark.parametrize("geometry", ["poincare", "euclidean"])
 def test_certificate_survives_adversarial_rounding(monkeypatch, geometry, float32):
-    """Every GEMM entry (float64, or float32) moved by half the error its lower bound allows for (up and down
-    alternately; the GEMM's own rounding is below a third of it): the rows the certificate leaves open are decided
-    over the centroids under their ceiling, and every row must still get the brute force's centroid (a centroid
-    wrongly left out of a row's near-ties would show)."""
+    """Every GEMM entry (float64, or float32) moved by 0.8 of the rounding bound ``gamma a_j (r + s_j)^2`` (up and
+    down alternately), which the shift ``beta a_j (r^2 + s_j^2)`` covers with the GEMM's own rounding to spare
+    (``beta = 2.04 gamma``; with half that beta, enough only where ``r`` and ``s_j`` differ, this fails): the rows
+    the certificate leaves open are decided over the centroids under their ceiling, and every row must still get
+    the brute force's centroid (a centroid wrongly left out of a row's near-ties would show)."""
     rng = np.random.default_rng(5 if float32 else 3)
     x = mixed_points(rng, 3000, 8, 1.0)
     moved = 1e-6 if float32 else 1e-10  # near-ties just beyond each precision's bound
@@ -39,7 +40,7 @@ def test_certificate_survives_adversarial_rounding(monkeypatch, geometry, float3
         t = real(a, b, out=out)
         if b is target:
             r = np.sqrt(a[:, -2:-1].astype(np.float64))  # x'' = (x - p, r^2, 1)
-            err = 0.5 * gamma * side.weight[None] * (r + s[None]) ** 2
+            err = 0.8 * gamma * side.weight[None] * (r + s[None]) ** 2
             t += np.where((np.arange(t.shape[1]) + np.arange(t.shape[0])[:, None]) % 2 == 0, err, -err)
         return t
 
