@@ -138,7 +138,7 @@ def _beta(d: int, unit: float) -> float:
     """The share of ``a_j (r^2 + s_j^2)`` subtracted from every entry, so that a computed entry is at most ``t_j``:
     its error is at most ``gamma a_j (r + s_j)^2 <= 2 gamma a_j (r^2 + s_j^2)``. (The shift ``beta' a_j (r + s_j)^2``
     with half this beta is as tight where ``s_j = r``, as for a row's near centroids, but takes a term ``r`` more in
-    every product, 1/18 of the GEMM at d = 16.)"""
+    every product: 19 multiply-adds instead of 18 at d = 16.)"""
     return 2.04 * _gamma(d + 2, unit)
 
 
