@@ -105,7 +105,7 @@ def collect(search: Search, side: DeviceSide) -> tuple[np.ndarray, np.ndarray]:
     """``(j1 int32, certified bool)`` of a queued search: certified where j1's ceiling is under the lower bound of
     every other centroid less the underflow term (kmeans_terms._eta of the block's fitting rows) and the row's
     GEMM could not overflow."""
-    d = side.cent.shape[1]
-    eta = _eta(_U64, d + 2, np.array([search.largest.item()]), side.big)  # max |x''| is all _eta reads of them
+    terms = side.base.shape[0]  # x'''s, as kmeans_tiles reads them off its rows
+    eta = _eta(_U64, terms, np.array([search.largest.item()]), side.big)  # max |x''| is all _eta reads of them
     certified = search.fits & (search.ceiling < search.second - eta)
     return search.j1.to(torch.int32).cpu().numpy(), certified.cpu().numpy()
