@@ -42,6 +42,7 @@ from torchvision.ops import roi_align
 from pipeline.device import use_batched
 from pipeline.errors import PipelineError
 from pipeline.geometry.paste import paste_masks
+from pipeline.models.cpu_paths import ChannelsLastMaxPool2d
 from pipeline.models.inference import autocast
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -224,6 +225,8 @@ class FrozenBackbone(nn.Module):
     def __init__(self, resnet: nn.Module, name: str, init: str):
         super().__init__()
         resnet.fc = nn.Identity()
+        if type(resnet.maxpool) is nn.MaxPool2d:  # channels-last on the CPU (cpu_paths: the same values, faster)
+            resnet.maxpool.__class__ = ChannelsLastMaxPool2d
         self.resnet = resnet
         self.name = name
         self.init = init

@@ -49,6 +49,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from pipeline.device import pick_device
 from pipeline.errors import PipelineError
+from pipeline.models.cpu_paths import ChannelsLastMaxPool2d, ThreadedRPN
 from pipeline.models.inference import autocast
 from pipeline.models.roi_align import SparseGradRoIAlign
 from pipeline.stores.store import torch_bytes, write_bytes
@@ -207,6 +208,10 @@ def build_model(
     )
     model.light_heads = light
     model.roi_heads.__class__ = _ClassAgnosticRoIHeads
+    model.rpn.__class__ = ThreadedRPN  # the per-image NMS on threads on the CPU (cpu_paths: the same boxes)
+    stem_pool = getattr(model.backbone.body, "maxpool", None)  # resnets
+    if type(stem_pool) is nn.MaxPool2d:
+        stem_pool.__class__ = ChannelsLastMaxPool2d  # without gradients: channels-last on the CPU, the same values
     for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
         pool.__class__ = SparseGradRoIAlign  # torchvision's module until training turns on its sparse backward
     return model
