@@ -30,7 +30,7 @@ from torchvision.ops import boxes as box_ops
 
 T = TypeVar("T")
 R = TypeVar("R")
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (its threads, the pool)
 
 
 def _forget_pool() -> None:
@@ -49,9 +49,11 @@ def map_on_threads(fn: Callable[[T], R], items: Iterable[T], device: torch.devic
     if device.type != "cpu" or threads < 2 or len(items) < 2 or torch.is_autocast_enabled("cpu"):
         return [fn(item) for item in items]
     global _POOL
-    if _POOL is None or _POOL._max_workers != threads:
-        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="cpu_paths")
-    return list(_POOL.map(fn, items))
+    if _POOL is None or _POOL[0] != threads:  # first use, or torch's thread count changed since
+        if _POOL is not None:
+            _POOL[1].shutdown(wait=False)
+        _POOL = (threads, ThreadPoolExecutor(threads, thread_name_prefix="cpu_paths"))
+    return list(_POOL[1].map(fn, items))
 
 
 class ThreadedRPN(RegionProposalNetwork):

@@ -72,6 +72,10 @@ def test_threaded_filtering_is_torchvision_s(two_threads, training):
 def test_map_on_threads_keeps_order_and_runs_here_when_it_should(two_threads):
     cpu = torch.device("cpu")
     assert map_on_threads(lambda i: i * i, range(50), cpu) == [i * i for i in range(50)]
+    assert cpu_paths._POOL[0] == 2
+    torch.set_num_threads(3)  # a new thread count: a new pool of that many
+    assert map_on_threads(lambda i: i - 1, range(7), cpu) == list(range(-1, 6)) and cpu_paths._POOL[0] == 3
+    torch.set_num_threads(2)
     here = []
     for device, autocast in ((torch.device("meta"), False), (cpu, True)):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
