@@ -82,7 +82,8 @@ def cases(model: nn.Module, reference: nn.Module, data: CocoInstances) -> dict[s
     views = torch.rand(128, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         stem_in = stem.relu(stem.bn1(stem.conv1((views - backbone.mean) / backbone.std)))
-    plain_pool = nn.MaxPool2d(3, 2, 1)
+    plain_pool = copy.deepcopy(stem.maxpool)  # the same pool in torchvision's class
+    plain_pool.__class__ = nn.MaxPool2d
 
     def filtering(net: nn.Module, args: tuple, training: bool) -> Callable:
         def run():
